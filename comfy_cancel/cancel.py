@@ -1,0 +1,159 @@
+"""What the cancel worker does with one cancel request ("Flow of one cancel", DESIGN.md).
+
+- terminal: nothing to write; outcome ``too_late`` or ``already_cancelled``;
+- queued: remove the prompt from its ComfyUI queue if it has one, CAS
+  ``queued -> cancelled``, revoke the runner task and tell the runner to stop;
+- running: signal the runner and schedule a deadline check one grace period
+  later, then return: no worker slot is held while the runner interrupts;
+- deadline passed, still running: escalate and write ``cancelled`` with outcome
+  ``forced`` (or ``runner_lost`` when the runner's heartbeat is gone).
+
+Every decision re-reads the database, and every write is a compare-and-set, so a
+cancel racing the runner's completion ends in exactly one terminal status.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from comfy_cancel.comfyui import ComfyUIClient, ComfyUIError
+
+from comfy_cancel import manager, signals, status, tasks
+from comfy_cancel.context import Context
+from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
+from comfy_cancel.status import Actor
+
+log = logging.getLogger(__name__)
+S = WorkflowStatus
+
+# A direct cancel sent to ComfyUI on escalation is best effort: the runner may be gone,
+# and the database write must not wait long on a server that does not answer.
+ESCALATION_TIMEOUT_SECONDS = 3.0
+
+
+def handle(ctx: Context, workflow_id: str, by: Actor) -> CancelOutcome | None:
+    """Act on one cancel request; the outcome, or None while a running cancel is in flight."""
+    with ctx.db.transaction() as session:
+        workflow = manager.get_workflow(session, workflow_id)
+        if workflow is None:
+            log.warning("cancel of unknown workflow %s ignored", workflow_id)
+            return None
+        outcome = _terminal_outcome(session, workflow, by)
+        if outcome is not None:
+            return outcome
+        if workflow.status not in (S.QUEUED.value, S.RUNNING.value):
+            log.info("workflow %s is %s: not cancellable yet", workflow_id, workflow.status)
+            return None
+    if workflow.status == S.QUEUED.value:
+        return _cancel_queued(ctx, workflow, by)
+    return _cancel_running(ctx, workflow, by)
+
+
+def enforce_deadline(ctx: Context, workflow_id: str, by: Actor) -> CancelOutcome | None:
+    """One grace period after the signal: end a workflow the runner did not stop."""
+    with ctx.db.transaction() as session:
+        workflow = manager.get_workflow(session, workflow_id)
+        if workflow is None or workflow.status in _TERMINAL:
+            return None  # the runner acknowledged, or won the race; its outcome is recorded
+    return _escalate(ctx, workflow, by, _escalation_outcome(ctx, workflow))
+
+
+_TERMINAL = frozenset({S.COMPLETED.value, S.FAILED.value, S.CANCELLED.value})
+
+
+def _terminal_outcome(session: Any, workflow: Workflow, by: Actor) -> CancelOutcome | None:
+    if workflow.status not in _TERMINAL:
+        return None
+    outcome = (
+        CancelOutcome.ALREADY_CANCELLED
+        if workflow.status == S.CANCELLED.value
+        else CancelOutcome.TOO_LATE
+    )
+    status.record_outcome(session, workflow.id, outcome, by)
+    return outcome
+
+
+def _cancel_queued(ctx: Context, workflow: Workflow, by: Actor) -> CancelOutcome | None:
+    if workflow.prompt_id is not None:
+        # Pending in ComfyUI's own queue: take exactly this prompt out of it.
+        _cancel_on_comfyui(ctx, workflow, timeout=ctx.settings.comfyui_timeout_seconds)
+    with ctx.db.transaction() as session:
+        change = status.cancel_if_queued(
+            session, workflow.id, by, CancelOutcome.CANCELLED, workflow.cancel_timing()
+        )
+        if not change.changed:
+            current = manager.get_workflow(session, workflow.id)
+            assert current is not None
+            outcome = _terminal_outcome(session, current, by)
+            if outcome is not None:
+                return outcome
+    if not change.changed:
+        # It started running between our read and our write: cancel it as a running one.
+        return _cancel_running(ctx, current, by)
+    # Revoke is the fast path for a runner task still waiting in the broker; the task
+    # re-checks the database before it submits anything, so a lost revoke changes nothing.
+    tasks.revoke_runner_tasks([workflow.runner_task_id] if workflow.runner_task_id else [])
+    signals.send(ctx.redis, [workflow.id], signals.SignalKind.STOP, ctx.settings.signal_ttl_seconds)
+    return CancelOutcome.CANCELLED
+
+
+def _cancel_running(ctx: Context, workflow: Workflow, by: Actor) -> CancelOutcome | None:
+    if _heartbeat_lost(ctx, workflow):
+        return _escalate(ctx, workflow, by, CancelOutcome.RUNNER_LOST)
+    signals.send(
+        ctx.redis, [workflow.id], signals.SignalKind.CANCEL, ctx.settings.signal_ttl_seconds
+    )
+    tasks.schedule_deadline(workflow.id, by, ctx.settings.cancel_grace_seconds)
+    return None
+
+
+def _escalate(
+    ctx: Context, workflow: Workflow, by: Actor, outcome: CancelOutcome
+) -> CancelOutcome | None:
+    with ctx.db.transaction() as session:
+        change = status.cancel_if_active(
+            session, workflow.id, by, outcome, workflow.cancel_timing()
+        )
+        if not change.changed:
+            current = manager.get_workflow(session, workflow.id)
+            return _terminal_outcome(session, current, by) if current else None
+    # The runner's thread cannot be killed from here (a revoke with terminate kills a
+    # process, and runner workers run threads): tell it to stop, stop redelivery, and ask
+    # ComfyUI directly so the GPU is freed even when the runner is gone.
+    signals.send(
+        ctx.redis, [workflow.id], signals.SignalKind.TERMINATE, ctx.settings.signal_ttl_seconds
+    )
+    tasks.revoke_runner_tasks([workflow.runner_task_id] if workflow.runner_task_id else [])
+    if workflow.prompt_id is not None:
+        _cancel_on_comfyui(ctx, workflow, timeout=ESCALATION_TIMEOUT_SECONDS)
+    return outcome
+
+
+def _escalation_outcome(ctx: Context, workflow: Workflow) -> CancelOutcome:
+    return CancelOutcome.RUNNER_LOST if _heartbeat_lost(ctx, workflow) else CancelOutcome.FORCED
+
+
+def _heartbeat_lost(ctx: Context, workflow: Workflow) -> bool:
+    limit = timedelta(seconds=ctx.settings.heartbeat_timeout_seconds)
+    last = workflow.heartbeat_at or workflow.started_at
+    return last is not None and utcnow() - last > limit
+
+
+def _cancel_on_comfyui(ctx: Context, workflow: Workflow, *, timeout: float) -> bool:
+    assert workflow.prompt_id is not None
+    with ctx.db.transaction() as session:
+        runner = manager.get_runner(session, workflow.runner_id) if workflow.runner_id else None
+    if runner is None:
+        return False
+    client = ComfyUIClient(runner.endpoint_url, runner.headers, timeout=timeout)
+    try:
+        client.cancel(workflow.prompt_id)
+        return True
+    except ComfyUIError as exc:
+        log.warning("could not cancel prompt %s on %s: %s", workflow.prompt_id,
+                    runner.endpoint_url, exc)
+        return False
+    finally:
+        client.close()

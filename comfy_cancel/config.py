@@ -1,0 +1,104 @@
+"""Settings: one object, read from the environment with the prefix ``COMFY_CANCEL_``.
+
+Every field has a default that runs the embedded stack on one machine; the
+description of each field is its documentation (``comfy-cancel settings`` prints
+them all).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "COMFY_CANCEL_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///comfy_cancel.db",
+        description="SQLAlchemy URL of the database; PostgreSQL in production "
+        "(postgresql+psycopg://user:pass@host/db), a local SQLite file by default.",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis used as the Celery broker and for cancel signals.",
+    )
+    result_backend: str | None = Field(
+        None,
+        description="Celery result backend; unset keeps no results (the database is the truth).",
+    )
+    api_host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
+    api_port: int = Field(8000, description="Port of the HTTP API.")
+
+    cancel_grace_seconds: float = Field(
+        10.0,
+        description="How long a running workflow's runner has to acknowledge a cancel "
+        "before the cancel worker escalates and writes outcome 'forced'.",
+    )
+    heartbeat_interval_seconds: float = Field(
+        2.0, description="How often a runner task writes its heartbeat while it drives a workflow."
+    )
+    heartbeat_timeout_seconds: float = Field(
+        30.0,
+        description="A running workflow whose heartbeat is older than this has lost its "
+        "runner: a cancel ends it at once (outcome 'runner_lost') and the sweep cancels it.",
+    )
+    signal_ttl_seconds: int = Field(
+        3600,
+        description="Lifetime of the Redis key that carries a cancel signal to a runner "
+        "that subscribes late.",
+    )
+    comfyui_timeout_seconds: float = Field(
+        10.0, description="Timeout of one HTTP call to a ComfyUI server."
+    )
+    comfyui_retry_attempts: int = Field(
+        4,
+        description="Attempts a runner makes to deliver its cancel to an unreachable "
+        "ComfyUI server (exponential backoff) before it leaves the rest to escalation.",
+    )
+    max_run_seconds: float = Field(
+        3600.0,
+        description="A workflow running longer than this is cancelled by the sweep.",
+    )
+    queued_timeout_seconds: float = Field(
+        1800.0, description="A workflow queued longer than this is handled by the queued sweep."
+    )
+    queued_timeout_policy: str = Field(
+        "cancel",
+        description="What the queued sweep does with a workflow queued too long: "
+        "'cancel' or 'redispatch'.",
+        pattern="^(cancel|redispatch)$",
+    )
+    intent_republish_seconds: float = Field(
+        30.0,
+        description="A cancel request still open after this long is published again by the "
+        "sweep (a message lost with Redis loses no cancel).",
+    )
+    sweep_interval_seconds: float = Field(
+        15.0, description="How often Celery beat runs the sweeps."
+    )
+    sweep_batch_size: int = Field(
+        500, description="The most rows one sweep pass handles per kind of stuck work."
+    )
+    bulk_chunk_size: int = Field(
+        1000, description="Rows per set statement and per pipelined batch in a bulk cancel."
+    )
+    runner_concurrency: int = Field(
+        200,
+        description="Workflows one runner worker process drives at once (threads that "
+        "mostly wait on I/O).",
+    )
+    token_default_ttl_days: int | None = Field(
+        None, description="Default lifetime of new API tokens in days; unset means no expiry."
+    )
+    log_level: str = Field("INFO", description="Log level of the API and the workers.")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests call ``get_settings.cache_clear()`` after changing env."""
+    return Settings()

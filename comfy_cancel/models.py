@@ -1,0 +1,230 @@
+"""The tables. Statuses and cancel outcomes are plain strings checked here and in ``status``.
+
+Times are stored as naive UTC (SQLite has no time zones) and come back aware.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class WorkflowStatus(StrEnum):
+    ACCEPTED = "accepted"
+    UPLOADED = "uploaded"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
+CANCELLABLE = frozenset({WorkflowStatus.QUEUED, WorkflowStatus.RUNNING})
+
+
+class CancelSource(StrEnum):
+    API = "api"
+    BULK = "bulk"
+    SWEEP = "sweep"
+
+
+class CancelOutcome(StrEnum):
+    CANCELLED = "cancelled"  # the workflow was stopped by this request
+    TOO_LATE = "too_late"  # it completed or failed first
+    ALREADY_CANCELLED = "already_cancelled"  # something else cancelled it first
+    FORCED = "forced"  # the runner did not acknowledge in the grace period
+    RUNNER_LOST = "runner_lost"  # the runner's heartbeat was gone
+
+
+class RunnerStatus(StrEnum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC, on every backend alike."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """Only the SHA-256 of a token is kept; the token itself is shown once."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    display_prefix: Mapped[str] = mapped_column(String(16))
+    is_operator: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Runner(Base):
+    __tablename__ = "runners"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    endpoint_url: Mapped[str] = mapped_column(String(2000))
+    headers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(16), default=RunnerStatus.ACTIVE)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_runners_account_status", "account_id", "status"),)
+
+
+class Workflow(Base):
+    __tablename__ = "workflows"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default=WorkflowStatus.ACCEPTED)
+    runner_id: Mapped[str | None] = mapped_column(
+        ForeignKey("runners.id", ondelete="SET NULL"), nullable=True
+    )
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    workflow_json: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prompt_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    queue_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error_node: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    exception_type: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    exception_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    runner_task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    # The cancel request rides beside the status instead of being a status of its own.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    cancel_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    cancel_actor: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    cancel_reason: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    cancel_published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    cancel_outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    cancel_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    def cancel_timing(self) -> dict[str, Any]:
+        """Seconds from the cancel request to now, for the audit row of its outcome."""
+        if self.cancel_requested_at is None:
+            return {}
+        seconds = (utcnow() - self.cancel_requested_at).total_seconds()
+        return {"seconds_since_request": round(seconds, 4)}
+
+    __table_args__ = (
+        Index("ix_workflows_account_created", "account_id", "created_at"),
+        Index("ix_workflows_account_status_created", "account_id", "status", "created_at"),
+        Index("ix_workflows_status_created", "status", "created_at"),
+        Index("ix_workflows_status_updated", "status", "updated_at"),
+        Index("ix_workflows_status_heartbeat", "status", "heartbeat_at"),
+        Index("ix_workflows_status_started", "status", "started_at"),
+        Index("ix_workflows_runner_status", "runner_id", "status"),
+        # Only open cancel intents are indexed, so the re-publish sweep costs what it finds.
+        Index(
+            "ix_workflows_open_cancel",
+            "cancel_requested_at",
+            postgresql_where=text("cancel_requested_at IS NOT NULL AND cancel_outcome IS NULL"),
+            sqlite_where=text("cancel_requested_at IS NOT NULL AND cancel_outcome IS NULL"),
+        ),
+    )
+
+
+class WorkflowTag(Base):
+    """One row per tag of a workflow, so bulk cancels can filter by tag through an index."""
+
+    __tablename__ = "workflow_tags"
+
+    workflow_id: Mapped[str] = mapped_column(
+        ForeignKey("workflows.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True)
+
+    __table_args__ = (Index("ix_workflow_tags_tag", "tag", "workflow_id"),)
+
+
+class EventKind(StrEnum):
+    TRANSITION = "transition"
+    CANCEL_REQUESTED = "cancel_requested"
+    CANCEL_OUTCOME = "cancel_outcome"
+
+
+class WorkflowEvent(Base):
+    """The audit trail: every transition, every cancel request and every cancel outcome."""
+
+    __tablename__ = "workflow_events"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    workflow_id: Mapped[str] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    from_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    actor: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reason: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Timing and other facts of the event, e.g. seconds from the cancel request to its outcome.
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+    __table_args__ = (Index("ix_workflow_events_workflow", "workflow_id", "id"),)

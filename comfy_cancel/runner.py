@@ -1,0 +1,407 @@
+"""The runner: drives one workflow on its ComfyUI server, and obeys cancel signals.
+
+One call of :func:`run` is one Celery task on the ``runner`` queue. It spends its
+life waiting on a WebSocket, so a runner worker process runs hundreds of them on
+threads (see worker.py); signals reach them through the process's one
+:class:`~comfy_cancel.signals.SignalListener`.
+
+The database decides: every step is a compare-and-set through ``status``, and a
+step that finds the workflow cancelled first makes sure the prompt is gone from
+ComfyUI and leaves quietly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from comfy_cancel.comfyui import (
+    ComfyUIClient,
+    ComfyUIError,
+    Event,
+    EventStream,
+    PromptRejected,
+    error_from_history,
+    outputs_from_history,
+)
+
+from comfy_cancel import manager, status
+from comfy_cancel.context import Context
+from comfy_cancel.models import CancelOutcome, Runner, Workflow, WorkflowStatus
+from comfy_cancel.signals import SignalKind, listener_for
+
+log = logging.getLogger(__name__)
+S = WorkflowStatus
+
+# After ComfyUI reported success, the history entry is written just before the final
+# `executing` event; a few short retries cover a server that is slower to show it.
+HISTORY_ATTEMPTS = 20
+HISTORY_RETRY_SECONDS = 0.1
+
+
+@dataclass
+class Run:
+    """One workflow being driven: what the signal handler needs to reach its prompt."""
+
+    workflow_id: str
+    client: ComfyUIClient
+    retry_attempts: int
+    prompt_id: str | None = None
+    stream: EventStream | None = None
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    cancel_delivered_at: float | None = None
+    progress: dict[str, Any] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_signal(self, kind: SignalKind) -> None:
+        """Runs on the listener thread: note the request and deliver it off that thread."""
+        self.cancel_requested.set()
+        if kind is not SignalKind.CANCEL:
+            self.stop_requested.set()
+        threading.Thread(
+            target=self._deliver, args=(kind,), name=f"cancel-{self.workflow_id[:8]}", daemon=True
+        ).start()
+
+    def _deliver(self, kind: SignalKind) -> None:
+        with self._lock:
+            prompt_id = self.prompt_id
+        if prompt_id is not None:
+            self.cancel_prompt(prompt_id)
+        if kind is not SignalKind.CANCEL and self.stream is not None:
+            # The database already says cancelled: nothing more will come that matters.
+            self.stream.close()
+
+    def cancel_prompt(self, prompt_id: str) -> bool:
+        """Cancel our own prompt on ComfyUI (never another's), retrying with backoff."""
+        delay = 0.2
+        for attempt in range(1, self.retry_attempts + 1):
+            try:
+                self.client.cancel(prompt_id)
+                self.cancel_delivered_at = time.monotonic()
+                return True
+            except ComfyUIError as exc:
+                log.warning(
+                    "cancel of prompt %s failed (attempt %d/%d): %s",
+                    prompt_id, attempt, self.retry_attempts, exc,
+                )
+                if attempt < self.retry_attempts:
+                    time.sleep(delay)
+                    delay *= 2
+        return False
+
+    def set_prompt(self, prompt_id: str) -> None:
+        with self._lock:
+            self.prompt_id = prompt_id
+        # A signal that arrived before the prompt existed could not cancel it: do it now.
+        if self.cancel_requested.is_set():
+            self.cancel_prompt(prompt_id)
+
+
+def run(ctx: Context, workflow_id: str, task_id: str | None = None) -> str | None:
+    """Drive a workflow to a terminal status; returns the status it ended in, if it ran."""
+    db = ctx.db
+    with db.transaction() as session:
+        workflow = manager.get_workflow(session, workflow_id)
+        if workflow is None:
+            log.warning("run of unknown workflow %s ignored", workflow_id)
+            return None
+        if workflow.status in {s.value for s in (S.COMPLETED, S.FAILED, S.CANCELLED)}:
+            return workflow.status  # cancelled (or swept) before it started: nothing to do
+        runner = _claim(session, workflow)
+        if runner is None:
+            return S.FAILED.value
+        if workflow.status == S.RUNNING.value:
+            # A redelivered task whose prompt is already running: adopt it, don't resubmit.
+            log.info("workflow %s redelivered while running; following its prompt", workflow_id)
+        prompt = workflow.workflow_json
+        existing_prompt_id = workflow.prompt_id
+
+    client = ComfyUIClient(
+        runner.endpoint_url, runner.headers, timeout=ctx.settings.comfyui_timeout_seconds
+    )
+    handle = Run(workflow_id, client, ctx.settings.comfyui_retry_attempts)
+    listener = listener_for(ctx.redis)
+    try:
+        return _drive(ctx, handle, prompt, existing_prompt_id, listener)
+    finally:
+        listener.unregister(workflow_id)
+        if handle.stream is not None:
+            handle.stream.close()
+        client.close()
+
+
+def _claim(session: Any, workflow: Workflow) -> Runner | None:
+    """Move an accepted workflow onto a runner (uploaded -> queued); None when it failed."""
+    if workflow.status == S.ACCEPTED.value:
+        runner = manager.choose_runner(session, workflow.account_id, workflow.tags or [])
+        if runner is None:
+            status.fail(
+                session,
+                workflow.id,
+                exception_type="NoRunnerAvailable",
+                exception_message=(
+                    f"no active runner carries the tags {sorted(workflow.tags or [])}; "
+                    "add or enable a runner, then submit again"
+                ),
+            )
+            return None
+        status.mark_uploaded(session, workflow.id, runner.id)
+        workflow.runner_id = runner.id
+    if workflow.status in (S.ACCEPTED.value, S.UPLOADED.value):
+        status.mark_queued(session, workflow.id)
+    runner_row = manager.get_runner(session, workflow.runner_id) if workflow.runner_id else None
+    if runner_row is None:
+        status.fail(
+            session,
+            workflow.id,
+            exception_type="RunnerGone",
+            exception_message="the workflow's runner was deleted before it could run",
+        )
+    return runner_row
+
+
+def _drive(
+    ctx: Context,
+    handle: Run,
+    prompt: Mapping[str, Any],
+    existing_prompt_id: str | None,
+    listener: Any,
+) -> str | None:
+    db, settings, workflow_id = ctx.db, ctx.settings, handle.workflow_id
+    client_id = f"comfy-cancel-{workflow_id}"
+    # Subscribe before anything can be submitted, so no signal falls in a gap.
+    listener.register(workflow_id, handle.on_signal)
+    handle.stream = handle.client.watch(client_id)
+
+    if existing_prompt_id is not None:
+        handle.set_prompt(existing_prompt_id)
+        _reconcile(ctx, handle)
+    else:
+        prompt_id = str(uuid.uuid4())
+        # Record the prompt id before submitting: a cancel that lands now can always find
+        # and remove it, and a cancel that landed already makes this write fail.
+        with db.transaction() as session:
+            if not manager.record_prompt(session, workflow_id, prompt_id, None):
+                return _status(ctx, workflow_id)
+        if handle.stop_requested.is_set():
+            return _status(ctx, workflow_id)
+        try:
+            submitted = handle.client.submit(dict(prompt), client_id, prompt_id=prompt_id)
+        except PromptRejected as exc:
+            return _fail_rejected(ctx, workflow_id, exc)
+        except ComfyUIError as exc:
+            return _fail(ctx, workflow_id, "RunnerUnavailable", str(exc))
+        handle.set_prompt(submitted.prompt_id)
+        with db.transaction() as session:
+            still_queued = manager.record_prompt(
+                session, workflow_id, submitted.prompt_id, submitted.number
+            )
+        if not still_queued:
+            handle.cancel_prompt(submitted.prompt_id)
+            return _status(ctx, workflow_id)
+
+    last_beat = time.monotonic()
+    while True:
+        if handle.stop_requested.is_set():
+            return _status(ctx, workflow_id)
+        event = handle.stream.next_event(timeout=settings.heartbeat_interval_seconds)
+        if time.monotonic() - last_beat >= settings.heartbeat_interval_seconds:
+            last_beat = time.monotonic()
+            with db.transaction() as session:
+                alive = manager.heartbeat(session, workflow_id, handle.progress)
+            if not alive:
+                # Ended elsewhere (a forced cancel, a sweep): make sure ComfyUI stops too.
+                if handle.prompt_id is not None:
+                    handle.cancel_prompt(handle.prompt_id)
+                return _status(ctx, workflow_id)
+        if event is None:
+            continue
+        result = _on_event(ctx, handle, event)
+        if result is not None:
+            return result
+
+
+def _on_event(ctx: Context, handle: Run, event: Event) -> str | None:
+    """Handle one event; a status string when the run is over."""
+    workflow_id = handle.workflow_id
+    if event.type == "closed":
+        return _status(ctx, workflow_id)
+    if event.type == "reconnected":
+        return _reconcile(ctx, handle)
+    if event.prompt_id != handle.prompt_id:
+        return None
+    if event.type == "execution_start":
+        with ctx.db.transaction() as session:
+            change = status.mark_running(session, workflow_id)
+        if not change.changed and change.status == S.CANCELLED.value:
+            handle.cancel_prompt(handle.prompt_id or "")  # cancelled while it was pending
+            return change.status
+        return None
+    if event.type == "progress":
+        # Kept in memory and written with the next heartbeat: progress events come many
+        # times a second, and hundreds of runs writing each one would swamp the database.
+        handle.progress = {
+            "node": event.data.get("node"),
+            "value": event.data.get("value"),
+            "max": event.data.get("max"),
+        }
+        return None
+    if event.type == "execution_error":
+        data = event.data
+        return _fail(
+            ctx, workflow_id,
+            str(data.get("exception_type") or "ExecutionError"),
+            str(data.get("exception_message") or "ComfyUI reported an execution error"),
+            error_node=_str_or_none(data.get("node_id")),
+        )
+    if event.type == "execution_interrupted":
+        return _interrupted(ctx, handle)
+    if event.type == "executing" and event.data.get("node") is None:
+        # The prompt is done and its history entry written (COMFYUI_API.md, "Events").
+        return _finish_from_history(ctx, handle)
+    return None
+
+
+def _interrupted(ctx: Context, handle: Run) -> str | None:
+    """ComfyUI acknowledged an interrupt: write the cancel, or a failure if nobody asked."""
+    workflow_id = handle.workflow_id
+    with ctx.db.transaction() as session:
+        workflow = manager.get_workflow(session, workflow_id)
+        if workflow is None:
+            return None
+        if workflow.cancel_requested_at is None and not handle.cancel_requested.is_set():
+            # Someone interrupted ComfyUI directly: not a cancel of ours.
+            return status.fail(
+                session, workflow_id,
+                exception_type="Interrupted",
+                exception_message="the prompt was interrupted on the ComfyUI server",
+            ).status
+        by = status.Actor(
+            workflow.cancel_source or "runner", workflow.cancel_actor, workflow.cancel_reason
+        )
+        change = status.cancel_if_active(
+            session, workflow_id, by, CancelOutcome.CANCELLED, workflow.cancel_timing()
+        )
+        return change.status
+
+
+def _finish_from_history(ctx: Context, handle: Run) -> str | None:
+    assert handle.prompt_id is not None
+    entry = None
+    for _ in range(HISTORY_ATTEMPTS):
+        try:
+            entry = handle.client.history(handle.prompt_id)
+        except ComfyUIError as exc:
+            log.warning("history of %s not readable yet: %s", handle.prompt_id, exc)
+        if entry:
+            break
+        time.sleep(HISTORY_RETRY_SECONDS)
+    if not entry:
+        return _fail(
+            ctx, handle.workflow_id, "HistoryMissing",
+            f"ComfyUI finished prompt {handle.prompt_id} but has no history entry for it",
+        )
+    return _settle(ctx, handle, entry)
+
+
+def _settle(ctx: Context, handle: Run, entry: Mapping[str, Any]) -> str | None:
+    """Write the terminal status a finished prompt's history entry tells."""
+    workflow_id = handle.workflow_id
+    error = error_from_history(entry)
+    status_info = entry.get("status") or {}
+    messages = status_info.get("messages") or []
+    if messages and messages[-1] and messages[-1][0] == "execution_interrupted":
+        return _interrupted(ctx, handle)
+    if error is not None:
+        return _fail(
+            ctx, workflow_id, error.get("exception_type") or "ExecutionError",
+            error.get("exception_message") or "ComfyUI reported an error",
+            error_node=error.get("error_node"),
+        )
+    outputs = outputs_from_history(entry)
+    with ctx.db.transaction() as session:
+        change = status.complete_if_running(session, workflow_id, outputs)
+        if not change.changed and change.status == S.QUEUED.value:
+            # We missed execution_start (a reconnect): it did run, so record both steps.
+            status.mark_running(session, workflow_id)
+            change = status.complete_if_running(session, workflow_id, outputs)
+    if not change.changed and change.status == S.CANCELLED.value:
+        # Cancelled first: the outputs ComfyUI wrote are partial by our contract and are not
+        # attached to the workflow (README, "Partial outputs").
+        log.info("workflow %s was cancelled before it completed; outputs dropped", workflow_id)
+    return change.status
+
+
+def _reconcile(ctx: Context, handle: Run) -> str | None:
+    """After a reconnect, learn from /history and /queue what the socket may have missed."""
+    prompt_id = handle.prompt_id
+    if prompt_id is None:
+        return None
+    try:
+        entry = handle.client.history(prompt_id)
+        if entry:
+            return _settle(ctx, handle, entry)
+        queue = handle.client.queue()
+    except ComfyUIError as exc:
+        return _fail(ctx, handle.workflow_id, "RunnerUnavailable", str(exc))
+    if prompt_id in queue.running:
+        with ctx.db.transaction() as session:
+            status.mark_running(session, handle.workflow_id)
+        return None
+    if prompt_id in queue.pending:
+        return None
+    # Neither queued, running nor finished: removed from ComfyUI's queue (by our cancel, or
+    # by someone on the server). The database says which.
+    current = _status(ctx, handle.workflow_id)
+    if current in (S.QUEUED.value, S.RUNNING.value) and not handle.cancel_requested.is_set():
+        return _fail(
+            ctx, handle.workflow_id, "PromptLost",
+            f"prompt {prompt_id} vanished from the ComfyUI server's queue",
+        )
+    if current in (S.QUEUED.value, S.RUNNING.value):
+        return _interrupted(ctx, handle)
+    return current
+
+
+def _fail(
+    ctx: Context,
+    workflow_id: str,
+    exception_type: str,
+    exception_message: str,
+    *,
+    error_node: str | None = None,
+) -> str | None:
+    with ctx.db.transaction() as session:
+        return status.fail(
+            session, workflow_id,
+            exception_type=exception_type,
+            exception_message=exception_message,
+            error_node=error_node,
+        ).status
+
+
+def _fail_rejected(ctx: Context, workflow_id: str, exc: PromptRejected) -> str | None:
+    error = exc.error or {}
+    node_id = next(iter(exc.node_errors), None) if exc.node_errors else None
+    message = str(error.get("message") or "prompt rejected")
+    if error.get("details"):
+        message = f"{message}: {error['details']}"
+    return _fail(
+        ctx, workflow_id, str(error.get("type") or "invalid_prompt"), message, error_node=node_id
+    )
+
+
+def _status(ctx: Context, workflow_id: str) -> str | None:
+    with ctx.db.transaction() as session:
+        workflow = manager.get_workflow(session, workflow_id)
+        return workflow.status if workflow else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)

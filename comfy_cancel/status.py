@@ -1,0 +1,402 @@
+"""The one status writer. No other code writes ``workflows.status``.
+
+Every change is one compare-and-set statement::
+
+    UPDATE workflows SET status=:to, ... WHERE id=:id AND status IN (:from...)
+
+judged by the rows it changed, with its audit row written in the same
+transaction. Two writers racing on one row (the runner's ``running ->
+completed`` and the cancel worker's ``running -> cancelled``) both issue the
+statement; the database serialises them, one changes the row and the other
+changes nothing and reads the status that won. Each verb returns a
+:class:`Change` saying what actually happened.
+
+The functions take a session inside a transaction (``Database.transaction()``)
+so a caller can make a status change part of a larger unit of work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from comfy_cancel.models import (
+    CancelOutcome,
+    EventKind,
+    Workflow,
+    WorkflowEvent,
+    WorkflowStatus,
+    utcnow,
+)
+
+S = WorkflowStatus
+
+# The lifecycle: accepted -> uploaded -> queued -> running -> completed | failed | cancelled,
+# queued -> cancelled, and any non-terminal status -> failed. Nothing leaves a terminal status.
+ALLOWED: Mapping[S, frozenset[S]] = {
+    S.ACCEPTED: frozenset({S.UPLOADED, S.FAILED}),
+    S.UPLOADED: frozenset({S.QUEUED, S.FAILED}),
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
+    S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+
+class InvalidTransition(ValueError):
+    """A programming error: code asked for a transition the lifecycle forbids."""
+
+
+@dataclass(frozen=True)
+class Change:
+    workflow_id: str
+    changed: bool
+    status: str | None  # the status after the attempt; None when there is no such workflow
+    previous: str | None = None  # the status it changed from, when it changed
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asks for a change, for the audit trail."""
+
+    source: str
+    actor: str | None = None
+    reason: str | None = None
+
+
+RUNNER = Actor(source="runner")
+
+
+def sources_of(to: S) -> frozenset[S]:
+    return frozenset(frm for frm, tos in ALLOWED.items() if to in tos)
+
+
+def transition(
+    session: Session,
+    workflow_id: str,
+    to: S,
+    *,
+    from_: Collection[S] | None = None,
+    by: Actor = RUNNER,
+    values: Mapping[str, Any] | None = None,
+    outcome: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> Change:
+    """Move one workflow to ``to`` if its status is one of ``from_`` (default: any allowed)."""
+    allowed_from = sources_of(to)
+    froms = allowed_from if from_ is None else frozenset(S(f) for f in from_)
+    if not froms or not froms <= allowed_from:
+        raise InvalidTransition(f"{sorted(froms)} -> {to} is not a transition of the lifecycle")
+    now = utcnow()
+    if len(froms) == 1:
+        (old,) = froms
+    else:
+        # With several possible sources the audit row must name the one it left: read it
+        # under the row lock, so no other writer can change it before the UPDATE below.
+        current = session.execute(
+            select(Workflow.status).where(Workflow.id == workflow_id).with_for_update()
+        ).scalar_one_or_none()
+        if current is None or current not in froms:
+            return Change(workflow_id, changed=False, status=current)
+        old = S(current)
+    changed = session.execute(
+        update(Workflow)
+        .where(Workflow.id == workflow_id, Workflow.status.in_([f.value for f in froms]))
+        .values(status=to.value, updated_at=now, **dict(values or {}))
+        .returning(Workflow.id)
+    ).first()
+    if changed is None:
+        return Change(workflow_id, changed=False, status=_status_of(session, workflow_id))
+    session.execute(
+        insert(WorkflowEvent).values(
+            workflow_id=workflow_id,
+            at=now,
+            kind=EventKind.TRANSITION.value,
+            from_status=old.value,
+            to_status=to.value,
+            source=by.source,
+            actor=by.actor,
+            reason=by.reason,
+            outcome=outcome,
+            detail=dict(detail) if detail else None,
+        )
+    )
+    if to in (S.COMPLETED, S.FAILED):
+        # A cancel request still open when the workflow ended another way lost the race.
+        record_outcome(session, workflow_id, CancelOutcome.TOO_LATE, by, only_if_requested=True)
+    return Change(workflow_id, changed=True, status=to.value, previous=old.value)
+
+
+def _status_of(session: Session, workflow_id: str) -> str | None:
+    return session.execute(
+        select(Workflow.status).where(Workflow.id == workflow_id)
+    ).scalar_one_or_none()
+
+
+# --- the runner's verbs -----------------------------------------------------------------
+
+
+def mark_uploaded(session: Session, workflow_id: str, runner_id: str) -> Change:
+    return transition(
+        session, workflow_id, S.UPLOADED, from_=[S.ACCEPTED], values={"runner_id": runner_id}
+    )
+
+
+def mark_queued(session: Session, workflow_id: str) -> Change:
+    return transition(session, workflow_id, S.QUEUED, from_=[S.UPLOADED])
+
+
+def mark_running(session: Session, workflow_id: str) -> Change:
+    now = utcnow()
+    return transition(
+        session,
+        workflow_id,
+        S.RUNNING,
+        from_=[S.QUEUED],
+        values={"started_at": now, "heartbeat_at": now},
+    )
+
+
+def complete_if_running(
+    session: Session, workflow_id: str, outputs: Mapping[str, Any]
+) -> Change:
+    return transition(
+        session,
+        workflow_id,
+        S.COMPLETED,
+        from_=[S.RUNNING],
+        values={"outputs": dict(outputs), "completed_at": utcnow()},
+    )
+
+
+def fail(
+    session: Session,
+    workflow_id: str,
+    *,
+    exception_type: str,
+    exception_message: str,
+    error_node: str | None = None,
+    by: Actor = RUNNER,
+) -> Change:
+    """Any non-terminal status -> failed, with ComfyUI's error fields."""
+    return transition(
+        session,
+        workflow_id,
+        S.FAILED,
+        by=Actor(by.source, by.actor, by.reason or exception_message[:1000]),
+        values={
+            "error_node": error_node,
+            "exception_type": exception_type[:200],
+            "exception_message": exception_message,
+            "completed_at": utcnow(),
+        },
+    )
+
+
+# --- the cancel verbs --------------------------------------------------------------------
+
+
+def _cancel_values(by: Actor, outcome: CancelOutcome, now: datetime) -> dict[str, Any]:
+    # A cancel written without an earlier request (a sweep) records itself as the request;
+    # an earlier request keeps its own time, source, actor and reason.
+    return {
+        "completed_at": now,
+        "cancel_requested_at": func.coalesce(Workflow.cancel_requested_at, now),
+        "cancel_source": func.coalesce(Workflow.cancel_source, by.source),
+        "cancel_actor": func.coalesce(Workflow.cancel_actor, by.actor),
+        "cancel_reason": func.coalesce(Workflow.cancel_reason, by.reason),
+        "cancel_outcome": outcome.value,
+        "cancel_finished_at": now,
+    }
+
+
+def _cancel(
+    session: Session,
+    workflow_id: str,
+    froms: Collection[S],
+    by: Actor,
+    outcome: CancelOutcome,
+    detail: Mapping[str, Any] | None,
+) -> Change:
+    return transition(
+        session,
+        workflow_id,
+        S.CANCELLED,
+        from_=froms,
+        by=by,
+        values=_cancel_values(by, outcome, utcnow()),
+        outcome=outcome.value,
+        detail=detail,
+    )
+
+
+def cancel_if_queued(
+    session: Session,
+    workflow_id: str,
+    by: Actor,
+    outcome: CancelOutcome = CancelOutcome.CANCELLED,
+    detail: Mapping[str, Any] | None = None,
+) -> Change:
+    return _cancel(session, workflow_id, [S.QUEUED], by, outcome, detail)
+
+
+def cancel_if_running(
+    session: Session,
+    workflow_id: str,
+    by: Actor,
+    outcome: CancelOutcome = CancelOutcome.CANCELLED,
+    detail: Mapping[str, Any] | None = None,
+) -> Change:
+    return _cancel(session, workflow_id, [S.RUNNING], by, outcome, detail)
+
+
+def cancel_if_active(
+    session: Session,
+    workflow_id: str,
+    by: Actor,
+    outcome: CancelOutcome = CancelOutcome.CANCELLED,
+    detail: Mapping[str, Any] | None = None,
+) -> Change:
+    return _cancel(session, workflow_id, [S.QUEUED, S.RUNNING], by, outcome, detail)
+
+
+def cancel_queued_many(
+    session: Session,
+    workflow_ids: Sequence[str],
+    by: Actor,
+    outcome: CancelOutcome = CancelOutcome.CANCELLED,
+) -> list[tuple[str, str | None]]:
+    """Set-based ``queued -> cancelled`` for many rows: one statement, one audit insert.
+
+    Returns (id, runner_task_id) of exactly the rows it changed, so the caller can revoke
+    their runner tasks in one broadcast.
+    """
+    if not workflow_ids:
+        return []
+    now = utcnow()
+    rows = session.execute(
+        update(Workflow)
+        .where(Workflow.id.in_(list(workflow_ids)), Workflow.status == S.QUEUED.value)
+        .values(status=S.CANCELLED.value, updated_at=now, **_cancel_values(by, outcome, now))
+        .returning(Workflow.id, Workflow.runner_task_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    if rows:
+        session.execute(
+            insert(WorkflowEvent),
+            [
+                {
+                    "workflow_id": wid,
+                    "at": now,
+                    "kind": EventKind.TRANSITION.value,
+                    "from_status": S.QUEUED.value,
+                    "to_status": S.CANCELLED.value,
+                    "source": by.source,
+                    "actor": by.actor,
+                    "reason": by.reason,
+                    "outcome": outcome.value,
+                }
+                for wid, _ in rows
+            ],
+        )
+    return [(wid, task_id) for wid, task_id in rows]
+
+
+# --- the cancel request beside the status (no status change) ---------------------------
+
+
+def request_cancel(session: Session, workflow_id: str, by: Actor) -> bool:
+    """Record a cancel request on a cancellable workflow; True when it was recorded.
+
+    A repeat while the first request is open keeps the first request's fields (the
+    request is idempotent) but is still audited.
+    """
+    now = utcnow()
+    changed = session.execute(
+        update(Workflow)
+        .where(
+            Workflow.id == workflow_id,
+            Workflow.status.in_([S.QUEUED.value, S.RUNNING.value]),
+        )
+        .values(
+            cancel_requested_at=func.coalesce(Workflow.cancel_requested_at, now),
+            cancel_source=func.coalesce(Workflow.cancel_source, by.source),
+            cancel_actor=func.coalesce(Workflow.cancel_actor, by.actor),
+            cancel_reason=func.coalesce(Workflow.cancel_reason, by.reason),
+            updated_at=now,
+        )
+        .returning(Workflow.id)
+    ).first()
+    if changed is None:
+        return False
+    _audit(session, workflow_id, EventKind.CANCEL_REQUESTED, by, None, now)
+    return True
+
+
+def record_outcome(
+    session: Session,
+    workflow_id: str,
+    outcome: CancelOutcome,
+    by: Actor,
+    detail: Mapping[str, Any] | None = None,
+    *,
+    only_if_requested: bool = False,
+) -> bool:
+    """Close an open cancel request that wrote no status (``too_late``, ``already_cancelled``).
+
+    The first outcome wins; True when this call recorded it. With ``only_if_requested``
+    nothing is written (not even an audit row) unless a request is open.
+    """
+    now = utcnow()
+    query = update(Workflow).where(
+        Workflow.id == workflow_id, Workflow.cancel_outcome.is_(None)
+    )
+    if only_if_requested:
+        query = query.where(Workflow.cancel_requested_at.is_not(None))
+    changed = session.execute(
+        query.values(cancel_outcome=outcome.value, cancel_finished_at=now).returning(Workflow.id)
+    ).first()
+    if changed is None and only_if_requested:
+        return False
+    _audit(session, workflow_id, EventKind.CANCEL_OUTCOME, by, outcome.value, now, detail)
+    return changed is not None
+
+
+def mark_cancel_published(session: Session, workflow_ids: Sequence[str]) -> None:
+    """Remember when a cancel message was last handed to the broker (the re-publish sweep)."""
+    if workflow_ids:
+        session.execute(
+            update(Workflow)
+            .where(Workflow.id.in_(list(workflow_ids)))
+            .values(cancel_published_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _audit(
+    session: Session,
+    workflow_id: str,
+    kind: EventKind,
+    by: Actor,
+    outcome: str | None,
+    at: datetime,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    session.execute(
+        insert(WorkflowEvent).values(
+            workflow_id=workflow_id,
+            at=at,
+            kind=kind.value,
+            source=by.source,
+            actor=by.actor,
+            reason=by.reason,
+            outcome=outcome,
+            detail=dict(detail) if detail else None,
+        )
+    )

@@ -1,0 +1,75 @@
+"""Shared test helpers: migrated databases and workflows brought to a status the legal way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from comfy_cancel import manager, status
+from comfy_cancel.db import Database, make_engine
+from comfy_cancel.migrations import upgrade
+from comfy_cancel.models import WorkflowStatus
+
+S = WorkflowStatus
+
+# A small prompt that the simulated ComfyUI runs in well under a second at time_scale 1.
+TINY_PROMPT: dict[str, Any] = {
+    "1": {"class_type": "EmptyImage",
+          "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "tiny"}},
+}
+
+# Steps through the lifecycle from accepted to each status, via the status writer only.
+PATH_TO: dict[S, list[S]] = {
+    S.ACCEPTED: [],
+    S.UPLOADED: [S.UPLOADED],
+    S.QUEUED: [S.UPLOADED, S.QUEUED],
+    S.RUNNING: [S.UPLOADED, S.QUEUED, S.RUNNING],
+    S.COMPLETED: [S.UPLOADED, S.QUEUED, S.RUNNING, S.COMPLETED],
+    S.FAILED: [S.FAILED],
+    S.CANCELLED: [S.UPLOADED, S.QUEUED, S.CANCELLED],
+}
+
+
+def migrated(url: str) -> Database:
+    upgrade(url)
+    return Database(make_engine(url))
+
+
+def make_account_and_runner(
+    db: Database, account: str = "acme", url: str = "http://127.0.0.1:1"
+) -> tuple[int, str]:
+    with db.transaction() as session:
+        acc = manager.get_or_create_account(session, account)
+        runner = manager.add_runner(session, acc.id, name="r1", endpoint_url=url)
+        return acc.id, runner.id
+
+
+def seed_workflow(
+    db: Database, account_id: int, runner_id: str, to: S = S.ACCEPTED, name: str = "wf"
+) -> str:
+    with db.transaction() as session:
+        wf = manager.create_workflow(session, account_id, name=name, workflow_json=TINY_PROMPT)
+        workflow_id = wf.id
+    for step in PATH_TO[to]:
+        with db.transaction() as session:
+            change = advance(session, workflow_id, step, runner_id)
+            assert change.changed, f"seeding {workflow_id} to {step} failed: {change}"
+    return workflow_id
+
+
+def advance(session: Any, workflow_id: str, to: S, runner_id: str) -> status.Change:
+    by = status.Actor("api", "tester", "test")
+    if to is S.UPLOADED:
+        return status.mark_uploaded(session, workflow_id, runner_id)
+    if to is S.QUEUED:
+        return status.mark_queued(session, workflow_id)
+    if to is S.RUNNING:
+        return status.mark_running(session, workflow_id)
+    if to is S.COMPLETED:
+        return status.complete_if_running(session, workflow_id, {"3": {"images": []}})
+    if to is S.FAILED:
+        return status.fail(session, workflow_id, exception_type="E", exception_message="boom")
+    if to is S.CANCELLED:
+        return status.cancel_if_active(session, workflow_id, by)
+    raise AssertionError(to)
