@@ -177,7 +177,10 @@ def _drive(
     client_id = f"comfy-cancel-{workflow_id}"
     # Subscribe before anything can be submitted, so no signal falls in a gap.
     listener.register(workflow_id, handle.on_signal)
-    handle.stream = handle.client.watch(client_id)
+    try:
+        handle.stream = handle.client.watch(client_id)
+    except ComfyUIError as exc:
+        return _fail(ctx, workflow_id, "RunnerUnavailable", str(exc))
 
     if existing_prompt_id is not None:
         handle.set_prompt(existing_prompt_id)
@@ -210,7 +213,10 @@ def _drive(
     while True:
         if handle.stop_requested.is_set():
             return _status(ctx, workflow_id)
-        event = handle.stream.next_event(timeout=settings.heartbeat_interval_seconds)
+        try:
+            event = handle.stream.next_event(timeout=settings.heartbeat_interval_seconds)
+        except ComfyUIError as exc:
+            return _fail(ctx, workflow_id, "RunnerUnavailable", str(exc))
         if time.monotonic() - last_beat >= settings.heartbeat_interval_seconds:
             last_beat = time.monotonic()
             with db.transaction() as session:

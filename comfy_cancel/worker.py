@@ -59,6 +59,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
         "timezone": "UTC",
+        "imports": ["comfy_cancel.tasks"],
         "beat_schedule": {
             "sweep": {
                 "task": "comfy_cancel.sweep",
@@ -72,8 +73,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings | None = None) -> Celery:
     app = Celery("comfy_cancel")
     app.conf.update(celery_config(settings or get_settings()))
-    app.autodiscover_tasks(["comfy_cancel"], related_name="tasks", force=True)
     return app
+
+
+def configure(settings: Settings) -> None:
+    """Point the process's app at other settings (tests, the embedded stack), dropping
+    connections made with the old ones."""
+    app.conf.update(celery_config(settings))
+    # Celery caches its broker pools on first use and has no public way to drop them.
+    # They are left to the garbage collector, not closed: kombu's global producer pools
+    # may still hand them out for an equal URL.
+    app._pool = None
+    app.amqp._producer_pool = None
 
 
 app = create_app()

@@ -1,0 +1,220 @@
+"""The whole system for acceptance tests: real Redis, real Celery worker processes, the
+simulated ComfyUI server, the HTTP API on a real socket, and SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from comfy_cancel import context, manager, services, worker
+from comfy_cancel.config import ENV_PREFIX, Settings, get_settings
+from comfy_cancel.db import Database
+from comfy_cancel.sim_comfyui import RunningSim, start_in_thread
+from tests.helpers import migrated
+
+ALL_CANCEL_QUEUES = f"{worker.CANCEL_QUEUE},{worker.BULK_QUEUE},{worker.SWEEP_QUEUE}"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    db: Database
+    sim: RunningSim
+    api_url: str
+    token: str
+    operator_token: str
+    account_id: int
+    runner_id: str
+    log_dir: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.api_url,
+            headers={"Authorization": f"Bearer {token or self.token}"},
+            timeout=30,
+        )
+
+    def wait_for(
+        self, predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition"
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.worker_logs()}")
+
+    def workflow(self, workflow_id: str) -> dict[str, Any]:
+        with self.client() as c:
+            response = c.get(f"/v1/workflow/{workflow_id}")
+            response.raise_for_status()
+            return dict(response.json())
+
+    def wait_status(
+        self, workflow_id: str, statuses: set[str], timeout: float = 30.0
+    ) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+
+        def reached() -> bool:
+            seen.update(self.workflow(workflow_id))
+            return seen["status"] in statuses
+
+        self.wait_for(reached, timeout, f"{workflow_id} to reach {statuses} (last {seen})")
+        return seen
+
+    def submit(
+        self, prompt: Mapping[str, Any], name: str = "wf", tags: list[str] | None = None
+    ) -> str:
+        with self.client() as c:
+            response = c.post(
+                "/v1/workflow",
+                json={"name": name, "workflow_json": dict(prompt), "tags": tags or []},
+            )
+            assert response.status_code == 200, response.text
+            return str(response.json()["id"])
+
+    def worker_logs(self) -> str:
+        parts = []
+        for path in sorted(self.log_dir.glob("worker-*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-40:]
+            parts.append(f"--- {path.name}\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[ENV_PREFIX + name.upper()] = str(value)
+    return env
+
+
+def start_worker(
+    settings: Settings, queues: str, log_path: Path, concurrency: int = 50
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings_env(settings)}
+    log = log_path.open("wb")
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "celery", "-A", "comfy_cancel.worker", "worker",
+            "-Q", queues, "-P", "threads", "-c", str(concurrency), "--loglevel", "INFO",
+            "--without-mingle", "--without-gossip", "-n", f"{log_path.stem}@%h",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_workers_ready(count: int, log_dir: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        replies = worker.app.control.ping(timeout=0.5)
+        if len(replies) >= count:
+            return
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in log_dir.glob("*.log"))
+    raise AssertionError(f"{count} Celery workers did not answer a ping in {timeout}s:\n{logs}")
+
+
+class _Server(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # running in a thread
+        pass
+
+
+@contextmanager
+def api_server(settings: Settings) -> Iterator[str]:
+    from comfy_cancel.api import create_app
+
+    port = services.free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = _Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise AssertionError("the API server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextmanager
+def running_stack(
+    database_url: str,
+    redis_url: str,
+    log_dir: Path,
+    *,
+    time_scale: float = 0.2,
+    jobs_api: bool = True,
+    separate_runner: bool = True,
+    **overrides: Any,
+) -> Iterator[Stack]:
+    """Start everything; tear it all down afterwards, workers included."""
+    settings = Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        cancel_grace_seconds=overrides.pop("cancel_grace_seconds", 3.0),
+        heartbeat_interval_seconds=overrides.pop("heartbeat_interval_seconds", 0.5),
+        **overrides,
+    )
+    saved_env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
+    os.environ.update(settings_env(settings))
+    get_settings.cache_clear()
+    context.reset()
+    worker.configure(settings)
+    db = migrated(database_url)
+    sim = start_in_thread(time_scale=time_scale, jobs_api=jobs_api)
+    with db.transaction() as session:
+        account = manager.get_or_create_account(session, "acme")
+        token = manager.create_token(session, account)
+        operator = manager.get_or_create_account(session, "ops")
+        operator_token = manager.create_token(session, operator, operator=True)
+        runner = manager.add_runner(session, account.id, name="sim", endpoint_url=sim.url)
+        account_id, runner_id = account.id, runner.id
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        if separate_runner:
+            processes.append(start_worker(settings, ALL_CANCEL_QUEUES, log_dir / "worker-cancel.log"))
+            processes.append(start_worker(settings, worker.RUNNER_QUEUE,
+                                          log_dir / "worker-runner.log", concurrency=100))
+        else:
+            processes.append(start_worker(settings, f"{ALL_CANCEL_QUEUES},{worker.RUNNER_QUEUE}",
+                                          log_dir / "worker-all.log", concurrency=100))
+        wait_workers_ready(len(processes), log_dir)
+        with api_server(settings) as api_url:
+            yield Stack(settings, db, sim, api_url, token, operator_token, account_id,
+                        runner_id, log_dir, processes)
+    finally:
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        sim.stop()
+        db.engine.dispose()
+        for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+            del os.environ[key]
+        os.environ.update(saved_env)
+        get_settings.cache_clear()
+        context.reset()
+        worker.configure(get_settings())
