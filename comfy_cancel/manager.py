@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from comfy_cancel import auth
@@ -31,6 +31,14 @@ from comfy_cancel.models import (
 )
 
 S = WorkflowStatus
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+def ping(session: Session) -> None:
+    """One round trip to the database (readiness checks); raises when it is unreachable."""
+    session.execute(select(literal(1))).scalar_one()
 
 
 # --- accounts and tokens -----------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from comfy_cancel.config import Settings, get_settings
 
@@ -46,7 +46,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {
             "visibility_timeout": int(settings.max_run_seconds) + 3600,
         },
-        "task_queues": [Queue(name) for name in ALL_QUEUES],
+        # Each queue on its own exchange and key: a bare Queue(name) would bind every queue
+        # to the default exchange with the default key, and one message would reach all.
+        "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in ALL_QUEUES],
         "task_default_queue": CANCEL_QUEUE,
         "task_routes": {
             "comfy_cancel.run_workflow": {"queue": RUNNER_QUEUE},

@@ -165,6 +165,7 @@ def running_stack(
     time_scale: float = 0.2,
     jobs_api: bool = True,
     separate_runner: bool = True,
+    cancel_concurrency: int = 50,
     **overrides: Any,
 ) -> Iterator[Stack]:
     """Start everything; tear it all down afterwards, workers included."""
@@ -192,7 +193,8 @@ def running_stack(
     processes: list[subprocess.Popen[bytes]] = []
     try:
         if separate_runner:
-            processes.append(start_worker(settings, ALL_CANCEL_QUEUES, log_dir / "worker-cancel.log"))
+            processes.append(start_worker(settings, ALL_CANCEL_QUEUES,
+                                          log_dir / "worker-cancel.log", cancel_concurrency))
             processes.append(start_worker(settings, worker.RUNNER_QUEUE,
                                           log_dir / "worker-runner.log", concurrency=100))
         else:
@@ -218,3 +220,19 @@ def running_stack(
         get_settings.cache_clear()
         context.reset()
         worker.configure(get_settings())
+
+
+def cancel(stack: Stack, workflow_id: str, token: str | None = None,
+           reason: str | None = None) -> httpx.Response:
+    with stack.client(token) as c:
+        body = {"reason": reason} if reason else None
+        return c.post(f"/v1/workflow/{workflow_id}/cancel", json=body)
+
+
+def sim_calls(stack: Stack) -> list[dict[str, Any]]:
+    """The cancel-related calls the simulated ComfyUI received (a sim-only route)."""
+    return list(httpx.get(f"{stack.sim.url}/sim/calls").json()["calls"])
+
+
+def sim_requests(stack: Stack) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{stack.sim.url}/sim/calls").json()["requests"])

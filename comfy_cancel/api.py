@@ -1,0 +1,552 @@
+"""The HTTP API: the product's ``/v1`` contract (DESIGN.md, "The HTTP contract").
+
+Run it with ``comfy-cancel api``, or ``uvicorn comfy_cancel.api:app`` (the module-level
+``app`` is built on first use from the environment's settings), or
+``uvicorn --factory comfy_cancel.api:create_app``.
+
+Handlers are thin: parse, call :mod:`manager` / :mod:`status` / :mod:`tasks`, shape the
+answer. Every error body is ``{"status": <code>, "message": "<what went wrong, what to do>"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Annotated, Any, TypeVar
+
+import redis
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from kombu.exceptions import OperationalError as BrokerError
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from comfy_cancel import manager, status, tasks
+from comfy_cancel.config import Settings, get_settings
+from comfy_cancel.db import Database
+from comfy_cancel.manager import Principal
+from comfy_cancel.models import (
+    CANCELLABLE,
+    TERMINAL,
+    CancelSource,
+    Runner,
+    Workflow,
+    WorkflowStatus,
+)
+from comfy_cancel.schemas import (
+    CancelRequest,
+    ErrorBody,
+    RunnerCreate,
+    RunnerUpdate,
+    RunnerView,
+    WorkflowList,
+    WorkflowSubmission,
+    WorkflowView,
+    error_message,
+    field_message,
+)
+
+log = logging.getLogger(__name__)
+
+# What a publish raises when the broker is down: kombu wraps most connection errors, but
+# a refused socket or a Redis error can surface unwrapped.
+PUBLISH_ERRORS: tuple[type[Exception], ...] = (BrokerError, redis.RedisError, OSError)
+
+# The database is down, locked past its timeout, or its pool is exhausted.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+)
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """An error answered as ``{"status": code, "message": message}``."""
+
+    def __init__(self, code: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"status": code, "message": message}, status_code=code, headers=headers)
+
+
+# The error answers every /v1 route can give, for the OpenAPI document.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Invalid request; the message names the field."},
+    401: {"model": ErrorBody, "description": "Missing, unknown or expired token."},
+    404: {"model": ErrorBody, "description": "No such object (or another account's)."},
+    500: {"model": ErrorBody, "description": "Could not be handed on; a retry is safe."},
+}
+
+
+# --- dependencies -------------------------------------------------------------------------
+
+bearer = HTTPBearer(auto_error=False, bearerFormat="cfc_...", description="An API token.")
+
+
+def get_db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+DB = Annotated[Database, Depends(get_db)]
+
+
+def require_principal(
+    db: DB, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Principal:
+    """The caller of a ``/v1`` route; 401 without a valid token."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise ApiError(
+            401, "missing token: send the header 'Authorization: Bearer cfc_...'", challenge
+        )
+    with db.transaction() as session:
+        principal = manager.authenticate(session, credentials.credentials)
+    if principal is None:
+        raise ApiError(
+            401,
+            "the token is unknown or expired: ask your operator for a new one "
+            "(comfy-cancel token create)",
+            challenge,
+        )
+    return principal
+
+
+def require_operator(principal: Annotated[Principal, Depends(require_principal)]) -> Principal:
+    """The caller of an operator-only route; 403 for a customer's token."""
+    if not principal.is_operator:
+        raise ApiError(
+            403,
+            "this call needs an operator token "
+            "(comfy-cancel token create --account NAME --operator)",
+        )
+    return principal
+
+
+Caller = Annotated[Principal, Depends(require_principal)]
+Operator = Annotated[Principal, Depends(require_operator)]
+
+
+def _parse_json(raw: bytes | str, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"{what} is not valid JSON ({exc}); fix it and send it again") from exc
+
+
+def _validate(model: type[Model], data: Any) -> Model:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, f"invalid {error_message(exc)}") from exc
+
+
+async def read_submission(request: Request) -> WorkflowSubmission:
+    """The product's multipart form (``workflow_json`` a file) or the same fields as JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json" or content_type.endswith("+json"):
+        return _validate(WorkflowSubmission, _parse_json(await request.body(), "the body"))
+    if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise ApiError(
+            415,
+            "send the workflow as multipart/form-data (name, workflow_json file, tags) "
+            "or as application/json",
+        )
+    fields: dict[str, Any] = {}
+    async with request.form() as form:
+        if "name" in form:
+            fields["name"] = form["name"]
+        tags = [t for t in form.getlist("tags") if isinstance(t, str)]
+        if tags:
+            fields["tags"] = tags
+        upload = form.get("workflow_json")
+        if isinstance(upload, UploadFile):
+            fields["workflow_json"] = _parse_json(await upload.read(), "the workflow_json file")
+        elif isinstance(upload, str):
+            fields["workflow_json"] = _parse_json(upload, "the workflow_json field")
+    return _validate(WorkflowSubmission, fields)
+
+
+def _canonical_id(value: str) -> str | None:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def _not_found(kind: str, object_id: str) -> ApiError:
+    # The same words for a malformed id, an unknown one and another account's: an id
+    # never tells its holder whether it exists.
+    return ApiError(404, f"no {kind} {object_id[:100]}: check the id (GET /v1/{kind} lists yours)")
+
+
+def _own_workflow(session: Session, workflow_id: str, principal: Principal) -> Workflow:
+    canonical = _canonical_id(workflow_id)
+    workflow = None
+    if canonical is not None:
+        workflow = manager.get_workflow(session, canonical, principal.account_id)
+    if workflow is None:
+        raise _not_found("workflow", workflow_id)
+    return workflow
+
+
+def _own_runner(session: Session, runner_id: str, principal: Principal) -> Runner:
+    canonical = _canonical_id(runner_id)
+    runner = None
+    if canonical is not None:
+        runner = manager.get_runner(session, canonical, principal.account_id)
+    if runner is None:
+        raise _not_found("runner", runner_id)
+    return runner
+
+
+def _not_cancellable(workflow_id: str, current: str) -> ApiError:
+    if current in TERMINAL:
+        why = "only queued or running workflows can be cancelled"
+    else:
+        why = "it can be cancelled once it is queued"
+    return ApiError(400, f"workflow {workflow_id} is {current}: {why}")
+
+
+# --- /v1 ----------------------------------------------------------------------------------
+
+v1 = APIRouter(prefix="/v1", responses=ERRORS)
+
+SUBMIT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "workflow_json"],
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 200},
+                        "workflow_json": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "A file with the ComfyUI API-format prompt.",
+                        },
+                        "tags": {
+                            "type": "string",
+                            "description": "Comma-separated, or repeat the field; at most 10.",
+                        },
+                    },
+                }
+            },
+            "application/json": {"schema": WorkflowSubmission.model_json_schema()},
+        },
+    }
+}
+
+
+@v1.post("/workflow", response_model=WorkflowView, openapi_extra=SUBMIT_BODY)
+def submit_workflow(
+    principal: Caller,
+    submission: Annotated[WorkflowSubmission, Depends(read_submission)],
+    db: DB,
+) -> WorkflowView:
+    """Accept a workflow and hand it to the runner queue (200, status ``accepted``)."""
+    with db.transaction() as session:
+        workflow = manager.create_workflow(
+            session,
+            principal.account_id,
+            name=submission.name,
+            workflow_json=submission.workflow_json,
+            tags=submission.tags,
+        )
+    assert workflow.runner_task_id is not None  # create_workflow always assigns one
+    try:
+        tasks.publish_run(workflow.id, workflow.runner_task_id)
+    except PUBLISH_ERRORS as exc:
+        log.warning("workflow %s not dispatched: %s: %s", workflow.id, type(exc).__name__, exc)
+        with db.transaction() as session:
+            status.fail(
+                session,
+                workflow.id,
+                exception_type="DispatchError",
+                exception_message=f"the runner queue was unreachable: {type(exc).__name__}",
+                by=status.Actor(CancelSource.API.value, principal.actor),
+            )
+        raise ApiError(
+            500,
+            f"workflow {workflow.id} could not be handed to the runner queue; submit again",
+        ) from exc
+    return WorkflowView.of(workflow)
+
+
+@v1.get("/workflow/{workflow_id}", response_model=WorkflowView)
+def get_workflow(workflow_id: str, principal: Caller, db: DB) -> WorkflowView:
+    with db.transaction() as session:
+        return WorkflowView.of(_own_workflow(session, workflow_id, principal))
+
+
+@v1.get("/workflow", response_model=WorkflowList)
+def list_workflows(
+    principal: Caller,
+    db: DB,
+    page: Annotated[int, Query(ge=1)] = 1,
+    per_page: Annotated[int, Query(ge=1, le=100)] = 20,
+    status_filter: Annotated[WorkflowStatus | None, Query(alias="status")] = None,
+) -> WorkflowList:
+    """The caller's workflows, newest first; cancelled ones stay in the history."""
+    with db.transaction() as session:
+        rows, total = manager.list_workflows(
+            session,
+            principal.account_id,
+            page=page,
+            per_page=per_page,
+            status=status_filter.value if status_filter else None,
+        )
+        return WorkflowList(workflows=[WorkflowView.of(w) for w in rows], total=total)
+
+
+@v1.post(
+    "/workflow/{workflow_id}/cancel",
+    response_class=Response,
+    responses={200: {"description": "Cancel accepted; the body is empty."}},
+)
+def cancel_workflow(
+    workflow_id: str, principal: Caller, db: DB, body: CancelRequest | None = None
+) -> Response:
+    """Request the cancel of a queued or running workflow (DESIGN.md, "Flow of one cancel").
+
+    The request is committed before it is published, so a lost message loses no cancel:
+    the sweep re-publishes open requests. A repeat while it is in flight is accepted again.
+    """
+    by = status.Actor(CancelSource.API.value, principal.actor, body.reason if body else None)
+    with db.transaction() as session:
+        workflow = _own_workflow(session, workflow_id, principal)
+        if workflow.status not in CANCELLABLE:
+            raise _not_cancellable(workflow.id, workflow.status)
+        if not status.request_cancel(session, workflow.id, by):
+            # It finished between the read and the write (possible on PostgreSQL).
+            session.refresh(workflow)
+            raise _not_cancellable(workflow.id, workflow.status)
+    try:
+        tasks.publish_cancels([workflow.id], by)
+    except PUBLISH_ERRORS as exc:
+        log.warning("cancel of %s recorded, not published: %s: %s",
+                    workflow.id, type(exc).__name__, exc)
+        raise ApiError(
+            500,
+            "the cancel request is recorded but could not be handed to the cancel queue; "
+            "retrying is safe",
+        ) from exc
+    try:
+        with db.transaction() as session:
+            status.mark_cancel_published(session, [workflow.id])
+    except DATABASE_ERRORS as exc:
+        # The message is on its way; without the mark the sweep merely publishes it again.
+        log.warning("cancel of %s published but not marked: %s", workflow.id, exc)
+    return Response(status_code=200)
+
+
+@v1.post("/runner", response_model=RunnerView)
+def add_runner(principal: Caller, db: DB, body: RunnerCreate) -> RunnerView:
+    with db.transaction() as session:
+        runner = manager.add_runner(
+            session,
+            principal.account_id,
+            name=body.name,
+            endpoint_url=body.endpoint_url,
+            headers=body.headers,
+            tags=body.tags,
+            status=body.status.value,
+        )
+        return RunnerView.of(runner)
+
+
+@v1.get("/runner", response_model=list[RunnerView])
+def list_runners(principal: Caller, db: DB) -> list[RunnerView]:
+    with db.transaction() as session:
+        return [RunnerView.of(r) for r in manager.list_runners(session, principal.account_id)]
+
+
+@v1.get("/runner/{runner_id}", response_model=RunnerView)
+def get_runner(runner_id: str, principal: Caller, db: DB) -> RunnerView:
+    with db.transaction() as session:
+        return RunnerView.of(_own_runner(session, runner_id, principal))
+
+
+@v1.put("/runner/{runner_id}", response_model=RunnerView)
+def update_runner(runner_id: str, principal: Caller, db: DB, body: RunnerUpdate) -> RunnerView:
+    """Change the fields given; ``headers``, when given, replaces the whole map."""
+    with db.transaction() as session:
+        runner = _own_runner(session, runner_id, principal)
+        return RunnerView.of(manager.update_runner(session, runner, body.changes()))
+
+
+# --- health -------------------------------------------------------------------------------
+
+health = APIRouter()
+
+
+@health.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up (no dependencies checked)."""
+    return {"status": "ok"}
+
+
+@health.get("/readyz", responses={503: {"description": "the database or Redis is unreachable"}})
+def readyz(request: Request, db: DB) -> JSONResponse:
+    """Ready to serve: the database answers ``SELECT 1`` and Redis answers ``PING``."""
+    checks: dict[str, str] = {}
+    try:
+        with db.transaction() as session:
+            manager.ping(session)
+        checks["database"] = "ok"
+    except Exception as exc:  # any failure means not ready; the details go to the log only
+        log.warning("readyz: database: %s", exc)
+        checks["database"] = f"unreachable ({type(exc).__name__})"
+    try:
+        request.app.state.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        log.warning("readyz: redis: %s", exc)
+        checks["redis"] = f"unreachable ({type(exc).__name__})"
+    failed = [name for name, result in checks.items() if result != "ok"]
+    if not failed:
+        return JSONResponse(checks)
+    message = f"not ready: {' and '.join(failed)} unreachable; see the server log"
+    return JSONResponse({"status": 503, "message": message, **checks}, status_code=503)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+async def _api_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.code, exc.message, exc.headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    # 400, not FastAPI's 422: the contract has one code for a request the client must fix.
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return error_response(
+            400, f"the body is not valid JSON ({detail}); fix it and send it again"
+        )
+    # ("body", "name") names a field of the body, ("query", "per_page") a query parameter.
+    where, *field = first.get("loc") or ("body",)
+    msg = first.get("msg", "")
+    if not field:
+        return error_response(400, f"invalid {where}: {msg}")
+    kind = "query parameter " if where == "query" else ""
+    return error_response(400, f"invalid {kind}{field_message(tuple(field), msg)}")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; see /docs for the API"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}; see /docs for the API"
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, message, getattr(exc, "headers", None))
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    # The driver's error only: SQLAlchemy's own text would add the statement's parameters.
+    cause = getattr(exc, "orig", None) or exc
+    log.error("database unavailable on %s %s: %s", request.method, request.url.path, cause)
+    return error_response(
+        500, "the database is unavailable right now; retrying in a moment is safe"
+    )
+
+
+class CatchAll:
+    """Answers an unexpected exception with a generic 500 body and logs it once.
+
+    Starlette's own catch-all re-raises after answering, which logs every traceback twice;
+    this middleware ends the exception here.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = error_response(
+                500, "an unexpected error occurred on the server; try again later, and tell "
+                "the operator if it persists"
+            )
+            await response(scope, receive, send)
+
+
+# --- the app ------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API on the given settings (default: the environment's).
+
+    Publishing goes through the process's Celery app (:mod:`comfy_cancel.worker`), which
+    is configured from the environment's settings, not from ``settings``.
+    """
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="comfy-cancel",
+        version="0.1.0",
+        description="Submit ComfyUI workflows, follow them, and cancel them.",
+    )
+    app.state.settings = settings
+    app.state.db = Database.from_url(settings.database_url)
+    # Neither connects until first used; short timeouts keep /readyz fast when Redis is down.
+    app.state.redis = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2, socket_timeout=2
+    )
+    app.include_router(v1)
+    app.include_router(health)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for error in DATABASE_ERRORS:
+        app.add_exception_handler(error, _database_error)
+    app.add_middleware(CatchAll)
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # ``comfy_cancel.api:app`` for uvicorn, built on first access rather than at import,
+    # so importing this module never reads settings or opens anything.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

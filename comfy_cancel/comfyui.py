@@ -1,0 +1,527 @@
+"""The runner's client for one ComfyUI server: HTTP calls and the WebSocket event stream.
+
+It speaks ComfyUI's API as ``COMFYUI_API.md`` describes it and nothing else, so it
+drives a real ComfyUI server and the simulated one (:mod:`comfy_cancel.sim_comfyui`)
+alike. The runner's extra headers go on every call, the WebSocket included.
+
+Cancelling never uses a bare ``POST /interrupt``: on a shared server that stops
+whatever runs, possibly another workflow's prompt. :meth:`ComfyUIClient.cancel`
+prefers the jobs API (``POST /api/jobs/{id}/cancel``, newer ComfyUI) and falls
+back to removing the prompt from the pending queue, then the targeted interrupt
+(``{"prompt_id": ...}``, ComfyUI v0.3.56 and later).
+
+The client does not retry: each method makes its calls once and raises
+:class:`ComfyUIError` when the server is unreachable or answers something
+unexpected. Retry policy belongs to the caller. One :class:`ComfyUIClient` may be
+shared by threads; one :class:`EventStream` is read by one thread at a time (and
+closed from any).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.sync.client import ClientConnection, connect
+
+log = logging.getLogger(__name__)
+
+# Statuses a WebSocket reconnect cannot fix by waiting.
+_FATAL_WS_STATUSES = frozenset({400, 401, 403, 404})
+# websockets 17 warns unless asked for a plain connection; older releases lack the flag.
+_WS_LEGACY: dict[str, Any] = (
+    {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+)
+
+
+class ComfyUIError(Exception):
+    """ComfyUI was unreachable or gave an unexpected answer; the message says which URL
+    and what happened. ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class PromptRejected(ComfyUIError):
+    """``POST /prompt`` answered 400: the prompt failed ComfyUI's validation."""
+
+    def __init__(self, url: str, error: dict[str, Any], node_errors: dict[str, Any]) -> None:
+        super().__init__(_describe_rejection(url, error, node_errors), url=url, status=400)
+        self.error = error
+        self.node_errors = node_errors
+
+
+@dataclass(frozen=True)
+class Submitted:
+    prompt_id: str
+    number: int
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """Prompt ids in ComfyUI's queue; ``pending`` in the order they will run."""
+
+    running: list[str]
+    pending: list[str]
+
+    def contains(self, prompt_id: str) -> bool:
+        return prompt_id in self.running or prompt_id in self.pending
+
+    def is_running(self, prompt_id: str) -> bool:
+        return prompt_id in self.running
+
+    def position(self, prompt_id: str) -> int | None:
+        """How many pending prompts run before this one (0: it runs next), or None
+        when it is not pending."""
+        try:
+            return self.pending.index(prompt_id)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One WebSocket event. Besides ComfyUI's types, :class:`EventStream` makes two:
+    ``reconnected`` (events may have been missed: reconcile from ``/queue`` and
+    ``/history``) and ``closed`` (the stream was closed by :meth:`EventStream.close`)."""
+
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def prompt_id(self) -> str | None:
+        value = self.data.get("prompt_id")
+        return value if isinstance(value, str) else None
+
+
+RECONNECTED = "reconnected"
+CLOSED = "closed"
+
+
+class ComfyUIClient:
+    """HTTP calls to one ComfyUI server. ``base_url`` is the server's root
+    (``http://host:8188``, or a proxy path in front of it)."""
+
+    def __init__(
+        self, base_url: str, headers: Mapping[str, str] | None = None, timeout: float = 10.0
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._headers = dict(headers or {})
+        self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout)
+        # None until the first cancel tells whether the server has the jobs API.
+        self._jobs_api: bool | None = None
+
+    @property
+    def jobs_api_supported(self) -> bool | None:
+        """Whether the server has ``/api/jobs/.../cancel``; None until a cancel found out."""
+        return self._jobs_api
+
+    # ------------------------------------------------------------------ calls
+
+    def system_stats(self) -> dict[str, Any]:
+        """A cheap health check: the server's versions and devices."""
+        return _expect_dict(self._call("GET", "/system_stats"))
+
+    def submit(
+        self, prompt: dict[str, Any], client_id: str, prompt_id: str | None = None
+    ) -> Submitted:
+        """Queue ``prompt``; events about it go to the WebSocket of ``client_id``.
+        Raises :class:`PromptRejected` when ComfyUI's validation refuses it."""
+        body: dict[str, Any] = {"prompt": prompt, "client_id": client_id}
+        if prompt_id is not None:
+            body["prompt_id"] = prompt_id
+        response = self._send("POST", "/prompt", body)
+        if response.status_code == 400:
+            answer = _json_or_none(response)
+            if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+                node_errors = answer.get("node_errors")
+                raise PromptRejected(
+                    str(response.request.url),
+                    answer["error"],
+                    node_errors if isinstance(node_errors, dict) else {},
+                )
+        answer = _expect_dict(self._checked(response))
+        try:
+            return Submitted(prompt_id=str(answer["prompt_id"]), number=int(answer["number"]))
+        except (KeyError, TypeError, ValueError):
+            raise _unexpected(response, "no prompt_id and number in the answer") from None
+
+    def queue(self) -> QueueState:
+        answer = _expect_dict(self._call("GET", "/queue"))
+        return QueueState(
+            running=[item[1] for item in _queue_items(answer.get("queue_running"))],
+            pending=[item[1] for item in _queue_items(answer.get("queue_pending"))],
+        )
+
+    def delete_pending(self, prompt_ids: Sequence[str]) -> None:
+        """Remove these prompts from the pending queue; never touches the running one."""
+        if prompt_ids:
+            self._call("POST", "/queue", {"delete": list(prompt_ids)})
+
+    def interrupt(self, prompt_id: str) -> None:
+        """Interrupt ``prompt_id`` if, and only if, it is the prompt running."""
+        # An empty id would make ComfyUI interrupt whatever runs.
+        _require_id(prompt_id)
+        self._call("POST", "/interrupt", {"prompt_id": prompt_id})
+
+    def cancel(self, prompt_id: str) -> None:
+        """Cancel ``prompt_id`` wherever it is: removed if pending, interrupted if
+        running, nothing if it already finished. Idempotent."""
+        _require_id(prompt_id)
+        if self._jobs_api is not False:
+            response = self._send("POST", f"/api/jobs/{quote(prompt_id, safe='')}/cancel", {})
+            if not self._jobs_api_missing(response):
+                self._checked(response)
+                self._jobs_api = True
+                return
+        # Delete first: a prompt still pending cannot then start between the two calls,
+        # and one already running is caught by the targeted interrupt.
+        self.delete_pending([prompt_id])
+        self.interrupt(prompt_id)
+
+    def cancel_many(self, prompt_ids: Sequence[str]) -> None:
+        """:meth:`cancel` for several prompts, in as few calls as the server allows."""
+        ids = list(prompt_ids)
+        for prompt_id in ids:
+            _require_id(prompt_id)
+        if not ids:
+            return
+        if self._jobs_api is not False:
+            response = self._send("POST", "/api/jobs/cancel", {"job_ids": ids})
+            if not self._jobs_api_missing(response):
+                self._checked(response)
+                self._jobs_api = True
+                return
+        self.delete_pending(ids)
+        # After the delete none of them can start, so whichever of them runs now is
+        # the only one left to interrupt.
+        for prompt_id in self.queue().running:
+            if prompt_id in ids:
+                self.interrupt(prompt_id)
+
+    def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The history entry of ``prompt_id``, or None while ComfyUI has none (queued,
+        running, or unknown). Read it after ``executing`` with ``node: null``."""
+        _require_id(prompt_id)
+        answer = _expect_dict(self._call("GET", f"/history/{quote(prompt_id, safe='')}"))
+        entry = answer.get(prompt_id)
+        return entry if isinstance(entry, dict) else None
+
+    def watch(self, client_id: str, *, reconnect_timeout: float = 30.0) -> EventStream:
+        """Open the event stream of ``client_id`` (submit with the same id).
+        Raises :class:`ComfyUIError` if the WebSocket cannot be opened."""
+        parts = urlsplit(self.base_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        path = parts.path.rstrip("/") + "/ws"
+        url = urlunsplit((scheme, parts.netloc, path, f"clientId={quote(client_id)}", ""))
+        return EventStream(
+            url, self._headers, open_timeout=self.timeout, reconnect_timeout=reconnect_timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ComfyUIClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        url = self.base_url + path
+        try:
+            return self._http.request(method, path, json=body)
+        except httpx.TimeoutException:
+            raise ComfyUIError(
+                f"ComfyUI at {url} did not answer within {self.timeout:g} s", url=url
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ComfyUIError(f"ComfyUI at {url} is unreachable: {exc}", url=url) from None
+
+    def _call(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        return self._checked(self._send(method, path, body))
+
+    @staticmethod
+    def _checked(response: httpx.Response) -> httpx.Response:
+        if response.is_success:
+            return response
+        hint = " (check the runner's extra headers)" if response.status_code in (401, 403) else ""
+        raise _unexpected(response, f"HTTP {response.status_code}{hint}")
+
+    def _jobs_api_missing(self, response: httpx.Response) -> bool:
+        if response.status_code in (404, 405):
+            log.info("%s has no jobs API; cancelling by queue delete and interrupt", self.base_url)
+            self._jobs_api = False
+            return True
+        return False
+
+
+class EventStream:
+    """ComfyUI's event WebSocket for one client id.
+
+    :meth:`next_event` returns the next event, or None on timeout; binary frames
+    (previews) are skipped. When the socket drops it reconnects with backoff for
+    up to ``reconnect_timeout`` seconds, then returns ``Event("reconnected", {})``:
+    events may have been missed, so the caller reconciles from ``/queue`` and
+    ``/history``. If it cannot reconnect it raises :class:`ComfyUIError`.
+
+    :meth:`close` may be called from another thread: a :meth:`next_event` in
+    progress (reconnecting included) then returns ``Event("closed", {})``, and so
+    does every later call.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        open_timeout: float = 10.0,
+        reconnect_timeout: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.reconnect_timeout = reconnect_timeout
+        self._headers = dict(headers or {})
+        self._open_timeout = open_timeout
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._ws: ClientConnection | None = self._open(open_timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def next_event(self, timeout: float) -> Event | None:
+        """Wait up to ``timeout`` seconds for an event. A reconnect can take longer,
+        up to ``reconnect_timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ws = self._ws
+            if ws is None or self._closed.is_set():
+                return Event(CLOSED, {})
+            try:
+                message = ws.recv(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return None
+            except ConnectionClosed:
+                if self._closed.is_set():
+                    return Event(CLOSED, {})
+                log.info("WebSocket %s dropped; reconnecting", self.url)
+                return self._reconnect()
+            if isinstance(message, str):
+                event = _parse_event(message)
+                if event is not None:
+                    return event
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            ws = self._ws
+        if ws is not None:
+            try:
+                ws.close()
+            except Exception as exc:  # closing a dead socket has nothing left to report
+                log.debug("closing %s: %s", self.url, exc)
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _reconnect(self) -> Event:
+        started = time.monotonic()
+        delay = 0.1
+        last_error: ComfyUIError | None = None
+        while True:
+            remaining = self.reconnect_timeout - (time.monotonic() - started)
+            if remaining <= 0:
+                raise ComfyUIError(
+                    f"Lost the ComfyUI event stream {self.url} and could not reconnect within "
+                    f"{self.reconnect_timeout:g} s: {last_error}",
+                    url=self.url,
+                    status=last_error.status if last_error else None,
+                )
+            try:
+                ws = self._open(min(self._open_timeout, remaining))
+            except ComfyUIError as exc:
+                if exc.status in _FATAL_WS_STATUSES:
+                    raise
+                last_error = exc
+            else:
+                with self._lock:
+                    if not self._closed.is_set():
+                        self._ws = ws
+                        return Event(RECONNECTED, {})
+                ws.close()
+                return Event(CLOSED, {})
+            # Waiting on the close flag lets close() cut the backoff short.
+            if self._closed.wait(min(delay, max(0.0, remaining))):
+                return Event(CLOSED, {})
+            delay = min(delay * 2, 2.0)
+
+    def _open(self, timeout: float) -> ClientConnection:
+        try:
+            return connect(
+                self.url,
+                additional_headers=self._headers,
+                open_timeout=timeout,
+                close_timeout=2.0,
+                max_size=None,  # preview images arrive as large binary frames
+                **_WS_LEGACY,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            hint = " (check the runner's extra headers)" if status in (401, 403) else ""
+            raise ComfyUIError(
+                f"ComfyUI refused the WebSocket {self.url}: HTTP {status}{hint}",
+                url=self.url,
+                status=status,
+            ) from None
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            raise ComfyUIError(
+                f"Cannot open the ComfyUI WebSocket {self.url}: {exc or type(exc).__name__}",
+                url=self.url,
+            ) from None
+
+
+# ---------------------------------------------------------------------- history helpers
+
+
+def outputs_from_history(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """``{node_id: {"images": [{"filename", "subfolder", "type"}, ...]}}`` of a history
+    entry. ``type`` is ``output`` for saved images and ``temp`` for previews."""
+    outputs = entry.get("outputs")
+    return dict(outputs) if isinstance(outputs, dict) else {}
+
+
+def error_from_history(entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Where and why the prompt failed (``error_node``, ``node_type``,
+    ``exception_type``, ``exception_message``), or None if it did not fail."""
+    for event, data in reversed(_messages(entry)):
+        if event == "execution_error":
+            message = data.get("exception_message")
+            return {
+                "error_node": data.get("node_id"),
+                "node_type": data.get("node_type"),
+                "exception_type": data.get("exception_type"),
+                "exception_message": message.strip() if isinstance(message, str) else message,
+            }
+    return None
+
+
+def was_interrupted(entry: Mapping[str, Any]) -> bool:
+    """True when the prompt was interrupted (its messages end with
+    ``execution_interrupted``)."""
+    messages = _messages(entry)
+    return bool(messages) and messages[-1][0] == "execution_interrupted"
+
+
+def _messages(entry: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    status = entry.get("status")
+    raw = status.get("messages") if isinstance(status, dict) else None
+    messages: list[tuple[str, dict[str, Any]]] = []
+    for item in raw if isinstance(raw, list) else []:
+        if isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[1], dict):
+            messages.append((str(item[0]), item[1]))
+    return messages
+
+
+# ---------------------------------------------------------------------- parsing
+
+
+def _require_id(prompt_id: str) -> None:
+    if not isinstance(prompt_id, str) or not prompt_id:
+        raise ValueError("a prompt id is required")
+
+
+def _parse_event(text: str) -> Event | None:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        log.debug("skipping a WebSocket frame that is not JSON: %.80s", text)
+        return None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return None
+    data = message.get("data")
+    return Event(message["type"], data if isinstance(data, dict) else {})
+
+
+def _queue_items(raw: Any) -> list[list[Any]]:
+    """Queue items ``[number, prompt_id, ...]`` sorted by number: ComfyUI lists its
+    pending heap in heap order, not in the order it will run."""
+    items = [
+        item
+        for item in (raw if isinstance(raw, list) else [])
+        if isinstance(item, list)
+        and len(item) >= 2
+        and isinstance(item[0], int | float)
+        and isinstance(item[1], str)
+    ]
+    return sorted(items, key=lambda item: item[0])
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _expect_dict(response: httpx.Response) -> dict[str, Any]:
+    answer = _json_or_none(response)
+    if not isinstance(answer, dict):
+        raise _unexpected(response, "the answer is not a JSON object")
+    return answer
+
+
+def _unexpected(response: httpx.Response, what: str) -> ComfyUIError:
+    url = str(response.request.url)
+    body = response.text.strip()[:200]
+    detail = f": {body}" if body else ""
+    return ComfyUIError(
+        f"Unexpected answer from ComfyUI at {response.request.method} {url}: {what}{detail}",
+        url=url,
+        status=response.status_code,
+    )
+
+
+def _describe_rejection(url: str, error: Mapping[str, Any], node_errors: Mapping[str, Any]) -> str:
+    lines = [f"ComfyUI at {url} rejected the prompt: {error.get('message', 'invalid prompt')}"]
+    details = error.get("details")
+    if details and not node_errors:
+        lines[0] += f" ({details})"
+    for node_id, node_error in node_errors.items():
+        if not isinstance(node_error, dict):
+            continue
+        for reason in node_error.get("errors") or []:
+            if isinstance(reason, dict):
+                lines.append(
+                    f"node {node_id} ({node_error.get('class_type', '?')}): "
+                    f"{reason.get('message', '')}: {reason.get('details', '')}"
+                )
+    return "\n".join(lines)

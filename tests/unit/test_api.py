@@ -1,0 +1,649 @@
+"""The HTTP API against a migrated SQLite file and Celery's in-memory broker."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import fakeredis
+import kombu.pools
+import pytest
+from fastapi import Depends
+from fastapi.testclient import TestClient
+
+from comfy_cancel import api, manager, tasks
+from comfy_cancel.config import Settings
+from comfy_cancel.db import Database, engine_for
+from comfy_cancel.manager import Principal
+from comfy_cancel.migrations import upgrade
+from comfy_cancel.models import EventKind, Workflow, WorkflowStatus, utcnow
+from tests.helpers import TINY_PROMPT, seed_workflow
+
+S = WorkflowStatus
+worker_app = tasks.app  # the Celery app of comfy_cancel.worker (imported via tasks)
+UNREACHABLE = "redis://127.0.0.1:1/0"
+PUBLISH_FAILED = (
+    "the cancel request is recorded but could not be handed to the cancel queue; "
+    "retrying is safe"
+)
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    client: TestClient
+    db: Database
+    app: Any
+
+    def token(self, account: str = "acme", *, operator: bool = False, days: float | None = None
+              ) -> str:
+        with self.db.transaction() as session:
+            acc = manager.get_or_create_account(session, account)
+            expires = utcnow() + timedelta(days=days) if days is not None else None
+            return manager.create_token(session, acc, operator=operator, expires_at=expires)
+
+    def auth(self, account: str = "acme", **kwargs: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(account, **kwargs)}"}
+
+    def account_id(self, account: str = "acme") -> int:
+        with self.db.transaction() as session:
+            return manager.get_or_create_account(session, account).id
+
+    def runner_id(self, account: str = "acme") -> str:
+        with self.db.transaction() as session:
+            acc = manager.get_or_create_account(session, account)
+            return manager.add_runner(session, acc.id, name="r", endpoint_url="http://127.0.0.1:1").id
+
+    def workflow(self, to: S = S.ACCEPTED, account: str = "acme") -> str:
+        return seed_workflow(self.db, self.account_id(account), self.runner_id(account), to)
+
+    def row(self, workflow_id: str) -> Workflow:
+        with self.db.transaction() as session:
+            workflow = manager.get_workflow(session, workflow_id)
+            assert workflow is not None
+            return workflow
+
+
+def _reset_broker_pools() -> None:
+    # Celery keeps its connection and producer pools across a change of broker_url, and
+    # has no public call that drops them: without this, the next publish would still go
+    # to the previous broker.
+    kombu.pools.reset()  # kombu's registry would hand the closed pools back otherwise
+    worker_app._pool = None
+    worker_app.amqp._producer_pool = None
+
+
+@pytest.fixture
+def broker() -> Iterator[Any]:
+    """Celery publishing into kombu's in-process memory transport; yields a queue reader."""
+    conf = worker_app.conf
+    saved = {k: conf[k] for k in ("broker_url", "broker_connection_retry",
+                                  "broker_connection_max_retries", "broker_transport_options")}
+    conf.broker_url = "memory://"
+    _reset_broker_pools()
+
+    def drain(queue: str) -> list[tuple[str, str, list[Any]]]:
+        """(task id, task name, args) of every message waiting on ``queue``, removing them."""
+        found = []
+        with worker_app.connection_for_read() as conn:
+            simple = conn.SimpleQueue(queue)
+            while True:
+                try:
+                    message = simple.get(block=False)
+                except simple.Empty:
+                    break
+                found.append((message.headers["id"], message.headers["task"],
+                              message.payload[0]))
+                message.ack()
+            simple.close()
+        return found
+
+    for queue in ("cancel", "runner"):
+        drain(queue)
+    yield drain
+    conf.update(saved)
+    _reset_broker_pools()
+
+
+@pytest.fixture
+def broker_down(broker: Any) -> None:
+    """Publishing against a Redis nobody listens on, failing fast."""
+    conf = worker_app.conf
+    conf.broker_url = UNREACHABLE
+    conf.broker_connection_retry = False
+    conf.broker_connection_max_retries = 0
+    conf.broker_transport_options = {
+        "max_retries": 0, "socket_connect_timeout": 0.5, "socket_timeout": 0.5
+    }
+    _reset_broker_pools()
+
+
+def _make_env(url: str) -> Iterator[Env]:
+    app = api.create_app(Settings(database_url=url, redis_url=UNREACHABLE))
+    with TestClient(app) as client:
+        yield Env(client, app.state.db, app)
+    app.state.db.engine.dispose()
+    engine_for.cache_clear()
+
+
+@pytest.fixture
+def env(tmp_path: Path, broker: Any) -> Iterator[Env]:
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    upgrade(url)
+    yield from _make_env(url)
+
+
+def _error(response: Any, code: int) -> str:
+    assert response.status_code == code, response.text
+    body = response.json()
+    assert set(body) == {"status", "message"}, body
+    assert body["status"] == code
+    assert "Traceback" not in body["message"]
+    return str(body["message"])
+
+
+def _files(name: str = "wf", prompt: Any = TINY_PROMPT, tags: str | list[str] | None = None
+           ) -> dict[str, Any]:
+    raw = prompt if isinstance(prompt, bytes) else json.dumps(prompt).encode()
+    data: dict[str, Any] = {"name": name}
+    if tags is not None:
+        data["tags"] = tags
+    return {"data": data, "files": {"workflow_json": ("prompt.json", raw, "application/json")}}
+
+
+# --- auth -----------------------------------------------------------------------------------
+
+
+def test_a_call_without_a_token_is_401(env: Env) -> None:
+    response = env.client.get("/v1/workflow")
+    assert "Authorization: Bearer" in _error(response, 401)
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert _error(env.client.get("/v1/workflow", headers={"Authorization": "Basic eA=="}), 401)
+
+
+@pytest.mark.parametrize("token", ["cfc_not-a-real-token", "something-else"])
+def test_an_unknown_token_is_401(env: Env, token: str) -> None:
+    response = env.client.get("/v1/workflow", headers={"Authorization": f"Bearer {token}"})
+    assert "unknown or expired" in _error(response, 401)
+
+
+def test_an_expired_token_is_401_and_a_valid_one_is_not(env: Env) -> None:
+    expired = env.client.get("/v1/workflow", headers=env.auth(days=-1))
+    assert "unknown or expired" in _error(expired, 401)
+    assert env.client.get("/v1/workflow", headers=env.auth(days=1)).status_code == 200
+
+
+def test_operator_routes_refuse_customer_tokens(env: Env) -> None:
+    @env.app.get("/v1/admin/whoami")
+    def whoami(principal: Annotated[Principal, Depends(api.require_operator)]) -> dict[str, Any]:
+        return {"operator": principal.is_operator}
+
+    assert "operator token" in _error(
+        env.client.get("/v1/admin/whoami", headers=env.auth()), 403
+    )
+    ok = env.client.get("/v1/admin/whoami", headers=env.auth("ops", operator=True))
+    assert ok.json() == {"operator": True}
+
+
+# --- submit ---------------------------------------------------------------------------------
+
+
+def test_submit_the_products_multipart_form(env: Env, broker: Any) -> None:
+    response = env.client.post("/v1/workflow", headers=env.auth(),
+                               **_files("first", tags="gpu, sdxl"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "accepted"
+    assert body["name"] == "first"
+    assert body["tags"] == ["gpu", "sdxl"]
+    assert body["workflow_json"] == TINY_PROMPT
+    assert body["user_id"] == env.account_id()
+    assert body["cancel"] is None
+    row = env.row(body["id"])
+    assert broker("runner") == [(row.runner_task_id, "comfy_cancel.run_workflow", [row.id])]
+
+
+def test_submit_with_repeated_tag_fields(env: Env) -> None:
+    response = env.client.post("/v1/workflow", headers=env.auth(),
+                               **_files(tags=["a", "b,c"]))
+    assert response.json()["tags"] == ["a", "b", "c"]
+
+
+def test_submit_as_json(env: Env, broker: Any) -> None:
+    response = env.client.post(
+        "/v1/workflow",
+        headers=env.auth(),
+        json={"name": "j", "workflow_json": TINY_PROMPT, "tags": ["x"]},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["tags"] == ["x"]
+    assert len(broker("runner")) == 1
+
+
+UI_FORMAT = {"nodes": [{"id": 1, "type": "EmptyImage"}], "links": []}
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"workflow_json": TINY_PROMPT}, "name: Field required"),
+        ({"name": "", "workflow_json": TINY_PROMPT}, "name: String should have at least 1"),
+        ({"name": "n" * 201, "workflow_json": TINY_PROMPT}, "name: String should have at most"),
+        ({"name": "n"}, "workflow_json: Field required"),
+        ({"name": "n", "workflow_json": {}}, "workflow_json: must be a non-empty JSON object"),
+        ({"name": "n", "workflow_json": [1]}, "workflow_json: must be a non-empty JSON object"),
+        ({"name": "n", "workflow_json": {"1": {"inputs": {}}}}, "node '1' has no 'class_type'"),
+        ({"name": "n", "workflow_json": {"1": {"class_type": "X", "inputs": []}}},
+         "node '1' has no 'inputs' object"),
+        ({"name": "n", "workflow_json": {"1": 5}}, "node '1' is not an object"),
+        ({"name": "n", "workflow_json": UI_FORMAT}, "UI-format workflow"),
+        ({"name": "n", "workflow_json": TINY_PROMPT, "tags": [f"t{i}" for i in range(11)]},
+         "tags: Value should have at most 10 items"),
+        ({"name": "n", "workflow_json": TINY_PROMPT, "tags": ["x" * 101]},
+         "tags[0]: String should have at most 100"),
+    ],
+)
+def test_submit_refuses_invalid_bodies_naming_the_field(
+    env: Env, broker: Any, body: dict[str, Any], words: str
+) -> None:
+    response = env.client.post("/v1/workflow", headers=env.auth(), json=body)
+    assert words in _error(response, 400)
+    assert broker("runner") == []
+
+
+def test_submit_refuses_a_workflow_file_that_is_not_json(env: Env) -> None:
+    response = env.client.post("/v1/workflow", headers=env.auth(), **_files(prompt=b"{nope"))
+    assert "the workflow_json file is not valid JSON" in _error(response, 400)
+
+
+def test_submit_refuses_broken_json_and_other_media_types(env: Env) -> None:
+    broken = env.client.post("/v1/workflow", headers={**env.auth(), "Content-Type":
+                             "application/json"}, content=b'{"name": ')
+    assert "the body is not valid JSON" in _error(broken, 400)
+    text = env.client.post("/v1/workflow", headers={**env.auth(), "Content-Type": "text/plain"},
+                           content=b"hello")
+    assert "multipart/form-data" in _error(text, 415)
+
+
+def test_submit_with_the_broker_down_fails_the_workflow_and_says_so(
+    env: Env, broker_down: None
+) -> None:
+    response = env.client.post("/v1/workflow", headers=env.auth(), **_files("lost"))
+    message = _error(response, 500)
+    assert message.endswith("could not be handed to the runner queue; submit again")
+    workflow_id = re.search(r"workflow (\S+) could not", message).group(1)  # type: ignore[union-attr]
+    row = env.row(workflow_id)
+    assert row.status == S.FAILED
+    assert row.exception_type == "DispatchError"
+
+
+# --- get and list ---------------------------------------------------------------------------
+
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def test_get_shows_the_whole_workflow(env: Env) -> None:
+    workflow_id = env.workflow(S.RUNNING)
+    body = env.client.get(f"/v1/workflow/{workflow_id}", headers=env.auth()).json()
+    assert set(body) == {
+        "id", "user_id", "name", "status", "runner_id", "tags", "workflow_json", "prompt_id",
+        "queue_number", "outputs", "progress", "error_node", "exception_type",
+        "exception_message", "created_at", "updated_at", "started_at", "completed_at",
+        "cancel",
+    }
+    assert body["status"] == "running"
+    assert body["runner_id"] is not None
+    for field in ("created_at", "updated_at", "started_at"):
+        assert ISO_Z.match(body[field]), body[field]
+    assert body["completed_at"] is None
+    assert body["exception_type"] is None
+
+
+def test_get_shows_why_a_workflow_failed(env: Env) -> None:
+    body = env.client.get(f"/v1/workflow/{env.workflow(S.FAILED)}", headers=env.auth()).json()
+    assert (body["status"], body["exception_type"], body["exception_message"]) == (
+        "failed", "E", "boom"
+    )
+
+
+def test_unknown_malformed_and_foreign_ids_are_the_same_404(env: Env) -> None:
+    foreign = env.workflow(S.QUEUED, account="other")
+    unknown = "7d1c3f6e-0000-4000-8000-000000000000"
+    headers = env.auth()
+    messages = {
+        wid: _error(env.client.get(f"/v1/workflow/{wid}", headers=headers), 404)
+        for wid in (foreign, unknown, "not-a-uuid")
+    }
+    assert {m.replace(wid, "<id>") for wid, m in messages.items()} == {
+        "no workflow <id>: check the id (GET /v1/workflow lists yours)"
+    }
+
+
+def test_list_pages_through_the_callers_workflows_only(env: Env) -> None:
+    mine = [env.workflow() for _ in range(3)]
+    env.workflow(account="other")
+    headers = env.auth()
+    first = env.client.get("/v1/workflow?per_page=2", headers=headers).json()
+    second = env.client.get("/v1/workflow?per_page=2&page=2", headers=headers).json()
+    assert (first["total"], second["total"]) == (3, 3)
+    assert len(first["workflows"]) == 2 and len(second["workflows"]) == 1
+    seen = {w["id"] for w in first["workflows"] + second["workflows"]}
+    assert seen == set(mine)
+    beyond = env.client.get("/v1/workflow?page=9", headers=headers).json()
+    assert beyond == {"workflows": [], "total": 3}
+
+
+def test_list_filters_by_status(env: Env) -> None:
+    queued = env.workflow(S.QUEUED)
+    env.workflow(S.RUNNING)
+    cancelled = env.workflow(S.CANCELLED)
+    headers = env.auth()
+    body = env.client.get("/v1/workflow?status=queued", headers=headers).json()
+    assert [w["id"] for w in body["workflows"]] == [queued] and body["total"] == 1
+    history = env.client.get("/v1/workflow?status=cancelled", headers=headers).json()
+    assert [w["id"] for w in history["workflows"]] == [cancelled]
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("per_page=0", "invalid query parameter per_page"),
+        ("per_page=101", "invalid query parameter per_page: Input should be less than or equal"),
+        ("page=0", "invalid query parameter page"),
+        ("page=x", "invalid query parameter page"),
+        ("status=paused", "invalid query parameter status: Input should be 'accepted'"),
+    ],
+)
+def test_list_refuses_bad_paging_and_statuses(env: Env, query: str, words: str) -> None:
+    assert words in _error(env.client.get(f"/v1/workflow?{query}", headers=env.auth()), 400)
+
+
+# --- cancel ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", [S.QUEUED, S.RUNNING])
+def test_cancel_of_a_queued_or_running_workflow_is_200_and_published(
+    env: Env, broker: Any, start: S
+) -> None:
+    workflow_id = env.workflow(start)
+    response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth(),
+                               json={"reason": "changed my mind"})
+    assert response.status_code == 200
+    assert response.content == b""
+    row = env.row(workflow_id)
+    assert row.status == start  # the cancel worker, not the API, writes the status
+    assert row.cancel_requested_at is not None and row.cancel_published_at is not None
+    assert (row.cancel_source, row.cancel_reason) == ("api", "changed my mind")
+    assert row.cancel_actor is not None and row.cancel_actor.startswith("acme#token")
+    messages = broker("cancel")
+    assert [(name, args) for _, name, args in messages] == [
+        ("comfy_cancel.cancel_workflow",
+         [workflow_id, "api", row.cancel_actor, "changed my mind"])
+    ]
+    assert broker("runner") == []
+
+
+def test_cancel_without_a_body_is_fine(env: Env, broker: Any) -> None:
+    workflow_id = env.workflow(S.QUEUED)
+    response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth())
+    assert (response.status_code, response.content) == (200, b"")
+    [(_, _, args)] = broker("cancel")
+    assert args[0] == workflow_id and args[3] is None  # no reason given
+
+
+@pytest.mark.parametrize("start", [S.ACCEPTED, S.UPLOADED])
+def test_cancel_before_it_is_queued_is_400(env: Env, broker: Any, start: S) -> None:
+    workflow_id = env.workflow(start)
+    response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth())
+    assert _error(response, 400) == (
+        f"workflow {workflow_id} is {start.value}: it can be cancelled once it is queued"
+    )
+    assert env.row(workflow_id).cancel_requested_at is None
+    assert broker("cancel") == []
+
+
+@pytest.mark.parametrize("start", [S.COMPLETED, S.FAILED, S.CANCELLED])
+def test_cancel_of_a_finished_workflow_is_400_naming_its_status(
+    env: Env, broker: Any, start: S
+) -> None:
+    workflow_id = env.workflow(start)
+    response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth())
+    assert f"workflow {workflow_id} is {start.value}" in _error(response, 400)
+    assert broker("cancel") == []
+
+
+def test_cancel_of_another_accounts_or_a_malformed_id_is_404(env: Env, broker: Any) -> None:
+    foreign = env.workflow(S.RUNNING, account="other")
+    headers = env.auth()
+    for workflow_id in (foreign, "nope", "7d1c3f6e-0000-4000-8000-000000000000"):
+        response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=headers)
+        assert _error(response, 404).startswith(f"no workflow {workflow_id}:")
+    assert env.row(foreign).cancel_requested_at is None
+    assert broker("cancel") == []
+
+
+def test_cancel_needs_a_token(env: Env) -> None:
+    workflow_id = env.workflow(S.QUEUED)
+    _error(env.client.post(f"/v1/workflow/{workflow_id}/cancel"), 401)
+    assert env.row(workflow_id).cancel_requested_at is None
+
+
+def test_cancel_with_the_broker_down_is_500_and_the_intent_is_kept(
+    env: Env, broker_down: None
+) -> None:
+    workflow_id = env.workflow(S.RUNNING)
+    response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth())
+    assert _error(response, 500) == PUBLISH_FAILED
+    row = env.row(workflow_id)
+    assert row.cancel_requested_at is not None  # the sweep re-publishes it
+    assert row.cancel_published_at is None
+
+
+def test_a_repeated_cancel_is_200_keeps_the_first_request_and_audits_both(
+    env: Env, broker: Any
+) -> None:
+    workflow_id = env.workflow(S.RUNNING)
+    headers = env.auth()
+    url = f"/v1/workflow/{workflow_id}/cancel"
+    assert env.client.post(url, headers=headers, json={"reason": "first"}).status_code == 200
+    first = env.row(workflow_id).cancel_requested_at
+    assert env.client.post(url, headers=headers, json={"reason": "second"}).status_code == 200
+    row = env.row(workflow_id)
+    assert (row.cancel_requested_at, row.cancel_reason) == (first, "first")
+    with env.db.transaction() as session:
+        requests = [e for e in manager.events_of(session, workflow_id)
+                    if e.kind == EventKind.CANCEL_REQUESTED]
+    assert [e.reason for e in requests] == ["first", "second"]
+    assert len(broker("cancel")) == 2
+
+
+def test_the_cancel_request_shows_in_get(env: Env) -> None:
+    workflow_id = env.workflow(S.QUEUED)
+    headers = env.auth()
+    env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=headers,
+                    json={"reason": "too slow"})
+    body = env.client.get(f"/v1/workflow/{workflow_id}", headers=headers).json()
+    cancel = body["cancel"]
+    assert body["status"] == "queued"
+    assert (cancel["source"], cancel["reason"], cancel["outcome"], cancel["finished_at"]) == (
+        "api", "too slow", None, None
+    )
+    assert ISO_Z.match(cancel["requested_at"])
+    assert 0 <= cancel["age_seconds"] < 60
+
+
+def test_cancel_refuses_an_overlong_reason(env: Env) -> None:
+    workflow_id = env.workflow(S.QUEUED)
+    response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth(),
+                               json={"reason": "x" * 1001})
+    assert "reason: String should have at most 1000" in _error(response, 400)
+    assert env.row(workflow_id).cancel_requested_at is None
+
+
+# --- failures -------------------------------------------------------------------------------
+
+
+def test_an_unreachable_database_is_500_saying_a_retry_is_safe(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'missing-dir' / 'api.db'}"
+    for env in _make_env(url):
+        response = env.client.get("/v1/workflow", headers={"Authorization": "Bearer cfc_x"})
+        assert "retrying in a moment is safe" in _error(response, 500)
+
+
+def test_an_unexpected_error_is_a_generic_500_without_details(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("internal secret detail")
+
+    monkeypatch.setattr(manager, "list_workflows", explode)
+    response = env.client.get("/v1/workflow", headers=env.auth())
+    message = _error(response, 500)
+    assert "secret" not in message and "RuntimeError" not in message
+
+
+def test_unknown_routes_and_methods_get_the_error_body(env: Env) -> None:
+    assert "no route GET /v2/nothing" in _error(env.client.get("/v2/nothing"), 404)
+    assert "DELETE is not allowed" in _error(env.client.delete("/v1/workflow"), 405)
+
+
+def test_openapi_is_served(env: Env) -> None:
+    paths = env.client.get("/openapi.json").json()["paths"]
+    assert {"/v1/workflow", "/v1/workflow/{workflow_id}/cancel", "/v1/runner/{runner_id}"} <= set(
+        paths
+    )
+    assert "multipart/form-data" in paths["/v1/workflow"]["post"]["requestBody"]["content"]
+
+
+# --- runners --------------------------------------------------------------------------------
+
+
+def test_runners_crud_never_echo_header_values(env: Env) -> None:
+    headers = env.auth()
+    created = env.client.post("/v1/runner", headers=headers, json={
+        "name": "gpu-1",
+        "endpoint_url": "http://user:hunter2@10.0.0.5:8188/",
+        "headers": {"X-Api-Key": "s3cret-value"},
+        "tags": ["gpu"],
+    })
+    assert created.status_code == 200, created.text
+    runner = created.json()
+    assert "s3cret-value" not in created.text and "hunter2" not in created.text
+    assert runner["headers"] == {"X-Api-Key": "***"}
+    assert runner["endpoint_url"] == "http://user:***@10.0.0.5:8188"
+    assert (runner["status"], runner["tags"]) == ("active", ["gpu"])
+
+    listed = env.client.get("/v1/runner", headers=headers)
+    assert [r["id"] for r in listed.json()] == [runner["id"]]
+    assert "s3cret-value" not in listed.text
+
+    updated = env.client.put(f"/v1/runner/{runner['id']}", headers=headers,
+                             json={"status": "disabled", "tags": ["gpu", "big"]})
+    assert updated.status_code == 200, updated.text
+    assert (updated.json()["status"], updated.json()["tags"], updated.json()["name"]) == (
+        "disabled", ["gpu", "big"], "gpu-1"
+    )
+    fetched = env.client.get(f"/v1/runner/{runner['id']}", headers=headers)
+    assert fetched.json()["headers"] == {"X-Api-Key": "***"}
+    with env.db.transaction() as session:
+        stored = manager.get_runner(session, runner["id"])
+        assert stored is not None and stored.headers == {"X-Api-Key": "s3cret-value"}
+        assert stored.endpoint_url == "http://user:hunter2@10.0.0.5:8188"
+
+    replaced = env.client.put(f"/v1/runner/{runner['id']}", headers=headers,
+                              json={"headers": {"Authorization": "Bearer z"}})
+    assert replaced.json()["headers"] == {"Authorization": "***"}
+
+
+def test_runners_of_another_account_are_404(env: Env) -> None:
+    other = env.runner_id(account="other")
+    headers = env.auth()
+    for call in (env.client.get, lambda url, **kw: env.client.put(url, json={"name": "x"}, **kw)):
+        assert _error(call(f"/v1/runner/{other}", headers=headers), 404).startswith(
+            f"no runner {other}:"
+        )
+    assert env.client.get("/v1/runner", headers=headers).json() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"name": "r", "endpoint_url": "ftp://x"}, "endpoint_url: 'ftp://x' is not an http(s) URL"),
+        ({"name": "r", "endpoint_url": "http://"}, "endpoint_url"),
+        ({"name": "r", "endpoint_url": "http://h:99999"}, "endpoint_url"),
+        ({"name": "r", "endpoint_url": "http://h", "tags": list("abcdefghijk")}, "tags"),
+        ({"name": "r", "endpoint_url": "http://h", "status": "paused"}, "status"),
+        ({"name": "r", "endpoint_url": "http://h", "headers": {"X": "a\r\nEvil: 1"}},
+         "contains a line break"),
+        ({"name": "r", "endpoint_url": "http://h", "headers": {"bad name": "v"}},
+         "not a valid HTTP header name"),
+        ({"endpoint_url": "http://h"}, "name: Field required"),
+    ],
+)
+def test_runner_create_refuses_invalid_fields(env: Env, body: dict[str, Any], words: str) -> None:
+    assert words in _error(env.client.post("/v1/runner", headers=env.auth(), json=body), 400)
+
+
+def test_runner_update_refuses_nulls(env: Env) -> None:
+    headers = env.auth()
+    runner_id = env.client.post("/v1/runner", headers=headers, json={
+        "name": "r", "endpoint_url": "http://h:1"}).json()["id"]
+    response = env.client.put(f"/v1/runner/{runner_id}", headers=headers, json={"name": None})
+    assert "name cannot be null" in _error(response, 400)
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+def test_healthz_needs_no_token(env: Env) -> None:
+    assert env.client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_is_503_when_redis_is_unreachable(env: Env) -> None:
+    response = env.client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == 503 and "redis unreachable" in body["message"]
+    assert body["database"] == "ok" and body["redis"].startswith("unreachable")
+
+
+def test_readyz_is_200_when_both_answer(env: Env) -> None:
+    env.app.state.redis = fakeredis.FakeRedis()
+    response = env.client.get("/readyz")
+    assert (response.status_code, response.json()) == (200, {"database": "ok", "redis": "ok"})
+
+
+def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
+    for env in _make_env(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}"):
+        env.app.state.redis = fakeredis.FakeRedis()
+        response = env.client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["database"].startswith("unreachable")
+
+
+# --- the module-level app -------------------------------------------------------------------
+
+
+def test_the_module_level_app_is_built_on_first_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from comfy_cancel.config import get_settings
+
+    url = f"sqlite:///{tmp_path / 'lazy.db'}"
+    monkeypatch.setenv("COMFY_CANCEL_DATABASE_URL", url)
+    monkeypatch.setattr(api, "_app", None)
+    get_settings.cache_clear()
+    try:
+        app = api.app
+        assert app is api.app
+        assert app.state.settings.database_url == url
+    finally:
+        get_settings.cache_clear()
+        engine_for.cache_clear()

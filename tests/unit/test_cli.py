@@ -1,0 +1,270 @@
+"""The ``comfy-cancel`` command, run in-process against a SQLite file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+import comfy_cancel
+from comfy_cancel import cli, context, manager, tasks
+from comfy_cancel.config import Settings, get_settings
+from comfy_cancel.db import Database, engine_for
+from comfy_cancel.models import ApiToken, utcnow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _forget_process_state() -> None:
+    get_settings.cache_clear()
+    context.reset()
+    engine_for.cache_clear()
+
+
+@pytest.fixture
+def database_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    monkeypatch.setenv("COMFY_CANCEL_DATABASE_URL", url)
+    monkeypatch.setenv("COMFY_CANCEL_REDIS_URL", "redis://:hunter2@127.0.0.1:6390/0")
+    _forget_process_state()
+    yield url
+    _forget_process_state()
+
+
+@pytest.fixture
+def migrated(database_url: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert cli.main(["migrate"]) == 0
+    capsys.readouterr()
+    return database_url
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("comfy-cancel: error: ")
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0]
+
+
+# --- migrate and tokens ---------------------------------------------------------------------
+
+
+def test_commands_on_an_unmigrated_database_say_to_migrate(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "token", "create", "--account", "acme")
+    assert (code, out) == (1, "")
+    assert_one_line_error(err, "comfy-cancel migrate")
+    code, out, _ = run(capsys, "migrate")
+    assert code == 0 and "migrated" in out
+    assert run(capsys, "token", "create", "--account", "acme")[0] == 0
+
+
+def test_token_create_prints_a_token_that_authenticates(
+    migrated: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "token", "create", "--account", "acme")
+    assert code == 0
+    token = out.strip()
+    assert out == token + "\n" and token.startswith("cfc_")
+    assert "shown only once" in err and token not in err
+    with Database.from_url(migrated).transaction() as session:
+        principal = manager.authenticate(session, token)
+    assert principal is not None
+    assert (principal.account_name, principal.is_operator) == ("acme", False)
+
+
+def test_token_create_for_an_operator_with_an_expiry(
+    migrated: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "token", "create", "--account", "ops", "--operator",
+                       "--expires-in-days", "2")
+    assert code == 0
+    with Database.from_url(migrated).transaction() as session:
+        principal = manager.authenticate(session, out.strip())
+        assert principal is not None and principal.is_operator
+        [stored] = session.execute(select(ApiToken)).scalars().all()
+    assert stored.expires_at is not None
+    assert abs(stored.expires_at - (utcnow() + timedelta(days=2))) < timedelta(minutes=1)
+
+
+@pytest.mark.parametrize("days", ["0", "-1", "soon"])
+def test_token_create_refuses_a_bad_expiry(
+    migrated: str, capsys: pytest.CaptureFixture[str], days: str
+) -> None:
+    code, out, err = run(capsys, "token", "create", "--account", "a", "--expires-in-days", days)
+    assert (code, out) == (2, "")
+    assert_one_line_error(err, "--expires-in-days")
+
+
+# --- runners --------------------------------------------------------------------------------
+
+
+def test_runner_add_and_list(migrated: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "token", "create", "--account", "acme")
+    code, out, err = run(capsys, "runner", "add", "--account", "acme", "gpu-1",
+                         "http://10.0.0.5:8188/", "--tag", "gpu", "--tag", "sdxl",
+                         "--header", "X-Api-Key: s3cret")
+    assert code == 0, err
+    runner_id = out.strip()
+    with Database.from_url(migrated).transaction() as session:
+        runner = manager.get_runner(session, runner_id)
+        assert runner is not None
+        assert (runner.name, runner.endpoint_url, runner.tags, runner.headers) == (
+            "gpu-1", "http://10.0.0.5:8188", ["gpu", "sdxl"], {"X-Api-Key": "s3cret"}
+        )
+    code, out, _ = run(capsys, "runner", "list", "--account", "acme")
+    assert code == 0
+    assert runner_id in out and "X-Api-Key" in out and "s3cret" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "words"),
+    [
+        (["--account", "nobody", "r", "http://h:1"], 1, "no account 'nobody'"),
+        (["--account", "acme", "r", "ftp://h"], 1, "endpoint_url"),
+        (["--account", "acme", "r", "http://h:1", "--header", "NoColon"], 2, "--header"),
+        (["--account", "acme", "r", "http://h:1", *["--tag=t"] * 11], 1, "tags"),
+    ],
+)
+def test_runner_add_refuses_bad_input_in_one_line(
+    migrated: str, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, words: str
+) -> None:
+    run(capsys, "token", "create", "--account", "acme")
+    got, out, err = run(capsys, "runner", "add", *argv)
+    assert (got, out) == (code, "")
+    assert_one_line_error(err, words)
+
+
+def test_runner_list_of_an_unknown_account(
+    migrated: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "runner", "list", "--account", "ghost")
+    assert code == 1
+    assert_one_line_error(err, "no account 'ghost'", "token create --account ghost")
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_settings_lists_every_setting_and_masks_passwords(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "settings")
+    assert code == 0
+    assert "COMFY_CANCEL_REDIS_URL=redis://:***@127.0.0.1:6390/0" in out
+    assert "hunter2" not in out
+    assert f"COMFY_CANCEL_DATABASE_URL={database_url}" in out
+    for name, field in Settings.model_fields.items():
+        assert f"COMFY_CANCEL_{name.upper()}=" in out
+        assert (field.description or "").split()[0] in out
+
+
+def test_an_invalid_setting_is_one_line_naming_the_variable(
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMFY_CANCEL_API_PORT", "eighty")
+    get_settings.cache_clear()
+    code, _, err = run(capsys, "settings")
+    assert code == 1
+    assert_one_line_error(err, "COMFY_CANCEL_API_PORT")
+
+
+# --- command-line errors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["bogus"], [], ["token"], ["token", "create"]])
+def test_a_bad_command_line_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert_one_line_error(err, "--help")
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "migrate" in out and "sim-comfyui" in out
+
+
+def test_the_console_script_prints_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "COMFY_CANCEL_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "comfy_cancel.cli", "runner", "list", "--account", "acme"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "comfy-cancel migrate")
+
+
+# --- the process commands (their servers are not started) -----------------------------------
+
+
+def test_worker_starts_celery_with_the_chosen_queues(
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(tasks.app, "worker_main", calls.append)
+    assert run(capsys, "worker", "--queues", "cancel, runner", "--concurrency", "8")[0] == 0
+    assert calls == [["worker", "--queues=cancel,runner", "--loglevel=INFO", "--concurrency=8"]]
+    code, _, err = run(capsys, "worker", "--queues", "cancel,nope")
+    assert code == 1
+    assert_one_line_error(err, "unknown queue nope")
+    assert len(calls) == 1
+
+
+def test_beat_runs_with_a_schedule_file_in_a_writable_dir(
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    calls: list[list[str]] = []
+
+    def start(argv: list[str]) -> None:
+        calls.append(argv)
+
+    monkeypatch.setattr(tasks.app, "start", start)
+    schedule = tmp_path / "beat" / "schedule"
+    assert run(capsys, "beat", "--schedule", str(schedule))[0] == 0
+    assert calls == [["beat", f"--schedule={schedule}", "--loglevel=INFO"]]
+    assert schedule.parent.is_dir()
+
+
+def test_api_serves_the_app_on_the_given_address(
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    served: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
+    assert run(capsys, "api", "--port", "9001")[0] == 0
+    assert served == [{"host": "127.0.0.1", "port": 9001, "log_level": "info"}]
+
+
+def test_sim_comfyui_delegates_its_options(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received: list[list[str]] = []
+    fake = types.ModuleType("comfy_cancel.sim_comfyui")
+    fake.main = lambda argv: received.append(argv) or 0  # type: ignore[attr-defined]
+    # Both places an import looks, in case the real module was imported earlier.
+    monkeypatch.setitem(sys.modules, "comfy_cancel.sim_comfyui", fake)
+    monkeypatch.setattr(comfy_cancel, "sim_comfyui", fake, raising=False)
+    assert run(capsys, "sim-comfyui", "--port", "8190", "--time-scale", "0.5",
+               "--no-jobs-api")[0] == 0
+    assert received == [["--port", "8190", "--time-scale", "0.5", "--no-jobs-api"]]
