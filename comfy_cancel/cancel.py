@@ -18,9 +18,8 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from comfy_cancel.comfyui import ComfyUIClient, ComfyUIError
-
 from comfy_cancel import manager, signals, status, tasks
+from comfy_cancel.comfyui import ComfyUIClient, ComfyUIError
 from comfy_cancel.context import Context
 from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor
@@ -83,15 +82,16 @@ def _cancel_queued(ctx: Context, workflow: Workflow, by: Actor) -> CancelOutcome
         change = status.cancel_if_queued(
             session, workflow.id, by, CancelOutcome.CANCELLED, workflow.cancel_timing()
         )
-        if not change.changed:
-            current = manager.get_workflow(session, workflow.id)
-            assert current is not None
+        current = None if change.changed else manager.get_workflow(session, workflow.id)
+        if current is not None:
             outcome = _terminal_outcome(session, current, by)
             if outcome is not None:
                 return outcome
-    if not change.changed:
+    if current is not None:
         # It started running between our read and our write: cancel it as a running one.
         return _cancel_running(ctx, current, by)
+    if not change.changed:
+        return None  # deleted meanwhile
     # Revoke is the fast path for a runner task still waiting in the broker; the task
     # re-checks the database before it submits anything, so a lost revoke changes nothing.
     tasks.revoke_runner_tasks([workflow.runner_task_id] if workflow.runner_task_id else [])

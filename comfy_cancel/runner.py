@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from comfy_cancel import manager, status
 from comfy_cancel.comfyui import (
     ComfyUIClient,
     ComfyUIError,
@@ -29,8 +30,6 @@ from comfy_cancel.comfyui import (
     error_from_history,
     outputs_from_history,
 )
-
-from comfy_cancel import manager, status
 from comfy_cancel.context import Context
 from comfy_cancel.models import CancelOutcome, Runner, Workflow, WorkflowStatus
 from comfy_cancel.signals import SignalKind, listener_for

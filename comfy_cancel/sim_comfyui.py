@@ -264,7 +264,7 @@ class _Validation:
     node_errors: dict[str, Any] = field(default_factory=dict)
 
 
-def validate_prompt(prompt: Any) -> _Validation:
+def _validate_prompt(prompt: Any) -> _Validation:
     """ComfyUI's validation, with its error shapes. Converts values in place."""
     if not isinstance(prompt, dict) or not prompt:
         return _Validation(_error("no_prompt", "No prompt provided", "No prompt provided"))
@@ -711,7 +711,7 @@ class SimComfyUI:
                 number = -number
             self._number += 1
         prompt = copy.deepcopy(body.get("prompt"))
-        validation = validate_prompt(prompt)
+        validation = _validate_prompt(prompt)
         if validation.error is not None:
             log.info("invalid prompt: %s", validation.error["message"])
             return web.json_response(
@@ -861,7 +861,7 @@ class SimComfyUI:
                 "system": {
                     "os": os.name,
                     "ram_total": _ram_bytes(),
-                    "ram_free": _ram_bytes(),
+                    "ram_free": _ram_bytes("SC_AVPHYS_PAGES"),
                     "comfyui_version": SIM_VERSION,
                     "python_version": sys.version,
                     "pytorch_version": "none (simulated)",
@@ -1092,11 +1092,11 @@ def _full_type_name(kind: type) -> str:
     return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
 
 
-def _ram_bytes() -> int:
+def _ram_bytes(pages: str = "SC_PHYS_PAGES") -> int:
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
     except (AttributeError, ValueError, OSError):
-        return 0
+        return 0  # no sysconf (Windows): the health check does not need it
 
 
 async def _json_body(request: web.Request) -> Any:

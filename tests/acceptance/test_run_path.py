@@ -16,8 +16,9 @@ BLUR_PROMPT = {
           "inputs": {"width": 256, "height": 256, "batch_size": 1, "color": 0}},
     "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 9,
                                                  "sigma": 1.0}},
-    "3": {"class_type": "ImageScale", "inputs": {"image": ["2", 0], "upscale_method": "nearest-exact",
-                                                  "width": 128, "height": 128, "crop": "disabled"}},
+    "3": {"class_type": "ImageScale",
+          "inputs": {"image": ["2", 0], "upscale_method": "nearest-exact",
+                     "width": 128, "height": 128, "crop": "disabled"}},
     "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "ok"}},
 }
 

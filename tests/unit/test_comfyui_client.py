@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.server import ServerConnection, serve
 
 from comfy_cancel.comfyui import (
     ComfyUIClient,
@@ -356,6 +357,27 @@ def test_next_event_times_out_with_none(client: ComfyUIClient) -> None:
         started = time.monotonic()
         assert stream.next_event(timeout=0.2) is None
         assert 0.15 < time.monotonic() - started < 1.5
+
+
+def test_binary_and_garbled_frames_are_skipped() -> None:
+    def handler(connection: ServerConnection) -> None:
+        connection.send(b"\x89PNG preview bytes")
+        connection.send("not json")
+        connection.send('{"no": "type"}')
+        connection.send('{"type": "progress", "data": {"value": 1, "max": 2, "prompt_id": "p"}}')
+        connection.recv()  # hold the socket open until the client closes it
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        port = server.socket.getsockname()[1]
+        try:
+            with ComfyUIClient(f"http://127.0.0.1:{port}") as client, client.watch("c1") as stream:
+                event = stream.next_event(timeout=2)
+        finally:
+            server.shutdown()
+            thread.join()
+    assert event == Event("progress", {"value": 1, "max": 2, "prompt_id": "p"})
 
 
 def _next_event_in_thread(stream: EventStream, timeout: float) -> tuple[threading.Thread, list]:

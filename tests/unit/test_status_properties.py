@@ -7,6 +7,7 @@ status, every change is audited, and the cancel outcome agrees with the final st
 from __future__ import annotations
 
 import tempfile
+from itertools import pairwise
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, settings
@@ -127,7 +128,7 @@ class StatusWriterMachine(RuleBasedStateMachine):
                                if e.kind == "transition"]
                 # The audit trail is a path through the lifecycle ending in the status.
                 assert transitions[-1].to_status == wf.status
-                for prev, nxt in zip(transitions, transitions[1:], strict=False):
+                for prev, nxt in pairwise(transitions):
                     assert nxt.from_status == prev.to_status
                     assert S(nxt.to_status) in status.ALLOWED[S(nxt.from_status)]
                 # The outcome agrees with the status.
