@@ -30,8 +30,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfy_cancel import manager, status, tasks
 from comfy_cancel.config import Settings, get_settings
+from comfy_cancel.context import Context
 from comfy_cancel.db import Database
-from comfy_cancel.manager import Principal
+from comfy_cancel.manager import Principal, WorkflowFilter
 from comfy_cancel.models import (
     CANCELLABLE,
     TERMINAL,
@@ -41,6 +42,7 @@ from comfy_cancel.models import (
     WorkflowStatus,
 )
 from comfy_cancel.schemas import (
+    BulkCancelRequest,
     CancelRequest,
     ErrorBody,
     RunnerCreate,
@@ -506,6 +508,41 @@ class CatchAll:
             await response(scope, receive, send)
 
 
+# --- /v1/admin: operators only -------------------------------------------------------------
+
+admin = APIRouter(prefix="/v1/admin", responses=ERRORS)
+
+
+@admin.post("/workflow/cancel")
+def bulk_cancel(request: Request, principal: Operator, body: BulkCancelRequest) -> dict[str, Any]:
+    """Cancel many workflows by filter or id list; ``dry_run`` counts first.
+
+    Answers once the queued ones are cancelled and the running ones' runners signalled;
+    the running ones' outcomes follow on their workflows (``pending`` counts them).
+    """
+    from comfy_cancel import bulk
+
+    ctx = _context(request)
+    flt = WorkflowFilter(
+        account=body.account,
+        statuses=tuple(body.statuses),
+        older_than_seconds=body.older_than_seconds,
+        runner=body.runner,
+        tag=body.tag,
+    )
+    if body.dry_run:
+        return bulk.plan(ctx, flt, body.ids).to_dict()
+    by = status.Actor(CancelSource.BULK.value, principal.actor, body.reason)
+    return bulk.execute(ctx, flt, by, body.ids).to_dict()
+
+
+def _context(request: Request) -> Context:
+    ctx = getattr(request.app.state, "context", None)
+    if ctx is None:
+        ctx = request.app.state.context = Context(request.app.state.settings)
+    return ctx
+
+
 # --- the app ------------------------------------------------------------------------------
 
 
@@ -528,6 +565,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.redis_url, socket_connect_timeout=2, socket_timeout=2
     )
     app.include_router(v1)
+    app.include_router(admin)
     app.include_router(health)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

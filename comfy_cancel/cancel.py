@@ -15,6 +15,7 @@ cancel racing the runner's completion ends in exactly one terminal status.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -34,29 +35,59 @@ ESCALATION_TIMEOUT_SECONDS = 3.0
 
 def handle(ctx: Context, workflow_id: str, by: Actor) -> CancelOutcome | None:
     """Act on one cancel request; the outcome, or None while a running cancel is in flight."""
-    with ctx.db.transaction() as session:
-        workflow = manager.get_workflow(session, workflow_id)
-        if workflow is None:
-            log.warning("cancel of unknown workflow %s ignored", workflow_id)
-            return None
-        outcome = _terminal_outcome(session, workflow, by)
-        if outcome is not None:
-            return outcome
-        if workflow.status not in (S.QUEUED.value, S.RUNNING.value):
-            log.info("workflow %s is %s: not cancellable yet", workflow_id, workflow.status)
-            return None
-    if workflow.status == S.QUEUED.value:
-        return _cancel_queued(ctx, workflow, by)
-    return _cancel_running(ctx, workflow, by)
+    return handle_many(ctx, [workflow_id], by).get(workflow_id)
 
 
-def enforce_deadline(ctx: Context, workflow_id: str, by: Actor) -> CancelOutcome | None:
-    """One grace period after the signal: end a workflow the runner did not stop."""
+def handle_many(
+    ctx: Context, workflow_ids: Sequence[str], by: Actor
+) -> dict[str, CancelOutcome | None]:
+    """Act on cancel requests for many workflows; running ones are signalled in one batch."""
+    outcomes: dict[str, CancelOutcome | None] = {}
+    running: list[Workflow] = []
+    queued: list[Workflow] = []
     with ctx.db.transaction() as session:
-        workflow = manager.get_workflow(session, workflow_id)
-        if workflow is None or workflow.status in _TERMINAL:
-            return None  # the runner acknowledged, or won the race; its outcome is recorded
-    return _escalate(ctx, workflow, by, _escalation_outcome(ctx, workflow))
+        for workflow in manager.workflows_by_ids(session, workflow_ids):
+            outcomes[workflow.id] = _terminal_outcome(session, workflow, by)
+            if workflow.status == S.RUNNING.value:
+                running.append(workflow)
+            elif workflow.status == S.QUEUED.value:
+                queued.append(workflow)
+            elif workflow.status not in _TERMINAL:
+                log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status)
+    for workflow in queued:
+        outcomes[workflow.id] = _cancel_queued(ctx, workflow, by)
+    outcomes.update(signal_running(ctx, running, by))
+    return outcomes
+
+
+def enforce_deadline(
+    ctx: Context, workflow_ids: Sequence[str], by: Actor
+) -> dict[str, CancelOutcome | None]:
+    """One grace period after the signal: end the workflows their runners did not stop."""
+    with ctx.db.transaction() as session:
+        # Terminal ones were acknowledged, or won the race; their outcome is recorded.
+        stuck = [w for w in manager.workflows_by_ids(session, workflow_ids)
+                 if w.status not in _TERMINAL]
+    return {w.id: escalate(ctx, w, by, _escalation_outcome(ctx, w)) for w in stuck}
+
+
+def signal_running(
+    ctx: Context, workflows: Sequence[Workflow], by: Actor
+) -> dict[str, CancelOutcome | None]:
+    """Signal the runners of running workflows (one pipelined round trip) and schedule one
+    deadline check for all of them; a workflow whose runner is gone ends at once."""
+    outcomes: dict[str, CancelOutcome | None] = {}
+    live: list[str] = []
+    for workflow in workflows:
+        if _heartbeat_lost(ctx, workflow):
+            outcomes[workflow.id] = escalate(ctx, workflow, by, CancelOutcome.RUNNER_LOST)
+        else:
+            live.append(workflow.id)
+            outcomes[workflow.id] = None
+    if live:
+        signals.send(ctx.redis, live, signals.SignalKind.CANCEL, ctx.settings.signal_ttl_seconds)
+        tasks.schedule_deadline(live, by, ctx.settings.cancel_grace_seconds)
+    return outcomes
 
 
 _TERMINAL = frozenset({S.COMPLETED.value, S.FAILED.value, S.CANCELLED.value})
@@ -89,7 +120,7 @@ def _cancel_queued(ctx: Context, workflow: Workflow, by: Actor) -> CancelOutcome
                 return outcome
     if current is not None:
         # It started running between our read and our write: cancel it as a running one.
-        return _cancel_running(ctx, current, by)
+        return signal_running(ctx, [current], by)[current.id]
     if not change.changed:
         return None  # deleted meanwhile
     # Revoke is the fast path for a runner task still waiting in the broker; the task
@@ -99,19 +130,10 @@ def _cancel_queued(ctx: Context, workflow: Workflow, by: Actor) -> CancelOutcome
     return CancelOutcome.CANCELLED
 
 
-def _cancel_running(ctx: Context, workflow: Workflow, by: Actor) -> CancelOutcome | None:
-    if _heartbeat_lost(ctx, workflow):
-        return _escalate(ctx, workflow, by, CancelOutcome.RUNNER_LOST)
-    signals.send(
-        ctx.redis, [workflow.id], signals.SignalKind.CANCEL, ctx.settings.signal_ttl_seconds
-    )
-    tasks.schedule_deadline(workflow.id, by, ctx.settings.cancel_grace_seconds)
-    return None
-
-
-def _escalate(
+def escalate(
     ctx: Context, workflow: Workflow, by: Actor, outcome: CancelOutcome
 ) -> CancelOutcome | None:
+    """End a workflow without its runner's acknowledgement (``forced``, ``runner_lost``)."""
     with ctx.db.transaction() as session:
         change = status.cancel_if_active(
             session, workflow.id, by, outcome, workflow.cancel_timing()

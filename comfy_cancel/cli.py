@@ -227,6 +227,33 @@ def cmd_beat(args: argparse.Namespace) -> int:
                           f"--loglevel={args.loglevel or _settings().log_level}"]) or 0)
 
 
+# --- the embedded stack --------------------------------------------------------------------
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from comfy_cancel import dev
+
+    return _run_embedded(dev.main, args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from comfy_cancel import demo
+
+    return _run_embedded(demo.main, args)
+
+
+def _run_embedded(
+    run: Callable[[argparse.Namespace, Settings], int], args: argparse.Namespace
+) -> int:
+    from comfy_cancel.dev import StackError
+
+    settings = _settings()
+    try:
+        return run(args, settings)
+    except StackError as exc:
+        raise CliError(str(exc)) from exc
+
+
 # --- settings ------------------------------------------------------------------------------
 
 
@@ -333,11 +360,212 @@ def _add_process_commands(commands: Commands) -> None:
     sim.set_defaults(run=cmd_sim_comfyui)
 
 
-# Each group registers its subcommands. Still to come, each as its own group here:
-# `dev` and `demo` (the embedded stack), `bulk-cancel`, `sweep`, `bench`.
+def _port(value: str) -> int:
+    number = int(value) if value.isdigit() else -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0 to 65535)")
+    return number
+
+
+def _add_embedded_commands(commands: Commands) -> None:
+    dev = commands.add_parser(
+        "dev", help="run the whole stack on this machine: Redis, SQLite, API, workers, beat "
+        "and a simulated ComfyUI (Ctrl-C stops it)")
+    dev.add_argument("--port", type=_port,
+                     help="API port (default: COMFY_CANCEL_API_PORT; 0 picks a free one)")
+    dev.add_argument("--comfyui-port", type=_port, default=0, metavar="PORT",
+                     help="port of the simulated ComfyUI (default: a free one)")
+    dev.add_argument("--data-dir", type=Path, default=Path(".comfy-cancel"), metavar="DIR",
+                     help="Redis data, SQLite database, token and logs (default: %(default)s)")
+    dev.add_argument("--time-scale", type=_positive_float, default=1.0, metavar="F",
+                     help="multiplies the simulated ComfyUI's node times (default: 1.0)")
+    dev.set_defaults(run=cmd_dev)
+
+    demo = commands.add_parser(
+        "demo", help="start the stack, show each way a cancel can end, stop (about a minute)")
+    demo.add_argument("--data-dir", type=Path, metavar="DIR",
+                      help="where the stack keeps its data (default: a temporary dir, "
+                      "deleted afterwards)")
+    demo.add_argument("--port", type=_port, default=0,
+                      help="API port (default: a free one)")
+    demo.add_argument("--time-scale", type=_positive_float, default=1.0, metavar="F",
+                      help="multiplies the simulated ComfyUI's node times (default: 1.0)")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="leave the stack up afterwards, until Ctrl-C")
+    demo.set_defaults(run=cmd_demo)
+
+
+# --- operations: bulk cancels and sweeps ------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: str) -> float:
+    """``90s``, ``30m``, ``2h``, ``1d`` or plain seconds."""
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a duration; use e.g. 90s, 30m, 2h or 1d"
+        ) from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError("a duration cannot be negative")
+    return seconds
+
+
+def _read_ids(path: str) -> list[str]:
+    try:
+        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise CliError(f"cannot read ids from {path}: {exc.strerror}") from exc
+    with handle:
+        ids = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    return list(dict.fromkeys(ids))
+
+
+def _confirm(question: str, ids_from_stdin: bool) -> bool:
+    try:
+        tty = open("/dev/tty", "r+", encoding="utf-8")  # noqa: SIM115
+    except OSError:
+        if ids_from_stdin or not sys.stdin.isatty():
+            raise CliError("no terminal to confirm on; pass --yes to go ahead") from None
+        tty = None
+    stream = tty or sys.stdin
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = stream.readline().strip().lower()
+    if tty is not None:
+        tty.close()
+    return answer in {"y", "yes"}
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr (only when stderr is a terminal or forced)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+
+    def __call__(self, handled: int) -> None:
+        self.done += handled
+        if self.enabled:
+            width = 30
+            filled = min(width, width * self.done // self.total)
+            print(f"\r[{'#' * filled}{' ' * (width - filled)}] {self.done}/{self.total}",
+                  end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        import json
+
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    by_status = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_status"].items())) or "none"
+    print(f"matched: {summary['matched']} ({by_status})")
+    if summary["dry_run"]:
+        print("dry run: nothing was changed")
+        if summary["sample"]:
+            print("sample: " + ", ".join(summary["sample"]))
+        return
+    for key in ("cancelled", "too_late", "already_terminal", "not_cancellable", "not_found",
+                "failed_to_signal", "pending"):
+        print(f"{key.replace('_', ' ')}: {summary[key]}")
+    print(f"took {summary['seconds']} s")
+
+
+def cmd_bulk_cancel(args: argparse.Namespace) -> int:
+    from comfy_cancel import bulk, context
+    from comfy_cancel.manager import WorkflowFilter
+    from comfy_cancel.status import Actor
+
+    has_filter = any(v is not None for v in (args.account, args.older_than, args.runner,
+                                               args.tag)) or args.status is not None
+    if args.ids_file is None and not has_filter:
+        raise CliError("name what to cancel: a filter (--account, --status, --older-than, "
+                       "--runner, --tag) or --ids-file; refusing to cancel everything")
+    statuses = tuple(s.strip() for s in (args.status or "queued,running").split(",") if s)
+    known = {"accepted", "uploaded", "queued", "running", "completed", "failed", "cancelled"}
+    unknown = [s for s in statuses if s not in known]
+    if unknown:
+        raise CliError(f"unknown status {', '.join(unknown)}; use queued and/or running")
+    flt = WorkflowFilter(args.account, statuses, args.older_than, args.runner, args.tag)
+    ids = _read_ids(args.ids_file) if args.ids_file is not None else None
+    ctx = context.current()
+    planned = bulk.plan(ctx, flt, ids)
+    if args.dry_run:
+        _print_summary(planned.to_dict(), args.json)
+        return 0
+    if planned.matched == 0:
+        _print_summary(planned.to_dict() | {"dry_run": False}, args.json)
+        return 0
+    if not args.yes and not _confirm(
+        f"cancel {planned.matched} workflows ({planned.by_status})?", args.ids_file == "-"
+    ):
+        raise CliError("not confirmed; nothing was changed")
+    actor = f"operator:{os.environ.get('USER') or os.getuid()}@cli"
+    by = Actor("bulk", actor, args.reason)
+    bar = _ProgressBar(planned.matched + planned.not_found,
+                       enabled=sys.stderr.isatty() and not args.json)
+    try:
+        summary = bulk.execute(ctx, flt, by, ids, progress=bar, wait_seconds=args.wait)
+    finally:
+        bar.close()
+    _print_summary(summary.to_dict(), args.json)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from comfy_cancel import context, sweeps
+
+    if not args.once:
+        raise CliError("sweeps run periodically under `comfy-cancel beat`; "
+                       "pass --once to run one pass now")
+    report = sweeps.sweep(context.current(), dry_run=args.dry_run)
+    for name, count in report.counts().items():
+        print(f"{name.replace('_', ' ')}: {count}")
+    if args.dry_run:
+        print("dry run: nothing was changed")
+    return 0
+
+
+def _add_operations_commands(commands: Commands) -> None:
+    bulk_cancel = commands.add_parser(
+        "bulk-cancel", help="cancel many workflows by filter or by a list of ids (operators)"
+    )
+    bulk_cancel.add_argument("--account", type=_account_name, help="only this account's")
+    bulk_cancel.add_argument("--status", help="comma-separated (default queued,running)")
+    bulk_cancel.add_argument("--older-than", type=_duration, metavar="AGE",
+                             help="created longer ago than AGE (90s, 30m, 2h, 1d)")
+    bulk_cancel.add_argument("--runner", help="only on this runner (id or name)")
+    bulk_cancel.add_argument("--tag", help="only workflows carrying this tag")
+    bulk_cancel.add_argument("--ids-file", metavar="FILE",
+                             help="one workflow id a line; - reads stdin")
+    bulk_cancel.add_argument("--reason", help="recorded with every cancel")
+    bulk_cancel.add_argument("--dry-run", action="store_true",
+                             help="count by status and show a sample; change nothing")
+    bulk_cancel.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    bulk_cancel.add_argument("--json", action="store_true", help="print the summary as JSON")
+    bulk_cancel.add_argument("--wait", type=_duration, default=30.0, metavar="SECONDS",
+                             help="how long to wait for running ones' outcomes (default 30s)")
+    bulk_cancel.set_defaults(run=cmd_bulk_cancel)
+    sweep = commands.add_parser("sweep", help="run the stuck-work sweeps by hand")
+    sweep.add_argument("--once", action="store_true", help="run one pass now")
+    sweep.add_argument("--dry-run", action="store_true", help="report; change nothing")
+    sweep.set_defaults(run=cmd_sweep)
+
+
+# Each group registers its subcommands. Still to come, as its own group here: `bench`.
 COMMAND_GROUPS: Sequence[Callable[[Commands], None]] = (
     _add_setup_commands,
     _add_process_commands,
+    _add_embedded_commands,
+    _add_operations_commands,
 )
 
 

@@ -233,6 +233,14 @@ def get_workflow(
     return session.execute(query).scalar_one_or_none()
 
 
+def workflows_by_ids(session: Session, workflow_ids: Sequence[str]) -> list[Workflow]:
+    if not workflow_ids:
+        return []
+    return list(
+        session.execute(select(Workflow).where(Workflow.id.in_(list(workflow_ids)))).scalars()
+    )
+
+
 def list_workflows(
     session: Session,
     account_id: int,
@@ -264,14 +272,40 @@ def events_of(session: Session, workflow_id: str) -> list[WorkflowEvent]:
     )
 
 
-def record_prompt(
-    session: Session, workflow_id: str, prompt_id: str, queue_number: int | None
-) -> bool:
-    """Attach the ComfyUI prompt to a still-queued workflow; False when it was cancelled first."""
+def claim_prompt(session: Session, workflow_id: str, prompt_id: str) -> bool:
+    """Reserve the prompt id a runner task is about to submit.
+
+    False when the workflow is no longer queued (cancelled first) or another runner task
+    already claimed it (a re-dispatch racing the original): then nothing may be submitted.
+    """
     return (
         session.execute(
             update(Workflow)
-            .where(Workflow.id == workflow_id, Workflow.status == S.QUEUED.value)
+            .where(
+                Workflow.id == workflow_id,
+                Workflow.status == S.QUEUED.value,
+                Workflow.prompt_id.is_(None),
+            )
+            .values(prompt_id=prompt_id, updated_at=utcnow())
+            .returning(Workflow.id)
+        ).first()
+        is not None
+    )
+
+
+def record_submission(
+    session: Session, workflow_id: str, claimed_prompt_id: str, prompt_id: str, queue_number: int
+) -> bool:
+    """Note what ComfyUI answered to a submission (a server that ignores the requested
+    prompt id picks its own); False when the workflow was cancelled first."""
+    return (
+        session.execute(
+            update(Workflow)
+            .where(
+                Workflow.id == workflow_id,
+                Workflow.status == S.QUEUED.value,
+                Workflow.prompt_id == claimed_prompt_id,
+            )
             .values(prompt_id=prompt_id, queue_number=queue_number, updated_at=utcnow())
             .returning(Workflow.id)
         ).first()
@@ -298,3 +332,222 @@ def heartbeat(
         ).first()
         is not None
     )
+
+
+# --- bulk cancels --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkflowFilter:
+    """Which workflows an operator's bulk cancel is about; every field narrows the match."""
+
+    account: str | None = None
+    statuses: tuple[str, ...] = (S.QUEUED.value, S.RUNNING.value)
+    older_than_seconds: float | None = None
+    runner: str | None = None  # a runner id or name
+    tag: str | None = None
+
+    def where(self) -> list[Any]:
+        clauses: list[Any] = [Workflow.status.in_(list(self.statuses))]
+        if self.account is not None:
+            clauses.append(
+                Workflow.account_id == select(Account.id)
+                .where(Account.name == self.account)
+                .scalar_subquery()
+            )
+        if self.older_than_seconds is not None:
+            cutoff = utcnow() - timedelta(seconds=self.older_than_seconds)
+            clauses.append(Workflow.created_at < cutoff)
+        if self.runner is not None:
+            clauses.append(
+                Workflow.runner_id.in_(
+                    select(Runner.id).where(
+                        (Runner.id == self.runner) | (Runner.name == self.runner)
+                    )
+                )
+            )
+        if self.tag is not None:
+            clauses.append(
+                Workflow.id.in_(select(WorkflowTag.workflow_id).where(WorkflowTag.tag == self.tag))
+            )
+        return clauses
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a bulk cancel needs of one matched workflow."""
+
+    id: str
+    status: str
+    runner_id: str | None
+    runner_task_id: str | None
+    prompt_id: str | None
+
+
+_TARGET_COLUMNS = (
+    Workflow.id, Workflow.status, Workflow.runner_id, Workflow.runner_task_id, Workflow.prompt_id
+)
+
+
+def count_by_status(session: Session, flt: WorkflowFilter) -> dict[str, int]:
+    rows = session.execute(
+        select(Workflow.status, func.count()).where(*flt.where()).group_by(Workflow.status)
+    ).all()
+    return {status_: int(count) for status_, count in rows}
+
+
+def sample_ids(session: Session, flt: WorkflowFilter, limit: int) -> list[str]:
+    return list(
+        session.execute(
+            select(Workflow.id).where(*flt.where()).order_by(Workflow.id).limit(limit)
+        ).scalars()
+    )
+
+
+def targets_after(
+    session: Session, flt: WorkflowFilter, after_id: str | None, limit: int
+) -> list[Target]:
+    """The next chunk of matches in id order (keyset paging: memory stays flat)."""
+    query = select(*_TARGET_COLUMNS).where(*flt.where())
+    if after_id is not None:
+        query = query.where(Workflow.id > after_id)
+    rows = session.execute(query.order_by(Workflow.id).limit(limit)).all()
+    return [Target(*row) for row in rows]
+
+
+def targets_by_ids(
+    session: Session, workflow_ids: Sequence[str], account: str | None = None
+) -> list[Target]:
+    """The workflows among these ids (of this account, if given); missing ids are absent."""
+    query = select(*_TARGET_COLUMNS).where(Workflow.id.in_(list(workflow_ids)))
+    if account is not None:
+        query = query.where(
+            Workflow.account_id
+            == select(Account.id).where(Account.name == account).scalar_subquery()
+        )
+    return [Target(*row) for row in session.execute(query).all()]
+
+
+def outcomes_of(session: Session, workflow_ids: Sequence[str]) -> dict[str, int]:
+    """How many of these workflows have each cancel outcome (None: still open)."""
+    counts: dict[str, int] = {}
+    for outcome, count in session.execute(
+        select(Workflow.cancel_outcome, func.count())
+        .where(Workflow.id.in_(list(workflow_ids)))
+        .group_by(Workflow.cancel_outcome)
+    ).all():
+        key = outcome or "pending"
+        counts[key] = counts.get(key, 0) + int(count)
+    return counts
+
+
+def runner_endpoints(session: Session, runner_ids: Sequence[str]) -> dict[str, Runner]:
+    rows = session.execute(select(Runner).where(Runner.id.in_(list(runner_ids)))).scalars()
+    return {runner.id: runner for runner in rows}
+
+
+# --- sweeps: each finds its rows through an index, so its cost follows what it finds ------
+
+
+def open_intents(session: Session, cutoff: datetime, limit: int) -> list[str]:
+    """Cancel requests older than ``cutoff`` with no outcome and no publish since then."""
+    return list(
+        session.execute(
+            select(Workflow.id)
+            .where(
+                Workflow.cancel_requested_at.is_not(None),
+                Workflow.cancel_outcome.is_(None),
+                Workflow.cancel_requested_at < cutoff,
+                (Workflow.cancel_published_at.is_(None)) | (Workflow.cancel_published_at < cutoff),
+            )
+            .order_by(Workflow.cancel_requested_at)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def claim_republish(
+    session: Session, workflow_ids: Sequence[str], cutoff: datetime
+) -> list[tuple[str, str | None, str | None, str | None]]:
+    """Mark intents as published now, unless another sweep just did; returns the claimed
+    (id, source, actor, reason)."""
+    if not workflow_ids:
+        return []
+    rows = session.execute(
+        update(Workflow)
+        .where(
+            Workflow.id.in_(list(workflow_ids)),
+            Workflow.cancel_outcome.is_(None),
+            (Workflow.cancel_published_at.is_(None)) | (Workflow.cancel_published_at < cutoff),
+        )
+        .values(cancel_published_at=utcnow())
+        .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_actor,
+                   Workflow.cancel_reason)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [(wid, source, actor, reason) for wid, source, actor, reason in rows]
+
+
+def running_without_heartbeat(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:
+    return list(
+        session.execute(
+            select(Workflow)
+            .where(Workflow.status == S.RUNNING.value, Workflow.heartbeat_at < cutoff)
+            .order_by(Workflow.heartbeat_at)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def running_since_before(session: Session, cutoff: datetime, limit: int) -> list[str]:
+    """Running workflows started before ``cutoff`` with no cancel requested yet."""
+    return list(
+        session.execute(
+            select(Workflow.id)
+            .where(
+                Workflow.status == S.RUNNING.value,
+                Workflow.started_at < cutoff,
+                Workflow.cancel_requested_at.is_(None),
+            )
+            .order_by(Workflow.started_at)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def queued_since_before(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:
+    """Queued workflows untouched since ``cutoff`` with no cancel requested yet."""
+    return list(
+        session.execute(
+            select(Workflow)
+            .where(
+                Workflow.status == S.QUEUED.value,
+                Workflow.updated_at < cutoff,
+                Workflow.cancel_requested_at.is_(None),
+            )
+            .order_by(Workflow.updated_at)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def claim_redispatch(session: Session, workflow_id: str, old_task_id: str | None) -> str | None:
+    """Give a queued workflow whose prompt was never submitted a new runner task id.
+
+    Returns the new id, or None when another sweep (or the runner) got there first.
+    """
+    new_task_id = new_id()
+    claimed = session.execute(
+        update(Workflow)
+        .where(
+            Workflow.id == workflow_id,
+            Workflow.status == S.QUEUED.value,
+            Workflow.prompt_id.is_(None),
+            Workflow.runner_task_id == old_task_id
+            if old_task_id is not None
+            else Workflow.runner_task_id.is_(None),
+        )
+        .values(runner_task_id=new_task_id, updated_at=utcnow())
+        .returning(Workflow.id)
+    ).first()
+    return new_task_id if claimed else None

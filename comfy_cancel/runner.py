@@ -112,6 +112,10 @@ def run(ctx: Context, workflow_id: str, task_id: str | None = None) -> str | Non
             return None
         if workflow.status in {s.value for s in (S.COMPLETED, S.FAILED, S.CANCELLED)}:
             return workflow.status  # cancelled (or swept) before it started: nothing to do
+        if task_id is not None and workflow.runner_task_id not in (None, task_id):
+            # A sweep re-dispatched it under a new task id: that task owns it now.
+            log.info("runner task %s of %s superseded; leaving", task_id, workflow_id)
+            return None
         runner = _claim(session, workflow)
         if runner is None:
             return S.FAILED.value
@@ -189,7 +193,7 @@ def _drive(
         # Record the prompt id before submitting: a cancel that lands now can always find
         # and remove it, and a cancel that landed already makes this write fail.
         with db.transaction() as session:
-            if not manager.record_prompt(session, workflow_id, prompt_id, None):
+            if not manager.claim_prompt(session, workflow_id, prompt_id):
                 return _status(ctx, workflow_id)
         if handle.stop_requested.is_set():
             return _status(ctx, workflow_id)
@@ -201,8 +205,8 @@ def _drive(
             return _fail(ctx, workflow_id, "RunnerUnavailable", str(exc))
         handle.set_prompt(submitted.prompt_id)
         with db.transaction() as session:
-            still_queued = manager.record_prompt(
-                session, workflow_id, submitted.prompt_id, submitted.number
+            still_queued = manager.record_submission(
+                session, workflow_id, prompt_id, submitted.prompt_id, submitted.number
             )
         if not still_queued:
             handle.cancel_prompt(submitted.prompt_id)

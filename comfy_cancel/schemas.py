@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -154,6 +154,19 @@ class WorkflowSubmission(BaseModel):
 
 class CancelRequest(BaseModel):
     reason: str | None = Field(None, max_length=1000, description="Why; kept in the audit trail.")
+
+
+class BulkCancelRequest(BaseModel):
+    """An operator's bulk cancel: a filter, or a list of ids (then only ``account`` narrows)."""
+
+    account: str | None = Field(None, max_length=200, description="Only this account's.")
+    statuses: tuple[Literal["queued", "running"], ...] = Field(("queued", "running"), min_length=1)
+    older_than_seconds: float | None = Field(None, ge=0, description="Created longer ago.")
+    runner: str | None = Field(None, max_length=200, description="A runner id or name.")
+    tag: str | None = Field(None, max_length=100)
+    ids: list[str] | None = Field(None, max_length=100_000, description="Workflow ids.")
+    reason: str | None = Field(None, max_length=1000, description="Kept in the audit trail.")
+    dry_run: bool = Field(False, description="Count by status and sample; change nothing.")
 
 
 class RunnerCreate(BaseModel):

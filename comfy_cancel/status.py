@@ -317,14 +317,28 @@ def request_cancel(session: Session, workflow_id: str, by: Actor) -> bool:
     A repeat while the first request is open keeps the first request's fields (the
     request is idempotent) but is still audited.
     """
+    return bool(request_cancel_many(session, [workflow_id], by))
+
+
+def request_cancel_many(
+    session: Session, workflow_ids: Sequence[str], by: Actor, *, only_new: bool = False
+) -> list[str]:
+    """Record cancel requests on many cancellable workflows in one statement.
+
+    Returns the ids it recorded. With ``only_new`` only workflows without an earlier
+    request are touched, which lets two sweeps racing on the same rows claim each once.
+    """
+    if not workflow_ids:
+        return []
     now = utcnow()
-    changed = session.execute(
-        update(Workflow)
-        .where(
-            Workflow.id == workflow_id,
-            Workflow.status.in_([S.QUEUED.value, S.RUNNING.value]),
-        )
-        .values(
+    query = update(Workflow).where(
+        Workflow.id.in_(list(workflow_ids)),
+        Workflow.status.in_([S.QUEUED.value, S.RUNNING.value]),
+    )
+    if only_new:
+        query = query.where(Workflow.cancel_requested_at.is_(None))
+    recorded = session.execute(
+        query.values(
             cancel_requested_at=func.coalesce(Workflow.cancel_requested_at, now),
             cancel_source=func.coalesce(Workflow.cancel_source, by.source),
             cancel_actor=func.coalesce(Workflow.cancel_actor, by.actor),
@@ -332,11 +346,18 @@ def request_cancel(session: Session, workflow_id: str, by: Actor) -> bool:
             updated_at=now,
         )
         .returning(Workflow.id)
-    ).first()
-    if changed is None:
-        return False
-    _audit(session, workflow_id, EventKind.CANCEL_REQUESTED, by, None, now)
-    return True
+        .execution_options(synchronize_session=False)
+    ).scalars().all()
+    if recorded:
+        session.execute(
+            insert(WorkflowEvent),
+            [
+                {"workflow_id": wid, "at": now, "kind": EventKind.CANCEL_REQUESTED.value,
+                 "source": by.source, "actor": by.actor, "reason": by.reason}
+                for wid in recorded
+            ],
+        )
+    return list(recorded)
 
 
 def record_outcome(

@@ -18,23 +18,28 @@ def publish_run(workflow_id: str, task_id: str) -> None:
     run_workflow.apply_async(args=[workflow_id], task_id=task_id, queue=RUNNER_QUEUE)
 
 
-def publish_cancels(workflow_ids: Sequence[str], by: Actor) -> None:
-    """Publish one cancel message per workflow on the queue of the request's source."""
+def publish_cancels(workflow_ids: Sequence[str], by: Actor, chunk_size: int = 1000) -> None:
+    """Publish cancel requests on the queue of their source, one message per chunk of ids.
+
+    Raises kombu/redis errors when the broker is unreachable; the requests are already
+    recorded in the database, so the re-publish sweep hands them on later.
+    """
     queue = QUEUE_OF_SOURCE.get(by.source, CANCEL_QUEUE)
     with app.producer_or_acquire() as producer:
-        for workflow_id in workflow_ids:
-            cancel_workflow.apply_async(
-                args=[workflow_id, by.source, by.actor, by.reason],
+        for start in range(0, len(workflow_ids), chunk_size):
+            cancel_workflows.apply_async(
+                args=[list(workflow_ids[start : start + chunk_size]), by.source, by.actor,
+                      by.reason],
                 queue=queue,
                 producer=producer,
                 retry=False,
             )
 
 
-def schedule_deadline(workflow_id: str, by: Actor, after_seconds: float) -> None:
-    """Check back on a running cancel after the grace period, without holding a worker."""
+def schedule_deadline(workflow_ids: Sequence[str], by: Actor, after_seconds: float) -> None:
+    """Check back on running cancels after the grace period, without holding a worker."""
     enforce_cancel_deadline.apply_async(
-        args=[workflow_id, by.source, by.actor, by.reason],
+        args=[list(workflow_ids), by.source, by.actor, by.reason],
         countdown=after_seconds,
         queue=QUEUE_OF_SOURCE.get(by.source, CANCEL_QUEUE),
     )
@@ -53,23 +58,31 @@ def run_workflow(self, workflow_id: str) -> str | None:  # type: ignore[no-untyp
     return runner.run(context.current(), workflow_id, task_id=self.request.id)
 
 
-@app.task(name="comfy_cancel.cancel_workflow")
-def cancel_workflow(
-    workflow_id: str, source: str, actor: str | None = None, reason: str | None = None
-) -> str | None:
-    from comfy_cancel import cancel, context
-
-    outcome = cancel.handle(context.current(), workflow_id, Actor(source, actor, reason))
-    return outcome.value if outcome else None
-
-
 @app.task(name="comfy_cancel.enforce_cancel_deadline")
 def enforce_cancel_deadline(
-    workflow_id: str, source: str, actor: str | None = None, reason: str | None = None
-) -> str | None:
+    workflow_ids: list[str], source: str, actor: str | None = None, reason: str | None = None
+) -> dict[str, str | None]:
     from comfy_cancel import cancel, context
 
-    outcome = cancel.enforce_deadline(
-        context.current(), workflow_id, Actor(source, actor, reason)
-    )
-    return outcome.value if outcome else None
+    by = Actor(source, actor, reason)
+    outcomes = cancel.enforce_deadline(context.current(), workflow_ids, by)
+    return {wid: outcome.value if outcome else None for wid, outcome in outcomes.items()}
+
+
+@app.task(name="comfy_cancel.cancel_workflows")
+def cancel_workflows(
+    workflow_ids: list[str], source: str, actor: str | None = None, reason: str | None = None
+) -> dict[str, str | None]:
+    """Cancel requests: one id from the API, a chunk from bulk cancels and sweeps."""
+    from comfy_cancel import cancel, context
+
+    outcomes = cancel.handle_many(context.current(), workflow_ids, Actor(source, actor, reason))
+    return {wid: outcome.value if outcome else None for wid, outcome in outcomes.items()}
+
+
+@app.task(name="comfy_cancel.sweep")
+def sweep() -> dict[str, int]:
+    from comfy_cancel import context
+    from comfy_cancel.sweeps import sweep as sweep_once
+
+    return sweep_once(context.current()).counts()

@@ -53,7 +53,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             "comfy_cancel.run_workflow": {"queue": RUNNER_QUEUE},
             "comfy_cancel.sweep": {"queue": SWEEP_QUEUE},
-            "comfy_cancel.bulk_signal": {"queue": BULK_QUEUE},
         },
         # Runner tasks mostly wait on sockets: threads let one process drive hundreds.
         "worker_pool": "threads",

@@ -384,8 +384,8 @@ def test_cancel_of_a_queued_or_running_workflow_is_200_and_published(
     assert row.cancel_actor is not None and row.cancel_actor.startswith("acme#token")
     messages = broker("cancel")
     assert [(name, args) for _, name, args in messages] == [
-        ("comfy_cancel.cancel_workflow",
-         [workflow_id, "api", row.cancel_actor, "changed my mind"])
+        ("comfy_cancel.cancel_workflows",
+         [[workflow_id], "api", row.cancel_actor, "changed my mind"])
     ]
     assert broker("runner") == []
 
@@ -395,7 +395,7 @@ def test_cancel_without_a_body_is_fine(env: Env, broker: Any) -> None:
     response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth())
     assert (response.status_code, response.content) == (200, b"")
     [(_, _, args)] = broker("cancel")
-    assert args[0] == workflow_id and args[3] is None  # no reason given
+    assert args[0] == [workflow_id] and args[3] is None  # no reason given
 
 
 @pytest.mark.parametrize("start", [S.ACCEPTED, S.UPLOADED])

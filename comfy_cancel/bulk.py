@@ -1,0 +1,212 @@
+"""Operators' bulk cancels: by filter or by a list of ids, set-based, in chunks.
+
+Per chunk of matches (keyset paging, so memory stays flat whatever the count):
+
+1. one statement records the cancel intents of every cancellable match;
+2. one compare-and-set statement cancels the queued ones and returns exactly those;
+3. one broadcast revokes their runner tasks, one pipeline tells their runners to stop,
+   and one call per ComfyUI server removes their pending prompts;
+4. the running ones go to the ``cancel.bulk`` queue as one message, whose handler
+   signals their runners in one pipeline; customers' cancels on ``cancel`` never wait
+   behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from typing import Any
+
+from comfy_cancel import manager, signals, status, tasks
+from comfy_cancel.comfyui import ComfyUIClient, ComfyUIError
+from comfy_cancel.context import Context
+from comfy_cancel.manager import Target, WorkflowFilter
+from comfy_cancel.models import CancelOutcome, WorkflowStatus
+from comfy_cancel.status import Actor
+
+log = logging.getLogger(__name__)
+S = WorkflowStatus
+ACTIVE = (S.QUEUED.value, S.RUNNING.value)
+TERMINAL = (S.COMPLETED.value, S.FAILED.value, S.CANCELLED.value)
+STOPPED = {CancelOutcome.CANCELLED.value, CancelOutcome.FORCED.value,
+           CancelOutcome.RUNNER_LOST.value}
+
+Progress = Callable[[int], None]  # called with the number of matches just handled
+
+
+@dataclass
+class BulkSummary:
+    """What a bulk cancel matched and what became of it."""
+
+    dry_run: bool
+    matched: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    sample: list[str] = field(default_factory=list)
+    cancelled: int = 0  # stopped: queued ones at once, running ones once acknowledged
+    too_late: int = 0  # completed or failed before the cancel reached them
+    already_terminal: int = 0  # terminal when matched, or cancelled by someone else
+    not_cancellable: int = 0  # accepted/uploaded: not queued yet
+    not_found: int = 0  # ids with no such workflow (of this account)
+    failed_to_signal: int = 0  # could not be handed on now; the sweep re-publishes them
+    pending: int = 0  # running ones whose outcome had not arrived when we stopped waiting
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan(
+    ctx: Context, flt: WorkflowFilter, ids: Iterable[str] | None = None, sample_size: int = 10
+) -> BulkSummary:
+    """The dry run: what a bulk cancel would match, counted by status; changes nothing."""
+    summary = BulkSummary(dry_run=True)
+    started = time.monotonic()
+    if ids is None:  # a filter is counted by the database, grouped, in one statement
+        with ctx.db.transaction() as session:
+            summary.by_status = manager.count_by_status(session, flt)
+            summary.sample = manager.sample_ids(session, flt, sample_size)
+        summary.matched = sum(summary.by_status.values())
+        summary.seconds = round(time.monotonic() - started, 3)
+        return summary
+    for chunk, missing in _chunks(ctx, flt, ids):
+        summary.not_found += missing
+        summary.matched += len(chunk)
+        for target in chunk:
+            summary.by_status[target.status] = summary.by_status.get(target.status, 0) + 1
+            if len(summary.sample) < sample_size:
+                summary.sample.append(target.id)
+    summary.seconds = round(time.monotonic() - started, 3)
+    return summary
+
+
+def execute(
+    ctx: Context,
+    flt: WorkflowFilter,
+    by: Actor,
+    ids: Iterable[str] | None = None,
+    *,
+    progress: Progress | None = None,
+    wait_seconds: float = 0.0,
+) -> BulkSummary:
+    """Cancel every match; wait up to ``wait_seconds`` for the running ones' outcomes."""
+    summary = BulkSummary(dry_run=False)
+    started = time.monotonic()
+    signalled: list[str] = []
+    for chunk, missing in _chunks(ctx, flt, ids):
+        summary.not_found += missing
+        summary.matched += len(chunk)
+        for target in chunk:
+            summary.by_status[target.status] = summary.by_status.get(target.status, 0) + 1
+        signalled.extend(_cancel_chunk(ctx, chunk, by, summary))
+        if progress is not None:
+            progress(len(chunk) + missing)
+    _collect_outcomes(ctx, signalled, summary, wait_seconds)
+    summary.seconds = round(time.monotonic() - started, 3)
+    return summary
+
+
+def _chunks(
+    ctx: Context, flt: WorkflowFilter, ids: Iterable[str] | None
+) -> Iterator[tuple[list[Target], int]]:
+    """Matches in chunks, with how many ids of the chunk were not found."""
+    size = ctx.settings.bulk_chunk_size
+    if ids is None:
+        after: str | None = None
+        while True:
+            with ctx.db.transaction() as session:
+                chunk = manager.targets_after(session, flt, after, size)
+            if not chunk:
+                return
+            yield chunk, 0
+            after = chunk[-1].id
+    iterator = iter(ids)
+    while batch := list(dict.fromkeys(islice(iterator, size))):
+        with ctx.db.transaction() as session:
+            chunk = manager.targets_by_ids(session, batch, flt.account)
+        yield chunk, len(batch) - len(chunk)
+
+
+def _cancel_chunk(
+    ctx: Context, chunk: list[Target], by: Actor, summary: BulkSummary
+) -> list[str]:
+    """Cancel one chunk; returns the ids of the running ones handed to the bulk queue."""
+    active = [t.id for t in chunk if t.status in ACTIVE]
+    queued = [t.id for t in chunk if t.status == S.QUEUED.value]
+    summary.already_terminal += sum(t.status in TERMINAL for t in chunk)
+    summary.not_cancellable += sum(t.status not in ACTIVE + TERMINAL for t in chunk)
+    with ctx.db.transaction() as session:
+        status.request_cancel_many(session, active, by)
+        cancelled = status.cancel_queued_many(session, queued, by)
+    summary.cancelled += len(cancelled)
+    cancelled_ids = {wid for wid, _ in cancelled}
+    tasks.revoke_runner_tasks([task_id for _, task_id in cancelled if task_id])
+    signals.send(ctx.redis, cancelled_ids, signals.SignalKind.STOP,
+                 ctx.settings.signal_ttl_seconds)
+    _remove_pending_prompts(ctx, [t for t in chunk if t.id in cancelled_ids and t.prompt_id])
+    # Running ones, and queued ones that started running meanwhile.
+    rest = [wid for wid in active if wid not in cancelled_ids]
+    if not rest:
+        return []
+    try:
+        tasks.publish_cancels(rest, by, chunk_size=len(rest))
+    except Exception as exc:  # kombu and redis raise several types for "broker down"
+        log.warning("could not hand %d running cancels to the bulk queue: %s", len(rest), exc)
+        summary.failed_to_signal += len(rest)
+        return []
+    with ctx.db.transaction() as session:
+        status.mark_cancel_published(session, rest)
+    return rest
+
+
+def _remove_pending_prompts(ctx: Context, targets: list[Target]) -> None:
+    """One call per ComfyUI server for all of its prompts in this chunk."""
+    by_runner: dict[str, list[str]] = defaultdict(list)
+    for target in targets:
+        if target.runner_id and target.prompt_id:
+            by_runner[target.runner_id].append(target.prompt_id)
+    if not by_runner:
+        return
+    with ctx.db.transaction() as session:
+        runners = manager.runner_endpoints(session, list(by_runner))
+    for runner_id, prompt_ids in by_runner.items():
+        runner = runners.get(runner_id)
+        if runner is None:
+            continue
+        client = ComfyUIClient(runner.endpoint_url, runner.headers,
+                               timeout=ctx.settings.comfyui_timeout_seconds)
+        try:
+            client.cancel_many(prompt_ids)
+        except ComfyUIError as exc:
+            # Their runners got a stop signal and remove their own prompts too.
+            log.warning("could not remove %d prompts from %s: %s", len(prompt_ids),
+                        runner.endpoint_url, exc)
+        finally:
+            client.close()
+
+
+def _collect_outcomes(
+    ctx: Context, signalled: list[str], summary: BulkSummary, wait_seconds: float
+) -> None:
+    """Fold the outcomes of the running ones into the summary, waiting a bounded time."""
+    deadline = time.monotonic() + wait_seconds
+    counts: dict[str, int] = {}
+    while signalled:
+        counts = defaultdict(int)
+        for start in range(0, len(signalled), ctx.settings.bulk_chunk_size):
+            with ctx.db.transaction() as session:
+                part = manager.outcomes_of(
+                    session, signalled[start : start + ctx.settings.bulk_chunk_size]
+                )
+            for outcome, count in part.items():
+                counts[outcome] += count
+        if not counts.get("pending") or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    summary.cancelled += sum(n for outcome, n in counts.items() if outcome in STOPPED)
+    summary.too_late += counts.get(CancelOutcome.TOO_LATE.value, 0)
+    summary.already_terminal += counts.get(CancelOutcome.ALREADY_CANCELLED.value, 0)
+    summary.pending += counts.get("pending", 0)
