@@ -185,32 +185,23 @@ def _drive(
     except ComfyUIError as exc:
         return _fail(ctx, workflow_id, "RunnerUnavailable", str(exc))
 
-    if existing_prompt_id is not None:
-        handle.set_prompt(existing_prompt_id)
-        _reconcile(ctx, handle)
-    else:
+    if existing_prompt_id is None:
         prompt_id = str(uuid.uuid4())
-        # Record the prompt id before submitting: a cancel that lands now can always find
+        # Claim the prompt id before submitting: a cancel that lands now can always find
         # and remove it, and a cancel that landed already makes this write fail.
         with db.transaction() as session:
             if not manager.claim_prompt(session, workflow_id, prompt_id):
                 return _status(ctx, workflow_id)
-        if handle.stop_requested.is_set():
-            return _status(ctx, workflow_id)
-        try:
-            submitted = handle.client.submit(dict(prompt), client_id, prompt_id=prompt_id)
-        except PromptRejected as exc:
-            return _fail_rejected(ctx, workflow_id, exc)
-        except ComfyUIError as exc:
-            return _fail(ctx, workflow_id, "RunnerUnavailable", str(exc))
-        handle.set_prompt(submitted.prompt_id)
-        with db.transaction() as session:
-            still_queued = manager.record_submission(
-                session, workflow_id, prompt_id, submitted.prompt_id, submitted.number
-            )
-        if not still_queued:
-            handle.cancel_prompt(submitted.prompt_id)
-            return _status(ctx, workflow_id)
+        ended = _submit(ctx, handle, prompt, client_id, prompt_id)
+    elif _known_to_comfyui(handle, existing_prompt_id):
+        # A redelivered task: adopt the prompt ComfyUI already has instead of resubmitting.
+        handle.set_prompt(existing_prompt_id)
+        ended = _reconcile(ctx, handle)
+    else:
+        # Claimed but never submitted (the worker died in between): submit it now.
+        ended = _submit(ctx, handle, prompt, client_id, existing_prompt_id)
+    if ended is not None:
+        return ended
 
     last_beat = time.monotonic()
     while True:
@@ -234,6 +225,37 @@ def _drive(
         result = _on_event(ctx, handle, event)
         if result is not None:
             return result
+
+
+def _submit(
+    ctx: Context, handle: Run, prompt: Mapping[str, Any], client_id: str, prompt_id: str
+) -> str | None:
+    """Submit the claimed prompt; a status string when the run ended here."""
+    workflow_id = handle.workflow_id
+    if handle.stop_requested.is_set():
+        return _status(ctx, workflow_id)
+    try:
+        submitted = handle.client.submit(dict(prompt), client_id, prompt_id=prompt_id)
+    except PromptRejected as exc:
+        return _fail_rejected(ctx, workflow_id, exc)
+    except ComfyUIError as exc:
+        return _fail(ctx, workflow_id, "RunnerUnavailable", str(exc))
+    handle.set_prompt(submitted.prompt_id)
+    with ctx.db.transaction() as session:
+        still_queued = manager.record_submission(
+            session, workflow_id, prompt_id, submitted.prompt_id, submitted.number
+        )
+    if not still_queued:
+        handle.cancel_prompt(submitted.prompt_id)  # cancelled while we submitted
+        return _status(ctx, workflow_id)
+    return None
+
+
+def _known_to_comfyui(handle: Run, prompt_id: str) -> bool:
+    try:
+        return handle.client.queue().contains(prompt_id) or bool(handle.client.history(prompt_id))
+    except ComfyUIError:
+        return True  # cannot tell: follow it and let reconciliation decide on reconnect
 
 
 def _on_event(ctx: Context, handle: Run, event: Event) -> str | None:

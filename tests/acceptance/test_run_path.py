@@ -3,11 +3,17 @@ real Celery worker processes, and end completed or failed with ComfyUI's fields.
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 import pytest
 
-from comfy_cancel import manager
-from tests.helpers import TINY_PROMPT
-from tests.stack import Stack
+from comfy_cancel import manager, tasks
+from comfy_cancel.worker import RUNNER_QUEUE
+from tests.helpers import TINY_PROMPT, blur_chain
+from tests.stack import Stack, running_stack, sim_requests, start_worker, wait_workers_ready
+
+TERMINAL = {"completed", "failed", "cancelled"}
 
 pytestmark = pytest.mark.acceptance
 
@@ -76,3 +82,29 @@ def test_a_workflow_no_runner_can_serve_fails_with_a_clear_reason(stack: Stack) 
     assert "gpu-h100" in wf["exception_message"]
     tagged = stack.submit(TINY_PROMPT, name="needs-a100", tags=["gpu-a100"])
     assert stack.wait_status(tagged, {"completed", "failed"})["status"] == "completed"
+
+
+@pytest.mark.postgres
+def test_a_redelivered_runner_task_adopts_its_prompt_instead_of_resubmitting(
+    pg_database_url: str, redis_db_url: str, tmp_path: Path
+) -> None:
+    with running_stack(pg_database_url, redis_db_url, tmp_path) as stack:
+        workflow_id = stack.submit(blur_chain(20), name="survivor")
+        stack.wait_status(workflow_id, {"running"} | TERMINAL)
+        runner_proc = stack.workers[1]
+        runner_proc.send_signal(signal.SIGKILL)  # the worker dies mid-run
+        runner_proc.wait(10)
+        replacement = start_worker(stack.settings, RUNNER_QUEUE, tmp_path / "worker-r2.log")
+        stack.workers.append(replacement)
+        wait_workers_ready(2, tmp_path)
+        # What Redis does after the visibility timeout: deliver the same task again.
+        with stack.db.transaction() as session:
+            row = manager.get_workflow(session, workflow_id)
+            assert row is not None and row.runner_task_id is not None
+            task_id = row.runner_task_id
+        tasks.run_workflow.apply_async(args=[workflow_id], task_id=task_id)
+        wf = stack.wait_status(workflow_id, TERMINAL, timeout=30)
+        assert wf["status"] == "completed" and wf["outputs"]
+        submits = [r for r in sim_requests(stack)
+                   if r["method"] == "POST" and r["path"].endswith("/prompt")]
+        assert len(submits) == 1  # adopted, not submitted twice
