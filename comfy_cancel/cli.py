@@ -370,7 +370,11 @@ def _port(value: str) -> int:
 def _add_embedded_commands(commands: Commands) -> None:
     dev = commands.add_parser(
         "dev", help="run the whole stack on this machine: Redis, SQLite, API, workers, beat "
-        "and a simulated ComfyUI (Ctrl-C stops it)")
+        "and a simulated ComfyUI (Ctrl-C stops it)",
+        description="Redis: COMFY_CANCEL_REDIS_URL when set, else an embedded redis-server "
+        "(AOF in DIR/redis). Database: COMFY_CANCEL_DATABASE_URL when set, else DIR/"
+        "comfy_cancel.db. The simulated ComfyUI is runner 'sim' of account 'demo'; the token "
+        "printed (kept in DIR/token) is that account's. Logs: DIR/logs/NAME.log.")
     dev.add_argument("--port", type=_port,
                      help="API port (default: COMFY_CANCEL_API_PORT; 0 picks a free one)")
     dev.add_argument("--comfyui-port", type=_port, default=0, metavar="PORT",

@@ -26,11 +26,13 @@ def test_a_signal_reaches_only_the_registered_run_and_a_late_runner_finds_its_ke
         assert send(client, ["a"], SignalKind.CANCEL, ttl_seconds=60) == 1
         assert arrived.wait(5)
         assert got == {"a": [SignalKind.CANCEL], "b": []}
-        # A run that registers after the signal was sent still gets it, from the key.
+        # A run that registers after the signal was sent still gets it, from the key (and
+        # perhaps once more from the channel, if the listener was slow: handlers are
+        # idempotent, so a repeat is harmless).
         send(client, ["c"], SignalKind.STOP, ttl_seconds=60)
         late: list[SignalKind] = []
         listener.register("c", late.append)
-        assert late == [SignalKind.STOP]
+        assert late[:1] == [SignalKind.STOP] and set(late) == {SignalKind.STOP}
         assert pending(client, "c") is SignalKind.STOP and pending(client, "d") is None
     finally:
         listener.stop()

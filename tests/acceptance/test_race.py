@@ -1,0 +1,632 @@
+"""A thousand cancels racing a thousand completions on PostgreSQL, by concurrent writers.
+
+Real PostgreSQL, real Redis and two real Celery cancel-worker processes; the runners are
+simulated in this process. Every workflow is brought to ``running`` through the status
+writer, then:
+
+- its simulated runner finishes it at a planned moment (``complete_if_running``, sometimes
+  ``fail``), and reacts to the CANCEL signal on Redis pub/sub like a real runner: after a
+  small delay (ComfyUI reporting the interrupt) it writes ``running -> cancelled``, unless it
+  had already finished. Some runners never acknowledge: deaf ones finish about when the
+  cancel worker's deadline escalates (``forced`` or ``too_late``, whichever CAS wins), hung
+  ones never finish (``forced``), and lost ones have no heartbeat (``runner_lost``);
+- at a random moment around that planned finish, it is cancelled exactly as the API does:
+  ``request_cancel`` committed, then published on the ``cancel`` queue, then marked
+  published. A workflow already terminal is skipped (the API would answer 400).
+
+Every writer attempts its compare-and-set whatever the others did, so completions land on
+cancelled rows and cancels land on completed ones. Afterwards the database and what each
+writer was told must agree: one terminal status each, nothing ever left a terminal status,
+and the audit trail and the cancel outcome tell the same story as the status.
+
+``COMFY_CANCEL_RACE_SEED`` replays one run's plan.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import random
+import subprocess
+import threading
+import time
+import traceback
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select, update
+
+from comfy_cancel import context, manager, status, tasks, worker
+from comfy_cancel.config import ENV_PREFIX, Settings, get_settings
+from comfy_cancel.db import Database
+from comfy_cancel.models import (
+    CancelOutcome,
+    EventKind,
+    Workflow,
+    WorkflowEvent,
+    WorkflowStatus,
+    utcnow,
+)
+from comfy_cancel.signals import SignalKind, SignalListener
+from tests.helpers import PATH_TO, TINY_PROMPT, advance, make_account_and_runner, migrated
+from tests.stack import ALL_CANCEL_QUEUES, settings_env, start_worker, wait_workers_ready
+
+pytestmark = [pytest.mark.acceptance, pytest.mark.postgres]
+
+S = WorkflowStatus
+TERMINAL = {S.COMPLETED.value, S.FAILED.value, S.CANCELLED.value}
+CANCEL_WRITTEN = {CancelOutcome.CANCELLED.value, CancelOutcome.FORCED.value,
+                  CancelOutcome.RUNNER_LOST.value}
+
+WORKFLOWS = 1000
+WINDOW_SECONDS = 12.0  # planned finishes are spread over this long
+GRACE_SECONDS = 1.0  # the cancel worker escalates a cancel not acknowledged by then
+HEARTBEAT_TIMEOUT_SECONDS = 120.0  # longer than the test: only the "lost" runners are lost
+SETTLE_TIMEOUT_SECONDS = 20.0  # after the last planned event, everything must have ended
+CANCEL_WORKERS = 2
+CANCEL_CONCURRENCY = 16
+API = status.Actor("api", "acme#token1", "race test")
+
+
+class Kind(StrEnum):
+    RESPONSIVE = "responsive"  # acknowledges a cancel signal after a short delay
+    DEAF = "deaf"  # never acknowledges; finishes late, about when the deadline strikes
+    HUNG = "hung"  # never acknowledges, never finishes, heartbeat recent: must end forced
+    LOST = "lost"  # never acknowledges, never finishes, no heartbeat: must end runner_lost
+
+
+@dataclass(frozen=True)
+class Plan:
+    workflow_id: str
+    kind: Kind
+    finish_at: float | None  # seconds after the start; None: never finishes
+    fails: bool  # finishes with `failed` instead of `completed`
+    cancel_at: float | None  # None: nobody cancels it
+    ack_delay: float  # from the CANCEL signal to the runner's acknowledgement
+
+
+def make_plans(ids: list[str], rng: random.Random) -> dict[str, Plan]:
+    plans = {}
+    kinds = [Kind.RESPONSIVE] * 85 + [Kind.DEAF] * 7 + [Kind.HUNG] * 5 + [Kind.LOST] * 3
+    for workflow_id in ids:
+        kind = rng.choice(kinds)
+        start = rng.uniform(0.3, 0.3 + WINDOW_SECONDS)
+        finish_at: float | None = start
+        cancel_at: float | None = start
+        if kind is Kind.RESPONSIVE:
+            # Cancelled a few hundred ms around the finish: some well before it (the runner
+            # acknowledges first), some just before it (the finish wins), some after (400).
+            cancel_at = start + rng.uniform(-0.8, 0.3) if rng.random() < 0.85 else None
+        elif kind is Kind.DEAF:
+            # Finishes around the moment the cancel worker's deadline escalates.
+            finish_at = start + GRACE_SECONDS + rng.uniform(-0.4, 0.6)
+        else:
+            finish_at = None
+        plans[workflow_id] = Plan(
+            workflow_id=workflow_id,
+            kind=kind,
+            finish_at=finish_at,
+            fails=rng.random() < 0.08,
+            cancel_at=cancel_at,
+            ack_delay=rng.uniform(0.02, 0.25),
+        )
+    return plans
+
+
+class Scheduler:
+    """Runs calls at their moment on thread pools; remembers every exception raised."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, ThreadPoolExecutor, Callable[[], Any]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._running = 0
+        self._stopping = False
+        self.errors: list[str] = []
+        self.lateness: list[float] = []  # seconds each call started after its moment
+        self._thread = threading.Thread(target=self._run, name="race-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(10)
+
+    def at(self, when: float, pool: ThreadPoolExecutor, call: Callable[[], Any]) -> None:
+        """Run ``call`` on ``pool`` at monotonic time ``when``."""
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._seq), pool, call))
+            self._cond.notify_all()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._heap and self._running == 0
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and (
+                    not self._heap or self._heap[0][0] > time.monotonic()
+                ):
+                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(timeout)
+                if self._stopping:
+                    return
+                when, _, pool, call = heapq.heappop(self._heap)
+                self._running += 1
+            try:
+                pool.submit(self._timed, when, call).add_done_callback(self._done)
+            except RuntimeError:  # the pool was shut down: the test is ending
+                self._done(None)
+
+    def _timed(self, when: float, call: Callable[[], Any]) -> None:
+        self.lateness.append(time.monotonic() - when)
+        call()
+
+    def _done(self, future: Future[Any] | None) -> None:
+        error = None if future is None else future.exception()
+        with self._cond:
+            self._running -= 1
+            if error is not None:
+                self.errors.append("".join(traceback.format_exception(error)))
+
+
+class SimulatedRunners:
+    """The runner side: finishes workflows and acknowledges cancel signals, by CAS."""
+
+    def __init__(
+        self, db: Database, plans: dict[str, Plan], scheduler: Scheduler,
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        self.db, self.plans, self.scheduler, self.pool = db, plans, scheduler, pool
+        self._lock = threading.Lock()
+        self._finished: set[str] = set()
+        self._acknowledging: set[str] = set()
+        self.signals: dict[str, list[SignalKind]] = defaultdict(list)
+        # What each runner's CAS was told, per workflow: (verb, Change, when it committed).
+        self.writes: dict[str, list[tuple[str, status.Change, float]]] = defaultdict(list)
+
+    def handler(self, workflow_id: str) -> Callable[[SignalKind], None]:
+        return lambda kind: self.on_signal(workflow_id, kind)
+
+    def on_signal(self, workflow_id: str, kind: SignalKind) -> None:
+        """On the listener's thread, like the real runner: note it, act off the thread."""
+        plan = self.plans[workflow_id]
+        with self._lock:
+            self.signals[workflow_id].append(kind)
+            if (
+                kind is not SignalKind.CANCEL
+                or plan.kind is not Kind.RESPONSIVE
+                or workflow_id in self._finished  # its run is over: nobody listens
+                or workflow_id in self._acknowledging
+            ):
+                return
+            self._acknowledging.add(workflow_id)
+        self.scheduler.at(
+            time.monotonic() + plan.ack_delay, self.pool, partial(self.acknowledge, workflow_id)
+        )
+
+    def acknowledge(self, workflow_id: str) -> None:
+        """ComfyUI reported the interrupt: write the cancel, as runner._interrupted does."""
+        with self.db.transaction() as session:
+            workflow = manager.get_workflow(session, workflow_id)
+            assert workflow is not None
+            by = status.Actor(
+                workflow.cancel_source or "runner", workflow.cancel_actor, workflow.cancel_reason
+            )
+            change = status.cancel_if_running(
+                session, workflow_id, by, CancelOutcome.CANCELLED, workflow.cancel_timing()
+            )
+        self._record(workflow_id, "cancel", change)
+
+    def finish(self, workflow_id: str) -> None:
+        with self._lock:
+            self._finished.add(workflow_id)
+        with self.db.transaction() as session:
+            if self.plans[workflow_id].fails:
+                verb = "fail"
+                change = status.fail(
+                    session, workflow_id, exception_type="RuntimeError",
+                    exception_message="simulated node error", error_node="3",
+                )
+            else:
+                verb = "complete"
+                change = status.complete_if_running(session, workflow_id, {"3": {"images": []}})
+        self._record(workflow_id, verb, change)
+
+    def _record(self, workflow_id: str, verb: str, change: status.Change) -> None:
+        with self._lock:
+            self.writes[workflow_id].append((verb, change, time.monotonic()))
+
+
+class SimulatedApi:
+    """``POST /v1/workflow/{id}/cancel`` minus HTTP: record, commit, publish, mark."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._lock = threading.Lock()
+        self.requested: set[str] = set()
+        self.refused: set[str] = set()
+
+    def cancel(self, workflow_id: str) -> None:
+        with self.db.transaction() as session:
+            recorded = status.request_cancel(session, workflow_id, API)
+        with self._lock:
+            (self.requested if recorded else self.refused).add(workflow_id)
+        if not recorded:
+            return  # terminal already: the API answers 400
+        tasks.publish_cancels([workflow_id], API)
+        with self.db.transaction() as session:
+            status.mark_cancel_published(session, [workflow_id])
+
+
+@contextmanager
+def configured(settings: Settings) -> Iterator[None]:
+    """This process publishes to the test's Redis; the environment is restored after, as
+    tests.stack.running_stack does."""
+    saved_env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
+    os.environ.update(settings_env(settings))
+    get_settings.cache_clear()
+    context.reset()
+    worker.configure(settings)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+            del os.environ[key]
+        os.environ.update(saved_env)
+        get_settings.cache_clear()
+        context.reset()
+        worker.configure(get_settings())
+
+
+@contextmanager
+def cancel_workers(settings: Settings, log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for n in range(CANCEL_WORKERS):
+            processes.append(start_worker(settings, ALL_CANCEL_QUEUES,
+                                          log_dir / f"worker-cancel{n}.log", CANCEL_CONCURRENCY))
+        yield processes
+    finally:
+        stop_processes(processes)
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in processes:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextmanager
+def listening(client: redis.Redis) -> Iterator[SignalListener]:
+    listener = SignalListener(client)
+    try:
+        yield listener
+    finally:
+        listener.stop()
+        thread = listener._thread  # SignalListener.stop() does not wait for its thread
+        if thread is not None:
+            thread.join(5)
+
+
+def seed_running(db: Database, account_id: int, runner_id: str, count: int) -> list[str]:
+    """``count`` workflows at ``running``, every step through the status writer."""
+    with db.transaction() as session:
+        ids = [
+            manager.create_workflow(
+                session, account_id, name=f"race-{n}", workflow_json=TINY_PROMPT
+            ).id
+            for n in range(count)
+        ]
+
+    def advance_all(chunk: list[str]) -> None:
+        with db.transaction() as session:
+            for workflow_id in chunk:
+                for step in PATH_TO[S.RUNNING]:
+                    change = advance(session, workflow_id, step, runner_id)
+                    assert change.changed, f"seeding {workflow_id} to {step}: {change}"
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(advance_all, [ids[n::2] for n in range(2)]))
+    return ids
+
+
+def lose_heartbeats(db: Database, workflow_ids: list[str]) -> None:
+    """These runners died long ago (not a status write: only the heartbeat's time)."""
+    long_ago = utcnow() - timedelta(seconds=10 * HEARTBEAT_TIMEOUT_SECONDS)
+    with db.transaction() as session:
+        session.execute(
+            update(Workflow)
+            .where(Workflow.id.in_(workflow_ids))
+            .values(heartbeat_at=long_ago, started_at=long_ago)
+        )
+
+
+def unsettled(db: Database) -> list[tuple[str, str, str | None]]:
+    """Workflows not terminal yet, or with a cancel request still without an outcome."""
+    with db.transaction() as session:
+        rows = session.execute(
+            select(Workflow.id, Workflow.status, Workflow.cancel_outcome).where(
+                Workflow.status.not_in(TERMINAL)
+                | (Workflow.cancel_requested_at.is_not(None) & Workflow.cancel_outcome.is_(None))
+            )
+        ).all()
+    return [(r.id, r.status, r.cancel_outcome) for r in rows]
+
+
+def worker_logs(log_dir: Path) -> str:
+    parts = []
+    for path in sorted(log_dir.glob("worker-*.log")):
+        lines = path.read_text(errors="replace").splitlines()[-30:]
+        parts.append(f"--- {path.name}\n" + "\n".join(lines))
+    return "\n".join(parts)
+
+
+def test_a_thousand_cancels_racing_completions_leave_one_consistent_end_each(
+    pg_database_url: str, redis_db_url: str, tmp_path: Path
+) -> None:
+    seed = int(os.environ.get("COMFY_CANCEL_RACE_SEED") or random.SystemRandom().getrandbits(32))
+    print(f"race seed {seed} (COMFY_CANCEL_RACE_SEED={seed} replays this plan)")
+    rng = random.Random(seed)
+    began = time.monotonic()
+    settings = Settings(
+        database_url=pg_database_url,
+        redis_url=redis_db_url,
+        cancel_grace_seconds=GRACE_SECONDS,
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS,
+    )
+    db = migrated(pg_database_url)
+    signal_client = redis.Redis.from_url(redis_db_url)
+    scheduler = Scheduler()
+    with ExitStack() as stack:
+        stack.callback(db.engine.dispose)
+        stack.callback(signal_client.close)
+        stack.enter_context(configured(settings))
+        processes = stack.enter_context(cancel_workers(settings, tmp_path))  # start early
+        account_id, runner_id = make_account_and_runner(db)
+        ids = seed_running(db, account_id, runner_id, WORKFLOWS)
+        plans = make_plans(ids, rng)
+        lose_heartbeats(db, [w for w, p in plans.items() if p.kind is Kind.LOST])
+        seeded = time.monotonic()
+
+        # Few threads each: more only fight over the GIL and make every writer late.
+        runner_pool = stack.enter_context(ThreadPoolExecutor(8, thread_name_prefix="runner"))
+        api_pool = stack.enter_context(ThreadPoolExecutor(8, thread_name_prefix="api"))
+        scheduler.start()
+        stack.callback(scheduler.stop)  # runs before the pools shut down
+        runners = SimulatedRunners(db, plans, scheduler, runner_pool)
+        api = SimulatedApi(db)
+        listener = stack.enter_context(listening(signal_client))
+        for workflow_id in ids:
+            listener.register(workflow_id, runners.handler(workflow_id))
+        wait_workers_ready(CANCEL_WORKERS, tmp_path)
+
+        start = time.monotonic()
+        last = 0.0
+        for plan in plans.values():
+            wid = plan.workflow_id
+            if plan.finish_at is not None:
+                scheduler.at(start + plan.finish_at, runner_pool, partial(runners.finish, wid))
+                last = max(last, plan.finish_at)
+            if plan.cancel_at is not None:
+                scheduler.at(start + plan.cancel_at, api_pool, partial(api.cancel, wid))
+                last = max(last, plan.cancel_at)
+
+        deadline = start + last + SETTLE_TIMEOUT_SECONDS
+        while True:
+            assert not scheduler.errors, "a simulated writer failed:\n" + scheduler.errors[0]
+            stuck = unsettled(db) if scheduler.idle() else None
+            if stuck == []:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"not settled {SETTLE_TIMEOUT_SECONDS}s after the last planned event: "
+                    f"{len(stuck or [])} workflows (id, status, cancel outcome) "
+                    f"{(stuck or [])[:20]}; scheduler idle: {scheduler.idle()}\n"
+                    f"{worker_logs(tmp_path)}"
+                )
+            time.sleep(0.2)
+        settled = time.monotonic()
+        # Deadline tasks still pending can only add audit rows for terminal workflows; let
+        # them run, then stop every writer before the snapshot.
+        time.sleep(GRACE_SECONDS + 0.5)
+        stop_processes(processes)
+
+        with db.transaction() as session:
+            workflows = {w.id: w for w in session.execute(select(Workflow)).scalars()}
+            events: dict[str, list[WorkflowEvent]] = defaultdict(list)
+            for event in session.execute(
+                select(WorkflowEvent).order_by(WorkflowEvent.id)
+            ).scalars():
+                events[event.workflow_id].append(event)
+
+    counts = check_invariants(ids, plans, workflows, events, runners, api)
+    lateness = sorted(scheduler.lateness)
+    print(
+        f"{WORKFLOWS} workflows: seeded in {seeded - began:.1f}s, settled "
+        f"{settled - start:.1f}s after the start (last planned event at {last:.1f}s), "
+        f"{time.monotonic() - began:.1f}s in all; simulated writers late by "
+        f"{lateness[len(lateness) // 2]:.3f}s (median), "
+        f"{lateness[int(len(lateness) * 0.99)]:.3f}s (p99), {lateness[-1]:.3f}s (max)"
+    )
+    for key, value in sorted(counts.items()):
+        print(f"  {key}: {value}")
+
+    # The race really happened, in every direction.
+    assert counts["end completed/never requested"] >= 50, counts
+    assert counts["end cancelled/cancelled"] >= 50, counts
+    assert counts["end completed/too_late"] + counts["end failed/too_late"] >= 50, counts
+    assert counts["end cancelled/forced"] >= 10, counts
+    assert counts["end cancelled/runner_lost"] >= 5, counts
+    assert counts["race: cancel refused (the API's 400), terminal already"] >= 20, counts
+    assert counts["race: completion or failure refused, cancelled first"] >= 20, counts
+    assert counts["race: acknowledgement refused, ended first"] >= 1, counts
+
+
+def check_invariants(
+    ids: list[str],
+    plans: dict[str, Plan],
+    workflows: dict[str, Workflow],
+    events: dict[str, list[WorkflowEvent]],
+    runners: SimulatedRunners,
+    api: SimulatedApi,
+) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    problems: list[str] = []
+    assert set(workflows) == set(ids)
+    for workflow_id in ids:
+        wf, plan, trail = workflows[workflow_id], plans[workflow_id], events[workflow_id]
+        found = _check_one(wf, plan, trail, runners, api)
+        problems += [f"{workflow_id} ({plan.kind}): {p}" for p in found]
+        ending = f"{wf.status}/{wf.cancel_outcome or 'never requested'}"
+        counts[f"end {ending}"] += 1
+        counts[f"runner {plan.kind}: {ending}"] += 1
+        writes = runners.writes[workflow_id]
+        for verb, change, _ in writes:
+            if not change.changed:
+                counts["race: acknowledgement refused, ended first" if verb == "cancel"
+                       else "race: completion or failure refused, cancelled first"] += 1
+        acks = [at for verb, _, at in writes if verb == "cancel"]
+        finishes = [at for verb, _, at in writes if verb != "cancel"]
+        if acks and finishes and abs(acks[0] - finishes[0]) < 0.02:
+            counts["race: acknowledgement and finish within 20 ms"] += 1
+        outcome_rows = sum(e.outcome is not None for e in trail)
+        counts["audit: outcome rows that changed nothing"] += max(outcome_rows - 1, 0)
+    counts["race: cancel refused (the API's 400), terminal already"] = len(api.refused)
+    assert not problems, f"{len(problems)} problems, first ones:\n" + "\n".join(problems[:30])
+    return counts
+
+
+TARGET_OF_VERB = {"complete": S.COMPLETED.value, "fail": S.FAILED.value,
+                  "cancel": S.CANCELLED.value}
+
+
+def _check_one(
+    wf: Workflow,
+    plan: Plan,
+    trail: list[WorkflowEvent],
+    runners: SimulatedRunners,
+    api: SimulatedApi,
+) -> list[str]:
+    problems = []
+    transitions = [e for e in trail if e.kind == EventKind.TRANSITION.value]
+    path = [(e.from_status, e.to_status) for e in transitions]
+
+    # Exactly one terminal status, reached once along the lifecycle, never left.
+    if wf.status not in TERMINAL:
+        problems.append(f"ends {wf.status}, not terminal")
+    expected = [(None, S.ACCEPTED.value), (S.ACCEPTED.value, S.UPLOADED.value),
+                (S.UPLOADED.value, S.QUEUED.value), (S.QUEUED.value, S.RUNNING.value),
+                (S.RUNNING.value, wf.status)]
+    if path != expected:
+        problems.append(f"transitions {path}, expected {expected}")
+    into_terminal = [t for t in transitions if t.to_status in TERMINAL]
+    out_of_terminal = [t for t in transitions if t.from_status in TERMINAL]
+    if len(into_terminal) != 1 or out_of_terminal:
+        problems.append(f"{len(into_terminal)} transitions into a terminal status, "
+                        f"{len(out_of_terminal)} out of one")
+    if transitions and transitions[-1].to_status != wf.status:
+        problems.append(f"status {wf.status} but last transition to {transitions[-1].to_status}")
+
+    # What each runner write was told agrees with the end: one winner at most, and every
+    # loser re-read the status that won.
+    writes = runners.writes[wf.id]
+    winners = [verb for verb, change, _ in writes if change.changed]
+    if len(winners) > 1:
+        problems.append(f"several writes won: {writes}")
+    if winners and TARGET_OF_VERB[winners[0]] != wf.status:
+        problems.append(f"{winners[0]} was told it won, but the workflow is {wf.status}")
+    for verb, change, _ in writes:
+        if not change.changed and change.status != wf.status:
+            problems.append(f"{verb} lost and read {change.status}, but it ends {wf.status}")
+    if wf.status == S.COMPLETED.value and winners != ["complete"]:
+        problems.append(f"completed, but the runner's completion did not win: {writes}")
+    if wf.status == S.FAILED.value and winners != ["fail"]:
+        problems.append(f"failed, but the runner's failure did not win: {writes}")
+    if (wf.cancel_outcome == CancelOutcome.CANCELLED.value) != (winners == ["cancel"]):
+        problems.append(f"outcome {wf.cancel_outcome}, runner writes {writes}")
+
+    # The cancel request and its outcome beside the status.
+    requested = wf.cancel_requested_at is not None
+    if requested != (wf.id in api.requested):
+        problems.append(f"cancel_requested_at {wf.cancel_requested_at}, "
+                        f"API recorded it: {wf.id in api.requested}")
+    requests = [e for e in trail if e.kind == EventKind.CANCEL_REQUESTED.value]
+    if len(requests) != int(requested):
+        problems.append(f"{len(requests)} cancel_requested events, requested: {requested}")
+    if requested and (wf.cancel_source, wf.cancel_actor, wf.cancel_reason) != (
+        API.source, API.actor, API.reason
+    ):
+        problems.append(f"cancel request by {wf.cancel_source}/{wf.cancel_actor}")
+    if wf.status == S.CANCELLED.value:
+        if wf.cancel_outcome not in CANCEL_WRITTEN:
+            problems.append(f"cancelled with outcome {wf.cancel_outcome}")
+        if not requested:
+            problems.append("cancelled without a cancel request")
+        if wf.outputs is not None:
+            problems.append("cancelled, yet a completion's outputs are attached")
+        terminal = into_terminal[-1] if into_terminal else None
+        if terminal is None or terminal.outcome != wf.cancel_outcome:
+            problems.append(f"outcome {wf.cancel_outcome}, terminal transition says "
+                            f"{terminal.outcome if terminal else None}")
+        elif terminal.source != API.source:
+            problems.append(f"cancelled by source {terminal.source}, requested by the API")
+    elif requested and wf.cancel_outcome != CancelOutcome.TOO_LATE.value:
+        problems.append(f"{wf.status} after a cancel request, outcome {wf.cancel_outcome}")
+    elif not requested and wf.cancel_outcome is not None:
+        problems.append(f"outcome {wf.cancel_outcome} without a cancel request")
+    if (wf.cancel_outcome is None) != (wf.cancel_finished_at is None):
+        problems.append(f"outcome {wf.cancel_outcome}, finished at {wf.cancel_finished_at}")
+
+    # The audit trail tells the same story: the first outcome after the request is the one
+    # recorded; later attempts that changed nothing may be audited, but only with an
+    # outcome that matches the end (too_late on completed/failed, already_cancelled on
+    # cancelled).
+    outcomes = [e for e in trail if e.outcome is not None]
+    if not requested and outcomes:
+        problems.append(f"outcome events {[e.outcome for e in outcomes]} without a request")
+    if requested:
+        if not outcomes or outcomes[0].outcome != wf.cancel_outcome:
+            problems.append(f"first outcome event {outcomes[0].outcome if outcomes else None}, "
+                            f"recorded outcome {wf.cancel_outcome}")
+        if outcomes and requests and outcomes[0].id < requests[0].id:
+            problems.append("an outcome was audited before the request")
+        late = (CancelOutcome.ALREADY_CANCELLED if wf.status == S.CANCELLED.value
+                else CancelOutcome.TOO_LATE).value
+        wrong = [e.outcome for e in outcomes[1:] if e.outcome != late]
+        if wrong:
+            problems.append(f"later outcome events {wrong} on a {wf.status} workflow")
+        transition_outcomes = [e for e in outcomes if e.kind == EventKind.TRANSITION.value]
+        if len(transition_outcomes) != int(wf.status == S.CANCELLED.value):
+            problems.append(f"{len(transition_outcomes)} transitions carrying an outcome")
+
+    # Escalation: a runner that never answers is ended by the cancel worker.
+    if plan.kind is Kind.HUNG and (wf.status, wf.cancel_outcome) != ("cancelled", "forced"):
+        problems.append(f"a hung runner ended {wf.status}/{wf.cancel_outcome}, not forced")
+    if plan.kind is Kind.LOST and (wf.status, wf.cancel_outcome) != ("cancelled", "runner_lost"):
+        problems.append(f"a lost runner ended {wf.status}/{wf.cancel_outcome}, not runner_lost")
+    deaf_ends = {CancelOutcome.FORCED.value, CancelOutcome.TOO_LATE.value}
+    if plan.kind is Kind.DEAF and wf.id in api.requested and wf.cancel_outcome not in deaf_ends:
+        problems.append(f"a deaf runner ended {wf.status}/{wf.cancel_outcome}")
+    return problems

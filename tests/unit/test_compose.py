@@ -1,0 +1,180 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine: what they name
+must exist in the code (subcommands, settings, queues, modules), and the deployment must
+keep the properties the design asks for (health checks, a Redis that never drops a message)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from comfy_cancel import cli, worker
+from comfy_cancel.config import ENV_PREFIX, Settings
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+LONG_RUNNING = {"redis", "postgres", "api", "worker", "runner", "beat", "comfyui-sim"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(compose["services"])
+
+
+def argv(command: str | list[str]) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # the "KEY=value" form
+        return dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def healthcheck_argv(service: dict[str, Any]) -> list[str]:
+    test = service["healthcheck"]["test"]
+    if isinstance(test, str):
+        return shlex.split(test)
+    kind, *rest = test
+    return shlex.split(rest[0]) if kind == "CMD-SHELL" else rest
+
+
+def comfy_cancel_commands(services: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    found = []
+    for name, service in services.items():
+        for command in (service.get("command"), service.get("entrypoint")):
+            if command and argv(command)[0] == "comfy-cancel":
+                found.append((name, argv(command)))
+        if "healthcheck" in service and healthcheck_argv(service)[:1] == ["comfy-cancel"]:
+            found.append((name, healthcheck_argv(service)))
+    return found
+
+
+def test_the_deployment_has_every_part_of_the_system(services: dict[str, Any]) -> None:
+    assert set(services) == LONG_RUNNING | {"migrate"}
+
+
+def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        check = service.get("healthcheck")
+        assert check and not check.get("disable"), f"{name} has no healthcheck"
+        assert healthcheck_argv(service), f"{name}'s healthcheck runs nothing"
+
+
+def test_every_comfy_cancel_command_parses_with_the_real_cli(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    commands = comfy_cancel_commands(services)
+    assert {name for name, _ in commands} >= LONG_RUNNING - {"redis", "postgres"} | {"migrate"}
+    parser = cli.build_parser()
+    for name, command in commands:
+        try:
+            parser.parse_args(command[1:])
+        except cli.UsageError as exc:
+            pytest.fail(f"{name}: `{shlex.join(command)}` is refused by the CLI: {exc}")
+
+
+def test_the_workers_consume_every_queue_and_only_real_ones(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    parser = cli.build_parser()
+    consumed: set[str] = set()
+    for _name, command in comfy_cancel_commands(services):
+        args = parser.parse_args(command[1:])
+        if args.run is cli.cmd_worker:
+            queues = {q.strip() for q in args.queues.split(",")}
+            assert queues <= set(worker.ALL_QUEUES), queues
+            consumed |= queues
+    assert consumed == set(worker.ALL_QUEUES)
+    # Customers' cancels never wait behind a workflow: the runner queue has its own service.
+    runner_queues = {q for q in argv(services["runner"]["command"]) if "runner" in q}
+    assert runner_queues == {"runner"}
+
+
+def test_every_setting_variable_is_a_real_setting(compose: dict[str, Any]) -> None:
+    fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    named = set(re.findall(rf"{ENV_PREFIX}[A-Z0-9_]+", COMPOSE.read_text()))
+    assert named, "the compose file configures nothing through settings"
+    assert named <= fields, f"not settings: {sorted(named - fields)}"
+    for name, service in compose["services"].items():
+        for key in environment(service):
+            if key.startswith(ENV_PREFIX):
+                assert key in fields, f"{name}: {key} is not a setting"
+
+
+def test_the_app_talks_to_the_compose_redis_and_postgres(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in ("migrate", "api", "worker", "runner", "beat"):
+        env = environment(services[name])
+        assert env[f"{ENV_PREFIX}DATABASE_URL"].startswith("postgresql+psycopg://"), name
+        assert "@postgres:5432/" in env[f"{ENV_PREFIX}DATABASE_URL"], name
+        assert env[f"{ENV_PREFIX}REDIS_URL"].startswith("redis://redis:6379"), name
+    assert environment(services["api"])[f"{ENV_PREFIX}API_HOST"] == "0.0.0.0"
+
+
+def test_redis_keeps_every_message(services: dict[str, dict[str, Any]]) -> None:
+    redis = services["redis"]
+    assert str(redis["image"]).startswith("redis:7")
+    command = " ".join(argv(redis["command"]))
+    assert "--appendonly yes" in command
+    assert "--maxmemory-policy noeviction" in command
+    assert redis.get("volumes"), "the append-only file must outlive the container"
+
+
+def test_services_start_in_order(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for dependency, rule in (service.get("depends_on") or {}).items():
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            condition = rule["condition"]
+            if dependency == "migrate":
+                assert condition == "service_completed_successfully", name
+            else:
+                assert condition == "service_healthy", f"{name} -> {dependency}"
+    for name in ("api", "worker", "runner", "beat"):
+        assert set(services[name]["depends_on"]) == {"redis", "postgres", "migrate"}, name
+    assert set(services["migrate"]["depends_on"]) == {"postgres"}
+    assert services["migrate"]["restart"] == "no"
+
+
+def test_healthchecks_use_modules_and_routes_that_exist(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in ("worker", "runner"):
+        check = healthcheck_argv(services[name])
+        assert check[:2] == ["celery", "-A"], name
+        assert importlib.util.find_spec(check[2]) is not None, check[2]
+        assert "ping" in check
+    from comfy_cancel.api import create_app
+
+    paths = set(create_app(Settings()).openapi()["paths"])
+    api_check = " ".join(healthcheck_argv(services["api"]))
+    checked = re.findall(r"127\.0\.0\.1:\d+(/[a-z_]+)", api_check)
+    assert checked and set(checked) <= paths, (checked, sorted(paths))
+    assert "/system_stats" in " ".join(healthcheck_argv(services["comfyui-sim"]))
+
+
+def test_the_image_is_python_3_11_or_newer_and_not_root() -> None:
+    lines = [ln.strip() for ln in DOCKERFILE.read_text().splitlines()
+             if ln.strip() and not ln.strip().startswith("#")]
+    base = next(ln for ln in lines if ln.upper().startswith("FROM "))
+    match = re.match(r"FROM\s+(?:--platform=\S+\s+)?python:(\d+)\.(\d+)", base, re.IGNORECASE)
+    assert match, f"not a python base image: {base}"
+    assert (int(match[1]), int(match[2])) >= (3, 11), base
+    users = [ln.split(None, 1)[1] for ln in lines if ln.upper().startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "the image must not run as root"
+    assert any(re.search(r"pip install\b.*\s\.(\s|$)", ln) for ln in lines), "installs the package"
