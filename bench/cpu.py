@@ -60,20 +60,30 @@ def cpu_by_role(known: dict[int, str]) -> Iterator[dict[str, Any]]:
     known = {os.getpid(): "api + benchmark driver", **known}
     result: dict[str, Any] = {}
     before = _snapshot(known)
+    machine_before = _machine_busy()
     started = time.monotonic()
     try:
         yield result
     finally:
         after = _snapshot(known)
+        machine = _machine_busy() - machine_before
         wall = time.monotonic() - started
         spent: dict[str, float] = {}
         for pid, (role, cpu) in after.items():
             spent[role] = spent.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
+        # Processes that came and went (a PostgreSQL backend per new connection, the load
+        # generator) are only in the machine's total.
+        spent["other (short-lived processes)"] = max(0.0, machine - sum(spent.values()))
+        cores = psutil.cpu_count() or 1
         result["wall_seconds"] = round(wall, 2)
-        result["cores"] = psutil.cpu_count()
+        result["cores"] = cores
         result["cpu_seconds_by_role"] = {
             k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
         }
-        result["machine_busy_pct"] = round(
-            100 * sum(spent.values()) / (wall * (psutil.cpu_count() or 1)), 1
-        ) if wall else None
+        result["machine_busy_pct"] = round(100 * machine / (wall * cores), 1) if wall else None
+
+
+def _machine_busy() -> float:
+    times = psutil.cpu_times()
+    return float(sum(getattr(times, name, 0.0)
+                     for name in ("user", "system", "nice", "irq", "softirq", "steal")))

@@ -139,16 +139,18 @@ def _cancel_chunk(
     summary.already_terminal += sum(t.status in TERMINAL for t in chunk)
     summary.not_cancellable += sum(t.status not in ACTIVE + TERMINAL for t in chunk)
     with ctx.db.transaction() as session:
-        status.request_cancel_many(session, active, by)
+        requested = set(status.request_cancel_many(session, active, by))
         cancelled = status.cancel_queued_many(session, queued, by)
     summary.cancelled += len(cancelled)
+    # Matched as queued or running, ended before the request was written.
+    summary.too_late += len(active) - len(requested)
     cancelled_ids = {wid for wid, _ in cancelled}
     tasks.revoke_runner_tasks([task_id for _, task_id in cancelled if task_id])
     signals.send(ctx.redis, cancelled_ids, signals.SignalKind.STOP,
                  ctx.settings.signal_ttl_seconds)
     _remove_pending_prompts(ctx, [t for t in chunk if t.id in cancelled_ids and t.prompt_id])
     # Running ones, and queued ones that started running meanwhile.
-    rest = [wid for wid in active if wid not in cancelled_ids]
+    rest = [wid for wid in active if wid in requested and wid not in cancelled_ids]
     if not rest:
         return []
     try:

@@ -101,7 +101,9 @@ def _terminal_outcome(session: Any, workflow: Workflow, by: Actor) -> CancelOutc
         if workflow.status == S.CANCELLED.value
         else CancelOutcome.TOO_LATE
     )
-    status.record_outcome(session, workflow.id, outcome, by)
+    # Only a workflow with a cancel request gets an outcome: one that was never asked to
+    # stop (an id list naming finished work) keeps none.
+    status.record_outcome(session, workflow.id, outcome, by, only_if_requested=True)
     return outcome
 
 
@@ -135,9 +137,9 @@ def escalate(
 ) -> CancelOutcome | None:
     """End a workflow without its runner's acknowledgement (``forced``, ``runner_lost``)."""
     with ctx.db.transaction() as session:
-        change = status.cancel_if_active(
-            session, workflow.id, by, outcome, workflow.cancel_timing()
-        )
+        # The audit row names the requester; ``escalated`` says the cancel worker decided.
+        detail = {**workflow.cancel_timing(), "escalated": True}
+        change = status.cancel_if_active(session, workflow.id, by, outcome, detail)
         if not change.changed:
             current = manager.get_workflow(session, workflow.id)
             return _terminal_outcome(session, current, by) if current else None

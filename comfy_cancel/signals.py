@@ -107,8 +107,11 @@ class SignalListener:
         # the key check in register() covers what was sent before this point.
         self._subscribed.wait(timeout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _run(self) -> None:
         backoff = 0.1
@@ -169,7 +172,11 @@ _listeners: dict[int, SignalListener] = {}
 
 
 def listener_for(client: redis.Redis) -> SignalListener:
-    """The process's listener on this Redis client (one per client object)."""
+    """The process's listener on this Redis client (one per client object).
+
+    Keyed by ``id(client)``: safe, because the listener holds the client, so the id
+    cannot be reused while the entry exists.
+    """
     with _listener_lock:
         listener = _listeners.get(id(client))
         if listener is None:

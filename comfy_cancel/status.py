@@ -385,7 +385,9 @@ def record_outcome(
     ).first()
     if changed is None and only_if_requested:
         return False
-    _audit(session, workflow_id, EventKind.CANCEL_OUTCOME, by, outcome.value, now, detail)
+    # A later request's outcome is audited too, marked as not the one the workflow keeps.
+    audited = dict(detail or {}) if changed is not None else {**(detail or {}), "recorded": False}
+    _audit(session, workflow_id, EventKind.CANCEL_OUTCOME, by, outcome.value, now, audited)
     return changed is not None
 
 

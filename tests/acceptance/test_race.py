@@ -324,10 +324,7 @@ def listening(client: redis.Redis) -> Iterator[SignalListener]:
     try:
         yield listener
     finally:
-        listener.stop()
-        thread = listener._thread  # SignalListener.stop() does not wait for its thread
-        if thread is not None:
-            thread.join(5)
+        listener.stop()  # waits for its thread
 
 
 def seed_running(db: Database, account_id: int, runner_id: str, count: int) -> list[str]:
