@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import redis
+from sqlalchemy import text
 
 from comfy_cancel import manager, status
 from comfy_cancel.config import get_settings
@@ -92,6 +93,19 @@ class Runners:
                 self.errors.append(f"{workflow_id}: {type(exc).__name__}: {exc}")
 
 
+def _heartbeat(db: Database, ids: list[str], stop: threading.Event) -> None:
+    """Keep the runs alive, as their runners' heartbeats would (one statement for all of
+    them here; real runners write one row each, every ``heartbeat_interval_seconds``)."""
+    interval = get_settings().heartbeat_interval_seconds
+    while not stop.wait(interval):
+        with db.transaction() as session:
+            session.execute(
+                text("UPDATE workflows SET heartbeat_at = (now() AT TIME ZONE 'utc') "
+                     "WHERE id = ANY(:ids) AND status IN ('queued', 'running')"),
+                {"ids": ids},
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fake_runner", description=__doc__)
     parser.add_argument("--ids", type=Path, required=True, help="one workflow id a line")
@@ -107,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     listener = SignalListener(client)
     for workflow_id in args.ids.read_text().split():
         listener.register(workflow_id, runners.handler(workflow_id))  # type: ignore[arg-type]
+    ids = args.ids.read_text().split()
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(db, ids, stop), daemon=True).start()
     print("ready", flush=True)
     sys.stdin.read()  # until the benchmark closes our stdin
+    stop.set()
     listener.stop()
     runners.pool.shutdown(wait=True)
     args.out.write_text(json.dumps({

@@ -107,7 +107,9 @@ def summarise(profile: Profile, top: int = 15) -> Profile:
     profile.samples = total
 
     def pct(counter: Counter[str]) -> list[tuple[str, float]]:
-        return [(k, round(100 * v / total, 1)) for k, v in counter.most_common(top)] if total else []
+        if not total:
+            return []
+        return [(k, round(100 * v / total, 1)) for k, v in counter.most_common(top)]
 
     profile.by_package = pct(by_package)
     profile.our_functions = pct(ours)
@@ -149,3 +151,48 @@ def sampled(targets: dict[str, int], out_dir: Path, label: str) -> Iterator[list
             if not profile.raw_path.exists():
                 profile.error = (err or b"").decode(errors="replace")[-300:] or "no output"
             summarise(profile)
+
+
+@contextmanager
+def pg_waits(libpq_url: str, interval: float = 0.02) -> Iterator[dict[str, Any]]:
+    """Sample ``pg_stat_activity`` while the block runs: what the database's client
+    backends were doing (active on what, waiting on what, or idle inside a transaction,
+    which means the application held a transaction open while it was busy elsewhere)."""
+    import threading
+
+    import psycopg
+
+    result: dict[str, Any] = {}
+    states: Counter[str] = Counter()
+    waits: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def sample() -> None:
+        with psycopg.connect(libpq_url, autocommit=True) as conn:
+            while not stop.is_set():
+                rows = conn.execute(
+                    "SELECT state, wait_event_type, wait_event, left(query, 48) "
+                    "FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                    "AND pid <> pg_backend_pid() AND datname = current_database()"
+                ).fetchall()
+                for state, wait_type, wait_event, query in rows:
+                    states[str(state)] += 1
+                    if state == "active":
+                        what = f"{wait_type}:{wait_event}" if wait_type else "on CPU"
+                        waits[f"{what} ({' '.join(str(query).split()[:3])})"] += 1
+                time.sleep(interval)
+
+    thread = threading.Thread(target=sample, name="pg-waits", daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join(10)
+        total = sum(states.values()) or 1
+        active = sum(waits.values()) or 1
+        result["backend_states_pct"] = {k: round(100 * v / total, 1)
+                                        for k, v in states.most_common()}
+        result["active_backends_waiting_on_pct"] = [
+            [k, round(100 * v / active, 1)] for k, v in waits.most_common(10)
+        ]

@@ -93,9 +93,11 @@ class Stuck:
         return self.lost + self.overdue + self.stale_queued + self.open_intents
 
 
-def history(db: Database, account_id: int, runner_id: str, count: int) -> None:
+def history(db: Database, account_id: int, runner_id: str, count: int) -> list[str]:
     """``count`` finished workflows over the last 30 days (96% completed, 2% failed,
-    2% cancelled), plus 500 running and 500 queued ones that are not stuck."""
+    2% cancelled), plus 500 running and 500 queued ones that are not stuck; returns the
+    running ones' ids (:func:`keep_alive` refreshes their heartbeats)."""
+    running: list[str] = []
     with db.transaction() as session:
         session.execute(
             text(
@@ -118,7 +120,7 @@ def history(db: Database, account_id: int, runner_id: str, count: int) -> None:
             {"account_id": account_id, "runner_id": runner_id, "count": count},
         )
         for state, extra in (("running", 500), ("queued", 500)):
-            session.execute(
+            inserted = session.execute(
                 text(
                     "INSERT INTO workflows (id, account_id, name, status, runner_id, tags, "
                     "workflow_json, runner_task_id, created_at, updated_at, started_at, "
@@ -128,11 +130,23 @@ def history(db: Database, account_id: int, runner_id: str, count: int) -> None:
                     f"{NOW} - interval '2 minutes', {NOW} - interval '1 minute', "
                     f"CASE WHEN :state = 'running' THEN {NOW} - interval '1 minute' END, "
                     f"CASE WHEN :state = 'running' THEN {NOW} END "
-                    "FROM generate_series(1, :count) AS g"
+                    "FROM generate_series(1, :count) AS g RETURNING id"
                 ),
                 {"account_id": account_id, "runner_id": runner_id, "state": state,
                  "count": extra},
-            )
+            ).scalars().all()
+            if state == "running":
+                running = list(inserted)
+    return running
+
+
+def keep_alive(db: Database, workflow_ids: list[str]) -> None:
+    """Fresh heartbeats for running workflows that are not stuck (their runners are alive)."""
+    with db.transaction() as session:
+        session.execute(
+            text(f"UPDATE workflows SET heartbeat_at = {NOW} WHERE id = ANY(:ids)"),
+            {"ids": workflow_ids},
+        )
 
 
 def stuck(db: Database, account_id: int, runner_id: str, per_kind: int = 25) -> Stuck:

@@ -124,8 +124,10 @@ class SignalListener:
                 confirmed = pubsub.get_message(timeout=5.0)
                 if confirmed is None or confirmed.get("type") != "subscribe":
                     raise redis.ConnectionError("no subscription confirmation from Redis")
+                if self._subscribed.is_set():
+                    # A re-subscription: what was published while we were away is gone.
+                    self._recover_missed()
                 self._subscribed.set()
-                self._recover_missed()
                 backoff = 0.1
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=1.0)

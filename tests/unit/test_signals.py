@@ -25,7 +25,8 @@ def test_a_signal_reaches_only_the_registered_run_and_a_late_runner_finds_its_ke
     try:
         assert send(client, ["a"], SignalKind.CANCEL, ttl_seconds=60) == 1
         assert arrived.wait(5)
-        assert got == {"a": [SignalKind.CANCEL], "b": []}
+        # At least once (a repeat is harmless: handlers are idempotent), and only to "a".
+        assert set(got["a"]) == {SignalKind.CANCEL} and got["b"] == []
         # A run that registers after the signal was sent still gets it, from the key (and
         # perhaps once more from the channel, if the listener was slow: handlers are
         # idempotent, so a repeat is harmless).

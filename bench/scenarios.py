@@ -1,0 +1,554 @@
+"""The seven measurements of issue 5, each beside its baseline, on the running system.
+
+Each function takes the :class:`~bench.system.System` and its sizes and returns a
+JSON-ready dict. Times that cross processes are wall-clock (``time.time()`` in the load
+generator, ``utcnow()`` where the cancel worker or the runner stamps
+``cancel_finished_at``, ``time.time()`` in the simulated ComfyUI): one machine, one clock.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from sqlalchemy import text
+
+from bench import cpu, seed
+from bench.stats import distribution_ms, median, ratio
+from bench.system import GRACE_SECONDS, REPO, System, epoch
+from comfy_cancel import manager, services
+from comfy_cancel.config import Settings
+from comfy_cancel.context import Context
+from comfy_cancel.db import Database, make_engine
+from comfy_cancel.migrations import upgrade
+from comfy_cancel.sweeps import sweep
+from tests.helpers import blur_chain
+
+Log = Callable[[str], None]
+
+# ImageBlur at 512x512, radius 31: 0.356 s a node at time scale 1, interruptible every
+# tenth of that (the simulated ComfyUI's calibration of a 2-core CPU).
+RUNNING_PROMPT = blur_chain(30, size=512, prefix="bench")
+SIM_NODE_MS = round((0.01 + 1.32e-6 * 512 * 512) * 1000, 1)
+SIM_STEP_MS = round(SIM_NODE_MS / 10, 1)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    throughput_cancels: int
+    noop_tasks: int
+    latency_seconds: float
+    running_samples: int
+    at_once: int
+    at_once_variants: tuple[tuple[str, str], ...]
+    bulk_sizes: tuple[int, int]
+    one_at_a_time_sample: int
+    sweep_sizes: tuple[int, int]
+    sweep_passes: int
+    load_seconds: float
+    clients: int = 32
+    latency_rates: tuple[int, int] = (50, 200)
+
+
+FULL = Sizes(
+    throughput_cancels=3000, noop_tasks=10000, latency_seconds=15.0, running_samples=100,
+    at_once=1000,
+    at_once_variants=(("api", "ack"), ("api", "deaf"), ("bulk", "ack"), ("bulk", "deaf")),
+    bulk_sizes=(10_000, 100_000), one_at_a_time_sample=300, sweep_sizes=(10_000, 1_000_000),
+    sweep_passes=7, load_seconds=15.0,
+)
+QUICK = Sizes(
+    throughput_cancels=300, noop_tasks=1500, latency_seconds=2.0, running_samples=6,
+    at_once=100, at_once_variants=(("api", "ack"), ("bulk", "ack")),
+    bulk_sizes=(1_000, 10_000), one_at_a_time_sample=40, sweep_sizes=(10_000, 100_000),
+    sweep_passes=3, load_seconds=2.0,
+)
+
+
+def _known_pids(system: System) -> dict[int, str]:
+    return {system.cancel_worker_pid: "cancel worker", system.runner_worker_pid: "runner worker",
+            system.noop_worker.pid: "no-op worker"}
+
+
+def _codes(requests: list[list[Any]]) -> dict[str, int]:
+    return dict(Counter(str(r[4]) for r in requests))
+
+
+def _ok(requests: list[list[Any]]) -> list[list[Any]]:
+    return [r for r in requests if r[4] == 200]
+
+
+def pg_sessions(system: System) -> int:
+    """Connections ever opened to the benchmark's database (PostgreSQL 14+)."""
+    with psycopg.connect(services.libpq_url(system.stack.settings.database_url),
+                         autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def warm_up(system: System, log: Log) -> None:
+    """Connections, caches and imports warm in every process before anything is timed."""
+    account_id, token = system.new_account("warm-up")
+    ids = seed.queued(system.db, account_id, system.stack.runner_id, 100)
+    system.loadgen_http("warm-up", system.cancel_url(), method="POST", token=token, ids=ids,
+                        concurrency=8)
+    system.wait_account_settled(account_id, len(ids), 60)
+    key = f"bench:noop:{uuid.uuid4().hex}"
+    system.loadgen_noop("warm-up-noop", 200, key)
+    _wait_counter(system, key, 200, 60)
+    log("warmed up")
+
+
+def _wait_counter(system: System, key: str, target: int, timeout: float) -> float | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if int(system.redis.get(key) or 0) >= target:
+            return time.time()
+        time.sleep(0.002)
+    return None
+
+
+# --- 1. throughput ---------------------------------------------------------------------------
+
+
+def throughput(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+    account_id, token = system.new_account("throughput")
+    ids = seed.queued(system.db, account_id, system.stack.runner_id, sizes.throughput_cancels)
+    sessions_before = pg_sessions(system)
+    with cpu.cpu_by_role(_known_pids(system)) as cancel_cpu:
+        load = system.loadgen_http("throughput", system.cancel_url(), method="POST",
+                                   token=token, ids=ids, concurrency=sizes.clients)
+        settled = system.wait_account_settled(account_id, len(ids), 300)
+    new_connections = pg_sessions(system) - sessions_before
+    finished = [t for _, t, _ in system.cancel_times(account_id).values() if t is not None]
+    start = min(r[2] for r in load["requests"])
+    cancel_rate = len(finished) / (max(finished) - start) if finished else None
+    log(f"throughput: {cancel_rate:.0f} cancels/s end to end")
+
+    key = f"bench:noop:{uuid.uuid4().hex}"
+    with cpu.cpu_by_role(_known_pids(system)) as noop_cpu:
+        published = system.loadgen_noop("noop", sizes.noop_tasks, key)
+        done_at = _wait_counter(system, key, sizes.noop_tasks, 300)
+    noop_rate = sizes.noop_tasks / (done_at - published["started"]) if done_at else None
+    log(f"throughput: no-op round trip {noop_rate:.0f} tasks/s")
+    cancel_cpu["cpu_seconds_by_role"]["load generator"] = load["cpu_seconds"]
+    noop_cpu["cpu_seconds_by_role"]["load generator"] = published["cpu_seconds"]
+    return {
+        "cancels": len(ids), "cancelled": len(finished), "settled": settled,
+        "clients": sizes.clients, "cancel_worker_processes": 1,
+        "cancel_per_second": _round(cancel_rate),
+        "noop_tasks": sizes.noop_tasks,
+        "noop_per_second": _round(noop_rate),
+        "noop_publish_seconds": round(published["finished"] - published["started"], 3),
+        "ratio": ratio(cancel_rate, noop_rate),
+        "api_response": distribution_ms([r[3] - r[2] for r in _ok(load["requests"])]),
+        "http_codes": _codes(load["requests"]),
+        "new_postgresql_connections": new_connections,
+        "cpu_cancel": cancel_cpu, "cpu_noop": noop_cpu,
+    }
+
+
+# --- 2. queued latency -----------------------------------------------------------------------
+
+
+def queued_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for rate in sizes.latency_rates:
+        count = int(rate * sizes.latency_seconds)
+        account_id, token = system.new_account(f"latency-{rate}")
+        ids = seed.queued(system.db, account_id, system.stack.runner_id, count)
+        with cpu.cpu_by_role(_known_pids(system)) as used:
+            load = system.loadgen_http(f"latency-{rate}", system.cancel_url(), method="POST",
+                                       token=token, ids=ids, rate=rate,
+                                       concurrency=sizes.clients,
+                                       duration=sizes.latency_seconds * 4 + 30)
+            settled = system.wait_account_settled(account_id, count, 300)
+        times = system.cancel_times(account_id)
+        ok = _ok(load["requests"])
+        latencies, early = [], 0
+        for item, _due, _sent, done, _code in ok:
+            finished = times[item][1]
+            if finished is None:
+                continue
+            if finished < done:
+                early += 1  # cancelled before the client had read the 200
+            latencies.append(max(0.0, finished - done))
+        span = max(r[3] for r in ok) - min(r[2] for r in ok) if ok else None
+        used["cpu_seconds_by_role"]["load generator"] = load["cpu_seconds"]
+        result[str(rate)] = {
+            "offered_per_second": rate,
+            "requests": len(load["requests"]),
+            "achieved_per_second": _round(len(ok) / span if span else None),
+            "settled": settled,
+            "latency_200_to_cancelled": distribution_ms(latencies),
+            "cancelled_before_the_200_was_read": early,
+            "api_response": distribution_ms([r[3] - r[2] for r in ok]),
+            "send_lag": distribution_ms([max(0.0, r[2] - r[1]) for r in load["requests"]]),
+            "http_codes": _codes(load["requests"]),
+            "cpu": used,
+            "samples_ms": [round(v * 1000, 2) for v in latencies],
+        }
+        p99 = result[str(rate)]["latency_200_to_cancelled"]["p99_ms"]
+        log(f"queued latency at {rate}/s: p99 {p99} ms")
+    return result
+
+
+# --- 3. running latency ----------------------------------------------------------------------
+
+
+def running_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+    stack = system.stack
+    rng = random.Random(5)
+    records: list[tuple[str, float]] = []
+    failures: Counter[str] = Counter()
+
+    def status_of(workflow_id: str) -> str:
+        with system.db.transaction() as session:
+            return str(session.execute(text("SELECT status FROM workflows WHERE id = :i"),
+                                       {"i": workflow_id}).scalar_one())
+
+    def wait_status(workflow_id: str, wanted: set[str], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        current = status_of(workflow_id)
+        while current not in wanted and time.monotonic() < deadline:
+            time.sleep(0.01)
+            current = status_of(workflow_id)
+        return current
+
+    terminal = {"cancelled", "completed", "failed"}
+    with httpx.Client(base_url=stack.api_url, timeout=30,
+                      headers={"Authorization": f"Bearer {stack.token}"}) as client:
+        for n in range(sizes.running_samples + 1):  # the first one warms the runner up
+            response = client.post("/v1/workflow", json={
+                "name": f"running-latency-{n}", "workflow_json": RUNNING_PROMPT})
+            workflow_id = response.json()["id"]
+            if wait_status(workflow_id, {"running"} | terminal, 30) != "running":
+                failures["never ran"] += 1
+                continue
+            time.sleep(rng.uniform(0.05, 0.25))  # land anywhere within a node's step
+            response = client.post(f"/v1/workflow/{workflow_id}/cancel")
+            acknowledged = time.time()
+            if response.status_code != 200:
+                failures[f"cancel answered {response.status_code}"] += 1
+                continue
+            if wait_status(workflow_id, terminal, 30) != "cancelled":
+                failures["did not end cancelled"] += 1
+            if n > 0:
+                records.append((workflow_id, acknowledged))
+    calls = httpx.get(f"{stack.sim.url}/sim/calls", timeout=30).json()["calls"]
+    first_call: dict[str, float] = {}
+    for call in calls:
+        if call["prompt_id"] and call["prompt_id"] not in first_call:
+            first_call[call["prompt_id"]] = float(call["at"])
+    to_call, to_cancelled, outcomes = [], [], Counter()
+    with system.db.transaction() as session:
+        for workflow_id, acknowledged in records:
+            prompt_id, finished, outcome = session.execute(
+                text("SELECT prompt_id, cancel_finished_at, cancel_outcome FROM workflows "
+                     "WHERE id = :i"), {"i": workflow_id}).one()
+            outcomes[str(outcome)] += 1
+            if prompt_id in first_call:
+                to_call.append(max(0.0, first_call[prompt_id] - acknowledged))
+            if finished is not None:
+                to_cancelled.append(max(0.0, (epoch(finished) or 0.0) - acknowledged))
+    result = {
+        "samples": len(records),
+        "to_comfyui_cancel_call": distribution_ms(to_call),
+        "to_cancelled": distribution_ms(to_cancelled),
+        "sim_node_ms": SIM_NODE_MS,
+        "sim_step_ms": SIM_STEP_MS,
+        "sim_time_scale": system.stack.sim.sim.time_scale,
+        "outcomes": dict(outcomes),
+        "failures": dict(failures),
+        "samples_to_call_ms": [round(v * 1000, 2) for v in to_call],
+        "samples_to_cancelled_ms": [round(v * 1000, 2) for v in to_cancelled],
+    }
+    log(f"running latency: p99 to the ComfyUI call {result['to_comfyui_cancel_call']['p99_ms']}"
+        f" ms, to cancelled {result['to_cancelled']['p99_ms']} ms")
+    return result
+
+
+# --- 4. a thousand running at once -----------------------------------------------------------
+
+
+def at_once(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+    variants = {}
+    for via, mode in sizes.at_once_variants:
+        variants[f"{via}-{mode}"] = _at_once(system, sizes, via, mode)
+        log(f"{sizes.at_once} running at once ({via}, runners {mode}): "
+            f"{variants[f'{via}-{mode}']['wall_seconds']} s")
+    return {"count": sizes.at_once, "grace_seconds": GRACE_SECONDS, "variants": variants}
+
+
+def _at_once(system: System, sizes: Sizes, via: str, mode: str) -> dict[str, Any]:
+    name = f"at-once-{via}-{mode}"
+    account_id, token = system.new_account(name)
+    ids = seed.running_via_status_writer(system.db, account_id, system.stack.runner_id,
+                                         sizes.at_once)
+    ids_file = system.path(f"ids-{name}.txt")
+    ids_file.write_text("\n".join(ids))
+    out = system.path(f"fake-runner-{name}.json")
+    runners = subprocess.Popen(
+        [sys.executable, "-m", "bench.fake_runner", "--ids", str(ids_file), "--mode", mode,
+         "--ack-delay", str(SIM_STEP_MS / 1000), "--out", str(out)],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert runners.stdout is not None
+        if runners.stdout.readline().strip() != "ready":
+            raise RuntimeError("the simulated runners did not start")
+        with cpu.cpu_by_role({**_known_pids(system), runners.pid: "simulated runners"}) as used:
+            started = time.time()
+            if via == "api":
+                load = system.loadgen_http(name, system.cancel_url(), method="POST", token=token,
+                                           ids=ids, concurrency=sizes.clients)
+                codes = _codes(load["requests"])
+            else:
+                command = _measured_cli(system, name, ["bulk-cancel", "--account", name,
+                                                       "--status", "running", "--yes", "--json",
+                                                       "--wait", "0"])
+                codes = {"bulk command exit": command["exit_code"]}
+            settled = system.wait_account_settled(account_id, len(ids), 4 * GRACE_SECONDS + 120)
+    finally:
+        if runners.stdin is not None:
+            runners.stdin.close()
+        runners.wait(60)
+    times = system.cancel_times(account_id)
+    finished = [t for _, t, _ in times.values() if t is not None]
+    wall = max(finished) - started if finished else None
+    runner_report = json.loads(out.read_text()) if out.exists() else {}
+    return {
+        "via": via, "runners": mode, "count": len(ids), "settled": settled,
+        "wall_seconds": _round(wall, 2),
+        "grace_periods": ratio(wall, GRACE_SECONDS),
+        "statuses": dict(Counter(s for s, _, _ in times.values())),
+        "outcomes": dict(Counter(str(o) for _, _, o in times.values())),
+        "requests": codes, "simulated_runners": runner_report, "cpu": used,
+    }
+
+
+def _measured_cli(system: System, label: str, command: list[str]) -> dict[str, Any]:
+    out = system.path(f"measure-{label}.json")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "bench.measure", str(out), "--", *command],
+                   cwd=REPO, check=False, capture_output=True, timeout=900)
+    result = dict(json.loads(out.read_text()))
+    result["wall_seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+# --- 5. bulk cancel --------------------------------------------------------------------------
+
+
+def bulk(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+    runner_id = system.stack.runner_id
+    accounts = {}
+    for size in sizes.bulk_sizes:
+        name = f"bulk-{size}"
+        account_id, _ = system.new_account(name)
+        seed.queued(system.db, account_id, runner_id, size)
+        accounts[size] = (name, account_id)
+    _vacuum_analyze(system.stack.settings.database_url)
+
+    # One at a time through the API, on a sample, in this run.
+    account_id, token = system.new_account("one-at-a-time")
+    ids = seed.queued(system.db, account_id, runner_id, sizes.one_at_a_time_sample)
+    load = system.loadgen_http("one-at-a-time", system.cancel_url(), method="POST",
+                               token=token, ids=ids, concurrency=1)
+    system.wait_account_settled(account_id, len(ids), 120)
+    finished = [t for _, t, _ in system.cancel_times(account_id).values() if t is not None]
+    one_span = max(finished) - min(r[2] for r in load["requests"])
+    one_rate = len(finished) / one_span
+    log(f"bulk: one API call at a time: {one_rate:.0f} cancels/s on {len(ids)}")
+
+    dry = _measured_cli(system, "bulk-dry-run", [
+        "bulk-cancel", "--account", accounts[sizes.bulk_sizes[0]][0], "--status", "queued",
+        "--dry-run", "--json"])
+    result: dict[str, Any] = {
+        "one_at_a_time": {"sample": len(ids), "cancelled": len(finished),
+                          "rate_per_second": _round(one_rate),
+                          "api_response": distribution_ms(
+                              [r[3] - r[2] for r in _ok(load["requests"])])},
+        "dry_run_peak_rss_mb": _mb(dry["peak_rss_bytes"]),
+        "sizes": {},
+    }
+    for size in sizes.bulk_sizes:
+        name, account_id = accounts[size]
+        started = time.time()
+        with cpu.cpu_by_role(_known_pids(system)) as used:
+            command = _measured_cli(system, name, [
+                "bulk-cancel", "--account", name, "--status", "queued", "--yes", "--json",
+                "--wait", "0"])
+        times = system.cancel_times(account_id)
+        finished = [t for _, t, _ in times.values() if t is not None]
+        summary = json.loads(command["stdout"]) if command["exit_code"] == 0 else {}
+        to_last = max(finished) - started if finished else None
+        estimate_one_at_a_time = size / one_rate
+        result["sizes"][str(size)] = {
+            "workflows": size,
+            "cancelled": sum(1 for s, _, _ in times.values() if s == "cancelled"),
+            "command_wall_seconds": command["wall_seconds"],
+            "to_last_cancelled_seconds": _round(to_last, 3),
+            "command_own_seconds": summary.get("seconds"),
+            "rate_per_second": _round(size / command["wall_seconds"]),
+            "peak_rss_mb": _mb(command["peak_rss_bytes"]),
+            "one_at_a_time_estimate_seconds": round(estimate_one_at_a_time, 1),
+            "ratio_vs_one_at_a_time": ratio(estimate_one_at_a_time, command["wall_seconds"]),
+            "exit_code": command["exit_code"],
+            "cpu": used,
+        }
+        log(f"bulk {size}: {command['wall_seconds']} s, peak RSS "
+            f"{result['sizes'][str(size)]['peak_rss_mb']} MB")
+    small, large = (result["sizes"][str(s)] for s in sizes.bulk_sizes)
+    result["memory_ratio"] = ratio(large["peak_rss_mb"], small["peak_rss_mb"])
+    return result
+
+
+def _mb(value: float) -> float:
+    return round(value / 2**20, 1)
+
+
+def _vacuum_analyze(database_url: str) -> None:
+    """What autovacuum would do after a bulk load: fresh statistics and visibility map."""
+    with psycopg.connect(services.libpq_url(database_url), autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE workflows")
+
+
+# --- 6. sweep cost ---------------------------------------------------------------------------
+
+
+def sweep_cost(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+    result: dict[str, Any] = {"stuck": 100, "passes": sizes.sweep_passes, "sizes": {}}
+    for size in sizes.sweep_sizes:
+        result["sizes"][str(size)] = _sweep_table(system, size, sizes.sweep_passes)
+        log(f"sweep over {size} rows: {result['sizes'][str(size)]['pass_ms']} ms a pass")
+    small, large = (result["sizes"][str(s)] for s in sizes.sweep_sizes)
+    result["ratio"] = ratio(large["pass_ms"], small["pass_ms"])
+    result["dry_run_ratio"] = ratio(large["dry_run_ms"], small["dry_run_ms"])
+    return result
+
+
+def _sweep_table(system: System, size: int, passes: int) -> dict[str, Any]:
+    url = system.postgres.create_database(f"sweep_{size}")
+    upgrade(url)
+    db = Database(make_engine(url))
+    try:
+        with db.transaction() as session:
+            account = manager.get_or_create_account(session, "history")
+            runner = manager.add_runner(session, account.id, name="sim",
+                                        endpoint_url=system.stack.sim.url)
+            account_id, runner_id = account.id, runner.id
+        seeding = time.perf_counter()
+        active_running = seed.history(db, account_id, runner_id, size - 1000 - 100)
+        stuck = seed.stuck(db, account_id, runner_id)
+        _vacuum_analyze(url)
+        seed_seconds = time.perf_counter() - seeding
+        with db.transaction() as session:
+            rows = session.execute(text("SELECT count(*) FROM workflows")).scalar_one()
+        ctx = Context(Settings(database_url=url, redis_url=system.stack.settings.redis_url))
+        sweep(ctx, dry_run=True)  # connections and statement caches warm
+        timings, dry_timings, counts = [], [], {}
+        for _ in range(passes):
+            seed.make_stuck_again(db, stuck)
+            seed.keep_alive(db, active_running)
+            started = time.perf_counter()
+            report = sweep(ctx)
+            timings.append(time.perf_counter() - started)
+            counts = report.counts()
+        seed.make_stuck_again(db, stuck)
+        seed.keep_alive(db, active_running)
+        for _ in range(passes):
+            started = time.perf_counter()
+            dry = sweep(ctx, dry_run=True)
+            dry_timings.append(time.perf_counter() - started)
+        plans = _sweep_plans(url)
+        ctx.db.engine.dispose()
+    finally:
+        db.engine.dispose()
+        system.postgres.drop_database(f"sweep_{size}")
+    return {
+        "rows": rows, "seed_seconds": round(seed_seconds, 1),
+        "pass_ms": round(median(timings) * 1000, 2),
+        "pass_ms_all": [round(t * 1000, 2) for t in timings],
+        "dry_run_ms": round(median(dry_timings) * 1000, 2),
+        "dry_run_ms_all": [round(t * 1000, 2) for t in dry_timings],
+        "found": counts, "dry_run_found": dry.counts(), "query_plans": plans,
+    }
+
+
+def _sweep_plans(url: str) -> dict[str, str]:
+    """The top node of each sweep query's plan: an index scan means cost follows finds."""
+    queries = {
+        "open_intents": "SELECT id FROM workflows WHERE cancel_requested_at IS NOT NULL AND "
+        "cancel_outcome IS NULL AND cancel_requested_at < now() - interval '30 seconds' "
+        "ORDER BY cancel_requested_at LIMIT 500",
+        "running_without_heartbeat": "SELECT id FROM workflows WHERE status = 'running' AND "
+        "heartbeat_at < now() - interval '30 seconds' ORDER BY heartbeat_at LIMIT 500",
+        "running_since_before": "SELECT id FROM workflows WHERE status = 'running' AND "
+        "started_at < now() - interval '1 hour' AND cancel_requested_at IS NULL "
+        "ORDER BY started_at LIMIT 500",
+        "queued_since_before": "SELECT id FROM workflows WHERE status = 'queued' AND "
+        "updated_at < now() - interval '30 minutes' AND cancel_requested_at IS NULL "
+        "ORDER BY updated_at LIMIT 500",
+    }
+    plans = {}
+    with psycopg.connect(services.libpq_url(url), autocommit=True) as conn:
+        for name, query in queries.items():
+            lines = [row[0] for row in conn.execute("EXPLAIN " + query).fetchall()]
+            plans[name] = " / ".join(line.strip() for line in lines[:3])
+    return plans
+
+
+# --- 7. the cancel endpoint under load -------------------------------------------------------
+
+
+def endpoint_load(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+    account_id, token = system.new_account("endpoint-load")
+    ids = seed.queued(system.db, account_id, system.stack.runner_id,
+                      int(400 * sizes.load_seconds) + 500)
+    result: dict[str, Any] = {"clients": sizes.clients, "seconds": sizes.load_seconds}
+    for label, url, method, items, auth in (
+        ("cancel", system.cancel_url(), "POST", ids, token),
+        ("healthz", system.stack.api_url + "/healthz", "GET", None, None),
+    ):
+        with cpu.cpu_by_role(_known_pids(system)) as used:
+            load = system.loadgen_http(f"load-{label}", url, method=method, token=auth, ids=items,
+                                       count=None if items else 10**7,
+                                       concurrency=sizes.clients, duration=sizes.load_seconds)
+        ok = _ok(load["requests"])
+        span = max(r[3] for r in ok) - min(r[2] for r in ok) if ok else None
+        used["cpu_seconds_by_role"]["load generator"] = load["cpu_seconds"]
+        result[label] = {
+            "requests": len(load["requests"]),
+            "ok_per_second": _round(len(ok) / span if span else None),
+            "response": distribution_ms([r[3] - r[2] for r in ok]),
+            "http_codes": _codes(load["requests"]),
+            "cpu": used,
+        }
+        if label == "cancel":
+            system.wait_account_settled(account_id, len(ok), 300)  # drain before the baseline
+        log(f"endpoint under load: {label} {result[label]['ok_per_second']} req/s, "
+            f"p99 {result[label]['response']['p99_ms']} ms")
+    result["ratio"] = ratio(result["cancel"]["ok_per_second"], result["healthz"]["ok_per_second"])
+    return result
+
+
+def _round(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,391 @@
+"""Run the suite: start the system, measure, hold each result against its goal, profile
+what missed, write JSON, a Markdown report and a plot.
+
+    python -m bench            # the whole suite, about 10 minutes on 2 cores
+    python -m bench --quick    # small sizes, under 2 minutes; CI runs it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import profiling, report, scenarios, seed
+from bench.scenarios import FULL, QUICK, Sizes
+from bench.system import (
+    CANCEL_WORKER_CONCURRENCY,
+    GRACE_SECONDS,
+    REPO,
+    SIM_TIME_SCALE,
+    System,
+    started_services,
+    started_system,
+)
+from comfy_cancel import services
+
+SCHEMA_VERSION = 1
+FIGURES: dict[str, Callable[[System, Sizes, Callable[[str], None]], dict[str, Any]]] = {
+    "throughput": scenarios.throughput,
+    "queued_latency": scenarios.queued_latency,
+    "running_latency": scenarios.running_latency,
+    "endpoint_load": scenarios.endpoint_load,
+    "at_once": scenarios.at_once,
+    "bulk": scenarios.bulk,
+    "sweep": scenarios.sweep_cost,
+}
+
+
+class Logger:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        print(f"[bench {time.monotonic() - self.started:6.1f}s] {line}", file=sys.stderr,
+              flush=True)
+
+
+def machine(servers: Any, durable: bool) -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model or platform.processor(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "redis": servers.redis_server.version,
+        "redis_persistence": "AOF, appendfsync everysec",
+        "postgresql": servers.postgres.version,
+        "postgresql_durability": "fsync on, synchronous_commit on" if durable
+        else "fsync off, synchronous_commit off (--fast-db)",
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+        "packages": {p: version(p) for p in ("celery", "kombu", "redis", "SQLAlchemy", "psycopg",
+                                             "fastapi", "uvicorn", "aiohttp", "httpx")},
+        "system_under_test": {
+            "cancel_worker": f"1 process, threads pool x {CANCEL_WORKER_CONCURRENCY}, "
+            "late acks, prefetch 1",
+            "runner_worker": "1 process, threads pool x 100",
+            "api": "uvicorn, 1 process (in the benchmark's process, on a thread)",
+            "simulated_comfyui": f"time scale {SIM_TIME_SCALE}",
+            "cancel_grace_seconds": GRACE_SECONDS,
+        },
+    }
+
+
+# --- goals -----------------------------------------------------------------------------------
+
+
+def _goal(gid: str, figure: str, goal: str, result: str, baseline: str,
+          ratio: float | None, met: bool | None, headroom: float | None) -> dict[str, Any]:
+    return {"id": gid, "figure": figure, "goal": goal, "result": result, "baseline": baseline,
+            "ratio": ratio, "met": met, "headroom": headroom}
+
+
+def _fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def _headroom_at_most(result: float | None, limit: float) -> float | None:
+    return None if not result else round(limit / result, 3)
+
+
+def _headroom_at_least(result: float | None, floor: float) -> float | None:
+    return None if result is None else round(result / floor, 3)
+
+
+def evaluate(figures: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
+    """Each goal of the issue beside its result; ``met`` is None when it was not measured."""
+    goals: list[dict[str, Any]] = []
+    latency = figures.get("queued_latency")
+    if latency:
+        high = latency[str(sizes.latency_rates[1])]
+        low = latency[str(sizes.latency_rates[0])]
+        p99 = high["latency_200_to_cancelled"]["p99_ms"]
+        goals.append(_goal(
+            "queued_p99", "queued_latency",
+            f"queued: p99 from the 200 to `cancelled` < 50 ms at {sizes.latency_rates[1]}/s",
+            f"p99 {_fmt(p99, ' ms')} (achieved {_fmt(high['achieved_per_second'], '/s', 0)})",
+            f"at {sizes.latency_rates[0]}/s: p99 "
+            f"{_fmt(low['latency_200_to_cancelled']['p99_ms'], ' ms')}",
+            None if p99 is None else round(p99 / 50, 2),
+            None if p99 is None else p99 < 50, _headroom_at_most(p99, 50)))
+    running = figures.get("running_latency")
+    if running:
+        p99 = running["to_comfyui_cancel_call"]["p99_ms"]
+        goals.append(_goal(
+            "running_p99", "running_latency",
+            "running: p99 from the 200 to the runner's cancel call < 50 ms",
+            f"p99 {_fmt(p99, ' ms')} ({running['samples']} cancels)",
+            f"simulated node step {running['sim_step_ms']} ms; to `cancelled` p99 "
+            f"{_fmt(running['to_cancelled']['p99_ms'], ' ms')}",
+            None if p99 is None else round(p99 / 50, 2),
+            None if p99 is None else p99 < 50, _headroom_at_most(p99, 50)))
+    through = figures.get("throughput")
+    if through:
+        goals.append(_goal(
+            "throughput", "throughput",
+            "throughput: at least half of the no-op Celery round trip",
+            f"{_fmt(through['cancel_per_second'], ' cancels/s', 0)}",
+            f"no-op round trip {_fmt(through['noop_per_second'], ' tasks/s', 0)}",
+            through["ratio"], None if through["ratio"] is None else through["ratio"] >= 0.5,
+            _headroom_at_least(through["ratio"], 0.5)))
+    at_once = figures.get("at_once")
+    if at_once:
+        for name, variant in at_once["variants"].items():
+            wall = variant["wall_seconds"]
+            via = "the API, 32 clients" if variant["via"] == "api" else "one bulk cancel"
+            runners = ("acknowledge" if variant["runners"] == "ack"
+                       else "never acknowledge (forced)")
+            goals.append(_goal(
+                f"at_once_{name}", "at_once",
+                f"{at_once['count']:,} running at once via {via}, runners {runners}: "
+                "within 2 grace periods",
+                f"{_fmt(wall, ' s')} to all `cancelled`",
+                f"one grace period {at_once['grace_seconds']:g} s",
+                variant["grace_periods"],
+                None if variant["grace_periods"] is None or not variant["settled"]
+                else variant["grace_periods"] <= 2,
+                _headroom_at_most(variant["grace_periods"], 2)))
+    bulk = figures.get("bulk")
+    if bulk:
+        small_n, large_n = sizes.bulk_sizes
+        large, small = bulk["sizes"][str(large_n)], bulk["sizes"][str(small_n)]
+        wall = large["command_wall_seconds"]
+        limit = 10.0 * large_n / 100_000
+        goals.append(_goal(
+            "bulk_time", "bulk", f"bulk: {large_n:,} queued by one filter in under {limit:g} s",
+            f"{_fmt(wall, ' s', 2)} from the command to the last `cancelled`",
+            f"{small_n:,}: {_fmt(small['command_wall_seconds'], ' s', 2)}",
+            round(wall / limit, 2), wall < limit and large["cancelled"] == large_n,
+            _headroom_at_most(wall, limit)))
+        goals.append(_goal(
+            "bulk_vs_api", "bulk", "bulk: at least 20 times the one-at-a-time API rate",
+            f"{_fmt(large['rate_per_second'], ' cancels/s', 0)}",
+            f"one API call at a time: {_fmt(bulk['one_at_a_time']['rate_per_second'], '/s', 0)}"
+            f" (sample of {bulk['one_at_a_time']['sample']})",
+            large["ratio_vs_one_at_a_time"],
+            None if large["ratio_vs_one_at_a_time"] is None
+            else large["ratio_vs_one_at_a_time"] >= 20,
+            _headroom_at_least(large["ratio_vs_one_at_a_time"], 20)))
+        goals.append(_goal(
+            "bulk_memory", "bulk",
+            f"bulk: memory flat in N (peak RSS at {large_n:,} within 1.2x of {small_n:,})",
+            f"{_fmt(large['peak_rss_mb'], ' MB')} peak RSS",
+            f"{small_n:,}: {_fmt(small['peak_rss_mb'], ' MB')}; dry run "
+            f"{_fmt(bulk['dry_run_peak_rss_mb'], ' MB')}",
+            bulk["memory_ratio"],
+            None if bulk["memory_ratio"] is None else bulk["memory_ratio"] <= 1.2,
+            _headroom_at_most(bulk["memory_ratio"], 1.2)))
+    swept = figures.get("sweep")
+    if swept:
+        small_n, large_n = sizes.sweep_sizes
+        large, small = swept["sizes"][str(large_n)], swept["sizes"][str(small_n)]
+        goals.append(_goal(
+            "sweep", "sweep",
+            f"sweep: a pass over {large_n:,} rows within 2x the pass over {small_n:,} "
+            "(same 100 stuck)",
+            f"{_fmt(large['pass_ms'], ' ms', 2)} a pass (median of {swept['passes']})",
+            f"{small_n:,} rows: {_fmt(small['pass_ms'], ' ms', 2)}",
+            swept["ratio"], None if swept["ratio"] is None else swept["ratio"] <= 2,
+            _headroom_at_most(swept["ratio"], 2)))
+    return goals
+
+
+# --- profiles of the misses ------------------------------------------------------------------
+
+PROFILE_OF_GOAL = {
+    "throughput": "cancel_path", "queued_p99": "cancel_path", "running_p99": "running_path",
+    "at_once_api-ack": "cancel_path", "at_once_api-deaf": "cancel_path",
+    "at_once_bulk-ack": "cancel_path", "at_once_bulk-deaf": "cancel_path",
+    "bulk_time": "bulk", "bulk_vs_api": "bulk", "bulk_memory": "bulk",
+}
+
+
+def profile_misses(system: System, goals: list[dict[str, Any]], out_dir: Path,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    wanted: dict[str, list[str]] = {}
+    for goal in goals:
+        kind = PROFILE_OF_GOAL.get(goal["id"])
+        if goal["met"] is False and kind:
+            wanted.setdefault(kind, []).append(goal["id"])
+    if not wanted:
+        return {}
+    if not profiling.available():
+        return {kind: {"goals": ids, "error": "py-spy is not installed (pip install py-spy)"}
+                for kind, ids in wanted.items()}
+    results: dict[str, Any] = {}
+    for kind, ids in wanted.items():
+        log(f"profiling {kind} (missed: {', '.join(ids)})")
+        results[kind] = {"goals": ids, **PROFILERS[kind](system, out_dir)}
+    return results
+
+
+def _profile_cancel_path(system: System, out_dir: Path) -> dict[str, Any]:
+    """1,000 API cancels of queued workflows, 32 clients, sampled in the API (this process)
+    and the cancel worker, with the database's wait events and new connections."""
+    account_id, token = system.new_account("profile-cancel-path")
+    ids = seed.queued(system.db, account_id, system.stack.runner_id, 1000)
+    sessions = scenarios.pg_sessions(system)
+    url = services.libpq_url(system.stack.settings.database_url)
+    targets = {"api": os.getpid(), "cancel_worker": system.cancel_worker_pid}
+    with profiling.pg_waits(url) as waits, \
+            profiling.sampled(targets, out_dir, "cancel_path") as profiles:
+        system.loadgen_http("profile-cancel-path", system.cancel_url(), method="POST",
+                            token=token, ids=ids, concurrency=32)
+        system.wait_account_settled(account_id, len(ids), 300)
+    return {
+        "what": "1,000 API cancels of queued workflows from 32 clients; py-spy --gil "
+        "(samples only the thread holding the GIL: where each process's CPU went)",
+        "processes": [p.to_dict() for p in profiles],
+        "postgresql": waits,
+        "new_postgresql_connections_per_1000_cancels": scenarios.pg_sessions(system) - sessions,
+    }
+
+
+def _profile_running_path(system: System, out_dir: Path) -> dict[str, Any]:
+    targets = {"cancel_worker": system.cancel_worker_pid,
+               "runner_worker": system.runner_worker_pid}
+    sizes = Sizes(**{**vars(QUICK), "running_samples": 20})
+    with profiling.sampled(targets, out_dir, "running_path") as profiles:
+        scenarios.running_latency(system, sizes, lambda _line: None)
+    return {"what": "20 running cancels, py-spy --gil on the cancel and runner workers",
+            "processes": [p.to_dict() for p in profiles]}
+
+
+def _profile_bulk(system: System, out_dir: Path) -> dict[str, Any]:
+    import subprocess
+
+    name = "profile-bulk"
+    account_id, _ = system.new_account(name)
+    seed.queued(system.db, account_id, system.stack.runner_id, 30_000)
+    raw = out_dir / "bulk-command.txt"
+    measure = out_dir / "bulk-command.json"
+    subprocess.run(
+        ["py-spy", "record", "--rate", str(profiling.RATE_HZ), "--format", "raw", "--gil",
+         "--output", str(raw), "--", sys.executable, "-m", "bench.measure", str(measure), "--",
+         "bulk-cancel", "--account", name, "--status", "queued", "--yes", "--json",
+         "--wait", "0"],
+        cwd=REPO, check=False, capture_output=True, timeout=600,
+    )
+    profile = profiling.summarise(profiling.Profile("bulk_command", 0, raw))
+    return {"what": "one bulk cancel of 30,000 queued workflows, py-spy --gil on the command",
+            "processes": [profile.to_dict()]}
+
+
+PROFILERS: dict[str, Callable[[System, Path], dict[str, Any]]] = {
+    "cancel_path": _profile_cancel_path,
+    "running_path": _profile_running_path,
+    "bulk": _profile_bulk,
+}
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark comfy-cancel on real Redis, real PostgreSQL, real Celery workers "
+        "and the simulated ComfyUI. Writes results JSON, a Markdown report and a latency plot.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, under 2 minutes (what CI runs; never fails on a number)")
+    parser.add_argument("--out", type=Path, help="results JSON (default: docs/bench/results.json;"
+                        " with --quick, results.json in a new temporary directory)")
+    parser.add_argument("--report", type=Path,
+                        help="Markdown report (default: docs/BENCHMARKS.md; with --quick, "
+                        "beside --out)")
+    parser.add_argument("--plot", type=Path, help="latency plot PNG (default: "
+                        "docs/bench/latency.png; with --quick, beside --out)")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(FIGURES)}")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="do not profile the missed goals (py-spy)")
+    parser.add_argument("--fast-db", action="store_true",
+                        help="PostgreSQL without fsync (default: durable, as in production)")
+    parser.add_argument("--work-dir", type=Path, help="logs and raw load-generator output "
+                        "(default: a temporary directory, kept)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = (Path(tempfile.mkdtemp(prefix="comfy-cancel-bench-")) / "results.json"
+                    if args.quick else REPO / "docs" / "bench" / "results.json")
+    if args.report is None:
+        args.report = (args.out.parent / "BENCHMARKS.md" if args.quick
+                       else REPO / "docs" / "BENCHMARKS.md")
+    if args.plot is None:
+        args.plot = (args.out.parent / "latency.png" if args.quick
+                     else REPO / "docs" / "bench" / "latency.png")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    only = [f.strip() for f in (args.only or ",".join(FIGURES)).split(",") if f.strip()]
+    unknown = sorted(set(only) - set(FIGURES))
+    if unknown:
+        print(f"bench: unknown figure {', '.join(unknown)}; choose from {', '.join(FIGURES)}",
+              file=sys.stderr)
+        return 2
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="comfy-cancel-bench-work-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log = Logger()
+    started_at = datetime.now(UTC)
+    durable = not args.fast_db
+    results: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "mode": "quick" if args.quick else "full",
+        "started_at": started_at.isoformat(timespec="seconds"), "sizes": vars(sizes),
+        "figures": {}, "errors": {},
+    }
+    log(f"{results['mode']} run; work dir {work_dir}")
+    with started_services(durable=durable) as servers:
+        results["machine"] = machine(servers, durable)
+        log(f"redis {servers.redis_server.version}, postgresql {servers.postgres.version} up")
+        with started_system(servers, work_dir) as system:
+            log("system up: API, cancel worker, runner worker, no-op worker, simulated ComfyUI")
+            scenarios.warm_up(system, log)
+            for name in only:
+                try:
+                    results["figures"][name] = FIGURES[name](system, sizes, log)
+                except Exception as exc:  # one broken figure must not lose the others
+                    log(f"{name} failed: {type(exc).__name__}: {exc}")
+                    results["errors"][name] = f"{type(exc).__name__}: {exc}"
+            results["goals"] = evaluate(results["figures"], sizes)
+            results["profiles"] = {}
+            if not args.quick and not args.no_profile:
+                results["profiles"] = profile_misses(
+                    system, results["goals"], work_dir / "profiles", log)
+    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["duration_seconds"] = round(time.monotonic() - log.started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    report.write_plot(results, args.plot)
+    report.write_markdown(results, args.report, args.plot)
+    met = sum(1 for g in results["goals"] if g["met"])
+    log(f"done in {results['duration_seconds']} s: {met}/{len(results['goals'])} goals met; "
+        f"{args.out}, {args.report}, {args.plot}")
+    return 0
