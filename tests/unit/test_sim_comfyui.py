@@ -12,30 +12,10 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from comfy_cancel.sim_comfyui import RunningSim, blur_workflow, start_in_thread
+from comfy_cancel.sim_comfyui import RunningSim, blur_workflow
 
 FAST = 0.05  # time scale of most tests: the 6 s workflow takes 0.3 s
 SLOW = 0.1  # for prompts that must still run while the test acts on them
-
-
-@pytest.fixture
-def make_sim() -> Iterator[Callable[..., RunningSim]]:
-    started: list[RunningSim] = []
-
-    def make(**options: Any) -> RunningSim:
-        options.setdefault("time_scale", FAST)
-        sim = start_in_thread(**options)
-        started.append(sim)
-        return sim
-
-    yield make
-    for sim in started:
-        sim.stop()
-
-
-@pytest.fixture
-def sim(make_sim: Callable[..., RunningSim]) -> RunningSim:
-    return make_sim()
 
 
 @pytest.fixture

@@ -1,0 +1,33 @@
+"""Fixtures for the unit tests of the ComfyUI client and the simulated server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from comfy_cancel.sim_comfyui import RunningSim, start_in_thread
+
+FAST = 0.05  # time scale of most tests: the 6 s reference workflow takes 0.3 s
+
+
+@pytest.fixture
+def make_sim() -> Iterator[Callable[..., RunningSim]]:
+    """Start simulated ComfyUI servers in threads; all are stopped after the test."""
+    started: list[RunningSim] = []
+
+    def make(**options: Any) -> RunningSim:
+        options.setdefault("time_scale", FAST)
+        sim = start_in_thread(**options)
+        started.append(sim)
+        return sim
+
+    yield make
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def sim(make_sim: Callable[..., RunningSim]) -> RunningSim:
+    return make_sim()
