@@ -335,7 +335,7 @@ def cancel_workflow(
         workflow = _own_workflow(session, workflow_id, principal)
         if workflow.status not in CANCELLABLE:
             raise _not_cancellable(workflow.id, workflow.status)
-        if not status.request_cancel(session, workflow.id, by):
+        if not status.request_cancel(session, workflow.id, by, publishing=True):
             # It finished between the read and the write (possible on PostgreSQL).
             session.refresh(workflow)
             raise _not_cancellable(workflow.id, workflow.status)
@@ -349,12 +349,6 @@ def cancel_workflow(
             "the cancel request is recorded but could not be handed to the cancel queue; "
             "retrying is safe",
         ) from exc
-    try:
-        with db.transaction() as session:
-            status.mark_cancel_published(session, [workflow.id])
-    except DATABASE_ERRORS as exc:
-        # The message is on its way; without the mark the sweep merely publishes it again.
-        log.warning("cancel of %s published but not marked: %s", workflow.id, exc)
     return Response(status_code=200)
 
 

@@ -564,12 +564,41 @@ def _add_operations_commands(commands: Commands) -> None:
     sweep.set_defaults(run=cmd_sweep)
 
 
-# Each group registers its subcommands. Still to come, as its own group here: `bench`.
+# --- benchmarks ---------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Hand over to the suite in ``bench/`` of the source checkout (not part of the package)."""
+    import importlib
+
+    import comfy_cancel
+
+    root = Path(comfy_cancel.__file__).resolve().parent.parent
+    if not (root / "bench" / "suite.py").is_file():
+        raise CliError("the benchmark suite lives in a source checkout (bench/ beside "
+                       "comfy_cancel/); run `comfy-cancel bench` from a clone installed with "
+                       "pip install -e '.[dev]'")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return int(importlib.import_module("bench.suite").main(args.bench_args))
+
+
+def _add_bench_command(commands: Commands) -> None:
+    # Every argument goes to the suite's own parser: `comfy-cancel bench --quick`.
+    bench = commands.add_parser(
+        "bench", add_help=False, prefix_chars="\0",
+        help="run the benchmark suite from a source checkout (`bench --help` lists its options)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=cmd_bench)
+
+
+# Each group registers its subcommands.
 COMMAND_GROUPS: Sequence[Callable[[Commands], None]] = (
     _add_setup_commands,
     _add_process_commands,
     _add_embedded_commands,
     _add_operations_commands,
+    _add_bench_command,
 )
 
 

@@ -23,6 +23,14 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the database; PostgreSQL in production "
         "(postgresql+psycopg://user:pass@host/db), a local SQLite file by default.",
     )
+    db_pool_size: int = Field(
+        60,
+        description="Database connections a process keeps open; at least its concurrency "
+        "(worker threads, API threads), or connections are opened and closed per use.",
+    )
+    db_max_overflow: int = Field(
+        20, description="Extra database connections a process may open at a peak."
+    )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         description="Redis used as the Celery broker and for cancel signals.",

@@ -22,8 +22,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args=connect_args, **kwargs)
         _configure_sqlite(engine)
         return engine
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 40)
+    settings = get_settings()
+    # A pool smaller than the threads that use it opens and closes a PostgreSQL backend
+    # per checkout under load: that churn cost more than the cancels themselves.
+    kwargs.setdefault("pool_size", settings.db_pool_size)
+    kwargs.setdefault("max_overflow", settings.db_max_overflow)
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
 

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, insert, literal, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from comfy_cancel import auth
 from comfy_cancel.models import (
@@ -234,10 +234,16 @@ def get_workflow(
 
 
 def workflows_by_ids(session: Session, workflow_ids: Sequence[str]) -> list[Workflow]:
+    """The workflows among these ids, without their large JSON columns (loaded on access):
+    the cancel path needs statuses and ids, not prompts."""
     if not workflow_ids:
         return []
     return list(
-        session.execute(select(Workflow).where(Workflow.id.in_(list(workflow_ids)))).scalars()
+        session.execute(
+            select(Workflow)
+            .options(defer(Workflow.workflow_json), defer(Workflow.outputs))
+            .where(Workflow.id.in_(list(workflow_ids)))
+        ).scalars()
     )
 
 

@@ -311,17 +311,27 @@ def cancel_queued_many(
 # --- the cancel request beside the status (no status change) ---------------------------
 
 
-def request_cancel(session: Session, workflow_id: str, by: Actor) -> bool:
+def request_cancel(
+    session: Session, workflow_id: str, by: Actor, *, publishing: bool = False
+) -> bool:
     """Record a cancel request on a cancellable workflow; True when it was recorded.
 
     A repeat while the first request is open keeps the first request's fields (the
-    request is idempotent) but is still audited.
+    request is idempotent) but is still audited. ``publishing`` also stamps
+    ``cancel_published_at``, for a caller that publishes right after the commit: the
+    re-publish sweep waits ``intent_republish_seconds`` from that stamp either way, so a
+    publish that then fails costs no extra write.
     """
-    return bool(request_cancel_many(session, [workflow_id], by))
+    return bool(request_cancel_many(session, [workflow_id], by, publishing=publishing))
 
 
 def request_cancel_many(
-    session: Session, workflow_ids: Sequence[str], by: Actor, *, only_new: bool = False
+    session: Session,
+    workflow_ids: Sequence[str],
+    by: Actor,
+    *,
+    only_new: bool = False,
+    publishing: bool = False,
 ) -> list[str]:
     """Record cancel requests on many cancellable workflows in one statement.
 
@@ -337,14 +347,17 @@ def request_cancel_many(
     )
     if only_new:
         query = query.where(Workflow.cancel_requested_at.is_(None))
+    values: dict[str, Any] = {
+        "cancel_requested_at": func.coalesce(Workflow.cancel_requested_at, now),
+        "cancel_source": func.coalesce(Workflow.cancel_source, by.source),
+        "cancel_actor": func.coalesce(Workflow.cancel_actor, by.actor),
+        "cancel_reason": func.coalesce(Workflow.cancel_reason, by.reason),
+        "updated_at": now,
+    }
+    if publishing:
+        values["cancel_published_at"] = now
     recorded = session.execute(
-        query.values(
-            cancel_requested_at=func.coalesce(Workflow.cancel_requested_at, now),
-            cancel_source=func.coalesce(Workflow.cancel_source, by.source),
-            cancel_actor=func.coalesce(Workflow.cancel_actor, by.actor),
-            cancel_reason=func.coalesce(Workflow.cancel_reason, by.reason),
-            updated_at=now,
-        )
+        query.values(**values)
         .returning(Workflow.id)
         .execution_options(synchronize_session=False)
     ).scalars().all()
