@@ -51,7 +51,7 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "process": self.name, "pid": self.pid, "raw": str(self.raw_path),
+            "process": self.name, "pid": self.pid, "raw": self.raw_path.name,
             "samples": self.samples, "error": self.error,
             "self_time_by_package_pct": [[k, v] for k, v in self.by_package],
             "comfy_cancel_functions_inclusive_pct": [[k, v] for k, v in self.our_functions],

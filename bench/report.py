@@ -9,6 +9,7 @@ from typing import Any
 from bench.system import REPO
 
 ANALYSIS = REPO / "docs" / "bench" / "ANALYSIS.md"
+FLOOR_MS = 0.1  # the plots' left edge: a cancel done before its 200 was read counts as 0
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:
@@ -25,7 +26,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     def cdf(ax: Any, samples: list[float], label: str, color: str) -> None:
         if not samples:
             return
-        xs = sorted(max(v, 0.01) for v in samples)
+        xs = sorted(max(v, FLOOR_MS) for v in samples)
         ys = [100 * (n + 1) / len(xs) for n in range(len(xs))]
         ax.step(xs, ys, where="post", label=label, color=color, linewidth=2)
 
@@ -50,7 +51,8 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
         ax.axvline(50, color="#c44e52", linestyle="--", linewidth=1.5, label="goal: p99 < 50 ms")
         ax.axhline(99, color="#999999", linestyle=":", linewidth=1)
         ax.set_xscale("log")
-        ax.set_xlabel("milliseconds (log scale)")
+        ax.set_xlim(FLOOR_MS * 0.8, None)
+        ax.set_xlabel(f"milliseconds (log scale; {FLOOR_MS} = done before the 200 was read)")
         ax.set_ylabel("% of cancels done within")
         ax.set_ylim(0, 101)
         ax.grid(True, which="both", alpha=0.25)
@@ -126,12 +128,12 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path) -> None:
         "the HTTP API on a socket), every figure beside a baseline measured in the same run.",
         "",
         "Run it from a checkout: `python -m bench` (or `comfy-cancel bench`) runs the whole "
-        "suite in about ten minutes on two cores and rewrites this page, "
+        "suite in about seven minutes on two cores and rewrites this page, "
         "`docs/bench/results.json` and `docs/bench/latency.png`; `python -m bench --quick` "
         "runs small sizes in under two minutes (CI runs it, and never fails on a number).",
         "",
         f"This run: **{results['mode']}**, started {results['started_at']}, took "
-        f"{results.get('duration_seconds')} s.",
+        f"{results.get('duration_seconds')} s, {_code_line(results.get('code') or {})}.",
     ]
     if quick:
         lines += ["", "*Quick sizes: the numbers show the suite works, not what the system "
@@ -146,7 +148,8 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path) -> None:
     lines += ["", "Ratio: result over the goal's limit for the time and size goals (below 1 "
               "is met), result over baseline for throughput and bulk speed (above the floor "
               "is met), 100k over 10k for memory and sweep (at most the limit is met).", ""]
-    lines += ["## Figures", "", "| figure | result | goal | baseline (same run) | ratio | machine |",
+    lines += ["## Figures", "",
+              "| figure | result | goal | baseline (same run) | ratio | machine |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(_cell(c) for c in row)} | {tag} |" for row in _figure_rows(figures)]
     lines += ["", "## Machine", "", "| | |", "|---|---|"]
@@ -164,6 +167,18 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path) -> None:
         lines += ["", ANALYSIS.read_text().strip()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _code_line(code: dict[str, Any]) -> str:
+    if not code:
+        return "code version not recorded"
+    line = f"measuring commit `{code.get('commit')}`"
+    changed = code.get("uncommitted_in_comfy_cancel") or []
+    if changed:
+        line += f" with {len(changed)} uncommitted change(s) in comfy_cancel/"
+    if code.get("changed_during_run"):
+        line += " (**warning: comfy_cancel/ changed while the suite ran**)"
+    return line
 
 
 def _figure_rows(figures: dict[str, Any]) -> list[list[Any]]:
@@ -295,7 +310,7 @@ def _profile_lines(profiles: dict[str, Any]) -> list[str]:
             lines.append(f"**{process['process']}** ({process['samples']} samples)")
             lines.append("")
             lines.append("- CPU by package: " + ", ".join(
-                f"{k} {v}%" for k, v in process["self_time_by_package_pct"][:8]))
+                f"`{k}` {v}%" for k, v in process["self_time_by_package_pct"][:8]))
             lines.append("- comfy_cancel functions (inclusive): " + ", ".join(
                 f"`{k}` {v}%" for k, v in process["comfy_cancel_functions_inclusive_pct"][:10]))
             lines.append("")

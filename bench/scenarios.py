@@ -144,8 +144,6 @@ def throughput(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
         done_at = _wait_counter(system, key, sizes.noop_tasks, 300)
     noop_rate = sizes.noop_tasks / (done_at - published["started"]) if done_at else None
     log(f"throughput: no-op round trip {noop_rate:.0f} tasks/s")
-    cancel_cpu["cpu_seconds_by_role"]["load generator"] = load["cpu_seconds"]
-    noop_cpu["cpu_seconds_by_role"]["load generator"] = published["cpu_seconds"]
     return {
         "cancels": len(ids), "cancelled": len(finished), "settled": settled,
         "clients": sizes.clients, "cancel_worker_processes": 1,
@@ -187,7 +185,6 @@ def queued_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
                 early += 1  # cancelled before the client had read the 200
             latencies.append(max(0.0, finished - done))
         span = max(r[3] for r in ok) - min(r[2] for r in ok) if ok else None
-        used["cpu_seconds_by_role"]["load generator"] = load["cpu_seconds"]
         result[str(rate)] = {
             "offered_per_second": rate,
             "requests": len(load["requests"]),
@@ -254,6 +251,7 @@ def running_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
         if call["prompt_id"] and call["prompt_id"] not in first_call:
             first_call[call["prompt_id"]] = float(call["at"])
     to_call, to_cancelled, outcomes = [], [], Counter()
+    call_before_200 = 0
     with system.db.transaction() as session:
         for workflow_id, acknowledged in records:
             prompt_id, finished, outcome = session.execute(
@@ -261,6 +259,7 @@ def running_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
                      "WHERE id = :i"), {"i": workflow_id}).one()
             outcomes[str(outcome)] += 1
             if prompt_id in first_call:
+                call_before_200 += first_call[prompt_id] < acknowledged
                 to_call.append(max(0.0, first_call[prompt_id] - acknowledged))
             if finished is not None:
                 to_cancelled.append(max(0.0, (epoch(finished) or 0.0) - acknowledged))
@@ -268,6 +267,7 @@ def running_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
         "samples": len(records),
         "to_comfyui_cancel_call": distribution_ms(to_call),
         "to_cancelled": distribution_ms(to_cancelled),
+        "call_before_the_200_was_read": call_before_200,
         "sim_node_ms": SIM_NODE_MS,
         "sim_step_ms": SIM_STEP_MS,
         "sim_time_scale": system.stack.sim.sim.time_scale,
@@ -490,25 +490,29 @@ def _sweep_table(system: System, size: int, passes: int) -> dict[str, Any]:
 
 
 def _sweep_plans(url: str) -> dict[str, str]:
-    """The top node of each sweep query's plan: an index scan means cost follows finds."""
+    """Each sweep query's plan as run (``EXPLAIN ANALYZE``), with the predicates of the
+    :mod:`comfy_cancel.manager` function it stands for and the default cut-offs."""
+    cutoff = "(now() AT TIME ZONE 'utc') - interval '{}'"
     queries = {
         "open_intents": "SELECT id FROM workflows WHERE cancel_requested_at IS NOT NULL AND "
-        "cancel_outcome IS NULL AND cancel_requested_at < now() - interval '30 seconds' "
-        "ORDER BY cancel_requested_at LIMIT 500",
-        "running_without_heartbeat": "SELECT id FROM workflows WHERE status = 'running' AND "
-        "heartbeat_at < now() - interval '30 seconds' ORDER BY heartbeat_at LIMIT 500",
+        f"cancel_outcome IS NULL AND cancel_requested_at < {cutoff.format('30 seconds')} AND "
+        f"(cancel_published_at IS NULL OR cancel_published_at < {cutoff.format('30 seconds')})"
+        " ORDER BY cancel_requested_at LIMIT 500",
+        "running_without_heartbeat": "SELECT * FROM workflows WHERE status = 'running' AND "
+        f"heartbeat_at < {cutoff.format('30 seconds')} ORDER BY heartbeat_at LIMIT 500",
         "running_since_before": "SELECT id FROM workflows WHERE status = 'running' AND "
-        "started_at < now() - interval '1 hour' AND cancel_requested_at IS NULL "
+        f"started_at < {cutoff.format('1 hour')} AND cancel_requested_at IS NULL "
         "ORDER BY started_at LIMIT 500",
-        "queued_since_before": "SELECT id FROM workflows WHERE status = 'queued' AND "
-        "updated_at < now() - interval '30 minutes' AND cancel_requested_at IS NULL "
+        "queued_since_before": "SELECT * FROM workflows WHERE status = 'queued' AND "
+        f"updated_at < {cutoff.format('30 minutes')} AND cancel_requested_at IS NULL "
         "ORDER BY updated_at LIMIT 500",
     }
     plans = {}
     with psycopg.connect(services.libpq_url(url), autocommit=True) as conn:
         for name, query in queries.items():
-            lines = [row[0] for row in conn.execute("EXPLAIN " + query).fetchall()]
-            plans[name] = " / ".join(line.strip() for line in lines[:3])
+            lines = [row[0] for row in conn.execute(
+                "EXPLAIN (ANALYZE, COSTS OFF) " + query).fetchall()]
+            plans[name] = " / ".join(" ".join(line.split()) for line in lines)
     return plans
 
 
@@ -530,7 +534,6 @@ def endpoint_load(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
                                        concurrency=sizes.clients, duration=sizes.load_seconds)
         ok = _ok(load["requests"])
         span = max(r[3] for r in ok) - min(r[2] for r in ok) if ok else None
-        used["cpu_seconds_by_role"]["load generator"] = load["cpu_seconds"]
         result[label] = {
             "requests": len(load["requests"]),
             "ok_per_second": _round(len(ok) / span if span else None),

@@ -128,12 +128,12 @@ def history(db: Database, account_id: int, runner_id: str, count: int) -> list[s
                     f"SELECT gen_random_uuid()::text, :account_id, 'active-' || g, :state, "
                     f":runner_id, '[]', '{{}}', gen_random_uuid()::text, "
                     f"{NOW} - interval '2 minutes', {NOW} - interval '1 minute', "
-                    f"CASE WHEN :state = 'running' THEN {NOW} - interval '1 minute' END, "
-                    f"CASE WHEN :state = 'running' THEN {NOW} END "
+                    f"CASE WHEN :running THEN {NOW} - interval '1 minute' END, "
+                    f"CASE WHEN :running THEN {NOW} END "
                     "FROM generate_series(1, :count) AS g RETURNING id"
                 ),
                 {"account_id": account_id, "runner_id": runner_id, "state": state,
-                 "count": extra},
+                 "running": state == "running", "count": extra},
             ).scalars().all()
             if state == "running":
                 running = list(inserted)

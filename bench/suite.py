@@ -1,7 +1,7 @@
 """Run the suite: start the system, measure, hold each result against its goal, profile
 what missed, write JSON, a Markdown report and a plot.
 
-    python -m bench            # the whole suite, about 10 minutes on 2 cores
+    python -m bench            # the whole suite, about 7 minutes on 2 cores
     python -m bench --quick    # small sizes, under 2 minutes; CI runs it
 """
 
@@ -94,6 +94,30 @@ def machine(servers: Any, durable: bool) -> dict[str, Any]:
             "simulated_comfyui": f"time scale {SIM_TIME_SCALE}",
             "cancel_grace_seconds": GRACE_SECONDS,
         },
+    }
+
+
+def code_state() -> dict[str, Any]:
+    """Which code was measured: the commit, uncommitted changes to the package, and a digest
+    of the package's sources (compared at the end: the tree may be shared)."""
+    import hashlib
+    import subprocess
+
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True,
+                                  timeout=30, check=False).stdout.strip()
+        except OSError:
+            return ""
+
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "comfy_cancel").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "uncommitted_in_comfy_cancel": git("status", "--porcelain", "--", "comfy_cancel")
+        .splitlines(),
+        "package_digest": digest.hexdigest()[:16],
     }
 
 
@@ -318,32 +342,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="results JSON (default: docs/bench/results.json;"
                         " with --quick, results.json in a new temporary directory)")
     parser.add_argument("--report", type=Path,
-                        help="Markdown report (default: docs/BENCHMARKS.md; with --quick, "
-                        "beside --out)")
+                        help="Markdown report (default: docs/BENCHMARKS.md; with --quick or "
+                        "--out, beside the results)")
     parser.add_argument("--plot", type=Path, help="latency plot PNG (default: "
-                        "docs/bench/latency.png; with --quick, beside --out)")
+                        "docs/bench/latency.png; with --quick or --out, beside the results)")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(FIGURES)}")
     parser.add_argument("--no-profile", action="store_true",
                         help="do not profile the missed goals (py-spy)")
     parser.add_argument("--fast-db", action="store_true",
                         help="PostgreSQL without fsync (default: durable, as in production)")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: write the report and the plot of these results")
     parser.add_argument("--work-dir", type=Path, help="logs and raw load-generator output "
                         "(default: a temporary directory, kept)")
     args = parser.parse_args(argv)
+    # The committed report is the full run's; any other run writes beside its own results.
+    beside_out = args.quick or args.out is not None
     if args.out is None:
         args.out = (Path(tempfile.mkdtemp(prefix="comfy-cancel-bench-")) / "results.json"
                     if args.quick else REPO / "docs" / "bench" / "results.json")
     if args.report is None:
-        args.report = (args.out.parent / "BENCHMARKS.md" if args.quick
+        args.report = (args.out.parent / "BENCHMARKS.md" if beside_out
                        else REPO / "docs" / "BENCHMARKS.md")
     if args.plot is None:
-        args.plot = (args.out.parent / "latency.png" if args.quick
+        args.plot = (args.out.parent / "latency.png" if beside_out
                      else REPO / "docs" / "bench" / "latency.png")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        rendered = json.loads(args.render.read_text())
+        report.write_plot(rendered, args.plot)
+        report.write_markdown(rendered, args.report, args.plot)
+        print(f"wrote {args.report} and {args.plot}", file=sys.stderr)
+        return 0
     sizes = QUICK if args.quick else FULL
     only = [f.strip() for f in (args.only or ",".join(FIGURES)).split(",") if f.strip()]
     unknown = sorted(set(only) - set(FIGURES))
@@ -361,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": started_at.isoformat(timespec="seconds"), "sizes": vars(sizes),
         "figures": {}, "errors": {},
     }
-    log(f"{results['mode']} run; work dir {work_dir}")
+    results["code"] = code_state()
+    log(f"{results['mode']} run of {results['code']['commit']}; work dir {work_dir}")
     with started_services(durable=durable) as servers:
         results["machine"] = machine(servers, durable)
         log(f"redis {servers.redis_server.version}, postgresql {servers.postgres.version} up")
@@ -379,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quick and not args.no_profile:
                 results["profiles"] = profile_misses(
                     system, results["goals"], work_dir / "profiles", log)
+    results["code"]["changed_during_run"] = (
+        code_state()["package_digest"] != results["code"]["package_digest"])
+    if results["code"]["changed_during_run"]:
+        log("warning: comfy_cancel/ changed while the suite ran; the figures mix versions")
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["duration_seconds"] = round(time.monotonic() - log.started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -139,18 +139,23 @@ def _cancel_chunk(
     summary.already_terminal += sum(t.status in TERMINAL for t in chunk)
     summary.not_cancellable += sum(t.status not in ACTIVE + TERMINAL for t in chunk)
     with ctx.db.transaction() as session:
-        requested = set(status.request_cancel_many(session, active, by))
+        # The CAS records the request of what it cancels; only the rest needs a request.
         cancelled = status.cancel_queued_many(session, queued, by)
+        cancelled_ids = {wid for wid, _ in cancelled}
+        # Running ones, and queued ones that started running meanwhile.
+        rest = status.request_cancel_many(
+            session, [wid for wid in active if wid not in cancelled_ids], by
+        )
     summary.cancelled += len(cancelled)
     # Matched as queued or running, ended before the request was written.
-    summary.too_late += len(active) - len(requested)
-    cancelled_ids = {wid for wid, _ in cancelled}
+    summary.too_late += len(active) - len(cancelled) - len(rest)
     tasks.revoke_runner_tasks([task_id for _, task_id in cancelled if task_id])
-    signals.send(ctx.redis, cancelled_ids, signals.SignalKind.STOP,
+    # Only a runner with a prompt in ComfyUI has something to stop; one that submits later
+    # finds the workflow cancelled when it records the submission, and removes its prompt.
+    with_prompt = [t for t in chunk if t.id in cancelled_ids and t.prompt_id]
+    signals.send(ctx.redis, [t.id for t in with_prompt], signals.SignalKind.STOP,
                  ctx.settings.signal_ttl_seconds)
-    _remove_pending_prompts(ctx, [t for t in chunk if t.id in cancelled_ids and t.prompt_id])
-    # Running ones, and queued ones that started running meanwhile.
-    rest = [wid for wid in active if wid in requested and wid not in cancelled_ids]
+    _remove_pending_prompts(ctx, with_prompt)
     if not rest:
         return []
     try:
