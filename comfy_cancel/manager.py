@@ -109,11 +109,18 @@ def authenticate(session: Session, token: str) -> Principal | None:
     now = utcnow()
     if api_token.expires_at is not None and api_token.expires_at <= now:
         return None
-    # Last-used is informational: write it at most once a minute to keep auth read-mostly.
+    # Last-used is informational: written at most once a minute, and only by a request that
+    # gets the row without waiting, so concurrent requests on one token never queue on it.
     if api_token.last_used_at is None or now - api_token.last_used_at > timedelta(minutes=1):
-        session.execute(
-            update(ApiToken).where(ApiToken.id == api_token.id).values(last_used_at=now)
-        )
+        free = session.execute(
+            select(ApiToken.id)
+            .where(ApiToken.id == api_token.id)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if free is not None:
+            session.execute(
+                update(ApiToken).where(ApiToken.id == api_token.id).values(last_used_at=now)
+            )
     return Principal(api_token.account_id, account_name, api_token.id, api_token.is_operator)
 
 

@@ -176,11 +176,22 @@ def running_stack(
         heartbeat_interval_seconds=overrides.pop("heartbeat_interval_seconds", 0.5),
         **overrides,
     )
-    saved_env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
-    os.environ.update(settings_env(settings))
-    get_settings.cache_clear()
-    context.reset()
-    worker.configure(settings)
+    with configured(settings):
+        yield from _stack(settings, database_url, log_dir, time_scale=time_scale,
+                          jobs_api=jobs_api, separate_runner=separate_runner,
+                          cancel_concurrency=cancel_concurrency)
+
+
+def _stack(
+    settings: Settings,
+    database_url: str,
+    log_dir: Path,
+    *,
+    time_scale: float,
+    jobs_api: bool,
+    separate_runner: bool,
+    cancel_concurrency: int,
+) -> Iterator[Stack]:
     db = migrated(database_url)
     sim = start_in_thread(time_scale=time_scale, jobs_api=jobs_api)
     with db.transaction() as session:
@@ -214,6 +225,20 @@ def running_stack(
                 proc.kill()
         sim.stop()
         db.engine.dispose()
+
+
+@contextmanager
+def configured(settings: Settings) -> Iterator[None]:
+    """Point this process (settings, context, Celery publishing) at ``settings``; the
+    environment is restored afterwards."""
+    saved_env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
+    os.environ.update(settings_env(settings))
+    get_settings.cache_clear()
+    context.reset()
+    worker.configure(settings)
+    try:
+        yield
+    finally:
         for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
             del os.environ[key]
         os.environ.update(saved_env)

@@ -47,8 +47,8 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
-from comfy_cancel import context, manager, status, tasks, worker
-from comfy_cancel.config import ENV_PREFIX, Settings, get_settings
+from comfy_cancel import manager, status, tasks
+from comfy_cancel.config import Settings
 from comfy_cancel.db import Database
 from comfy_cancel.models import (
     CancelOutcome,
@@ -60,7 +60,7 @@ from comfy_cancel.models import (
 )
 from comfy_cancel.signals import SignalKind, SignalListener
 from tests.helpers import PATH_TO, TINY_PROMPT, advance, make_account_and_runner, migrated
-from tests.stack import ALL_CANCEL_QUEUES, settings_env, start_worker, wait_workers_ready
+from tests.stack import ALL_CANCEL_QUEUES, configured, start_worker, wait_workers_ready
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres]
 
@@ -272,26 +272,6 @@ class SimulatedApi:
         tasks.publish_cancels([workflow_id], API)
         with self.db.transaction() as session:
             status.mark_cancel_published(session, [workflow_id])
-
-
-@contextmanager
-def configured(settings: Settings) -> Iterator[None]:
-    """This process publishes to the test's Redis; the environment is restored after, as
-    tests.stack.running_stack does."""
-    saved_env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
-    os.environ.update(settings_env(settings))
-    get_settings.cache_clear()
-    context.reset()
-    worker.configure(settings)
-    try:
-        yield
-    finally:
-        for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
-            del os.environ[key]
-        os.environ.update(saved_env)
-        get_settings.cache_clear()
-        context.reset()
-        worker.configure(get_settings())
 
 
 @contextmanager
