@@ -21,8 +21,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
 
-from comfy_cancel import manager, signals, status, tasks
-from comfy_cancel.comfyui import ComfyUIClient, ComfyUIError
+from comfy_cancel import cancel, manager, status, tasks
 from comfy_cancel.context import Context
 from comfy_cancel.manager import Target, WorkflowFilter
 from comfy_cancel.models import CancelOutcome, WorkflowStatus
@@ -138,24 +137,16 @@ def _cancel_chunk(
     queued = [t.id for t in chunk if t.status == S.QUEUED.value]
     summary.already_terminal += sum(t.status in TERMINAL for t in chunk)
     summary.not_cancellable += sum(t.status not in ACTIVE + TERMINAL for t in chunk)
+    # The CAS records the request of what it cancels; only the rest needs a request.
+    cancelled = cancel.cancel_queued(ctx, queued, by)
     with ctx.db.transaction() as session:
-        # The CAS records the request of what it cancels; only the rest needs a request.
-        cancelled = status.cancel_queued_many(session, queued, by)
-        cancelled_ids = {wid for wid, _ in cancelled}
         # Running ones, and queued ones that started running meanwhile.
         rest = status.request_cancel_many(
-            session, [wid for wid in active if wid not in cancelled_ids], by
+            session, [wid for wid in active if wid not in cancelled], by
         )
     summary.cancelled += len(cancelled)
     # Matched as queued or running, ended before the request was written.
     summary.too_late += len(active) - len(cancelled) - len(rest)
-    tasks.revoke_runner_tasks([task_id for _, task_id in cancelled if task_id])
-    # Only a runner with a prompt in ComfyUI has something to stop; one that submits later
-    # finds the workflow cancelled when it records the submission, and removes its prompt.
-    with_prompt = [t for t in chunk if t.id in cancelled_ids and t.prompt_id]
-    signals.send(ctx.redis, [t.id for t in with_prompt], signals.SignalKind.STOP,
-                 ctx.settings.signal_ttl_seconds)
-    _remove_pending_prompts(ctx, with_prompt)
     if not rest:
         return []
     try:
@@ -167,32 +158,6 @@ def _cancel_chunk(
     with ctx.db.transaction() as session:
         status.mark_cancel_published(session, rest)
     return rest
-
-
-def _remove_pending_prompts(ctx: Context, targets: list[Target]) -> None:
-    """One call per ComfyUI server for all of its prompts in this chunk."""
-    by_runner: dict[str, list[str]] = defaultdict(list)
-    for target in targets:
-        if target.runner_id and target.prompt_id:
-            by_runner[target.runner_id].append(target.prompt_id)
-    if not by_runner:
-        return
-    with ctx.db.transaction() as session:
-        runners = manager.runner_endpoints(session, list(by_runner))
-    for runner_id, prompt_ids in by_runner.items():
-        runner = runners.get(runner_id)
-        if runner is None:
-            continue
-        client = ComfyUIClient(runner.endpoint_url, runner.headers,
-                               timeout=ctx.settings.comfyui_timeout_seconds)
-        try:
-            client.cancel_many(prompt_ids)
-        except ComfyUIError as exc:
-            # Their runners got a stop signal and remove their own prompts too.
-            log.warning("could not remove %d prompts from %s: %s", len(prompt_ids),
-                        runner.endpoint_url, exc)
-        finally:
-            client.close()
 
 
 def _collect_outcomes(

@@ -1,8 +1,8 @@
 """What the cancel worker does with one cancel request ("Flow of one cancel", DESIGN.md).
 
 - terminal: nothing to write; outcome ``too_late`` or ``already_cancelled``;
-- queued: remove the prompt from its ComfyUI queue if it has one, CAS
-  ``queued -> cancelled``, revoke the runner task and tell the runner to stop;
+- queued: CAS ``queued -> cancelled`` (one statement for many), then revoke the
+  runner task, and remove a prompt already pending in ComfyUI and tell its runner to stop;
 - running: signal the runner and schedule a deadline check one grace period
   later, then return: no worker slot is held while the runner interrupts;
 - deadline passed, still running: escalate and write ``cancelled`` with outcome
@@ -15,6 +15,7 @@ cancel racing the runner's completion ends in exactly one terminal status.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -23,7 +24,7 @@ from comfy_cancel import manager, signals, status, tasks
 from comfy_cancel.comfyui import ComfyUIClient, ComfyUIError
 from comfy_cancel.context import Context
 from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
-from comfy_cancel.status import Actor
+from comfy_cancel.status import Actor, CancelledQueued
 
 log = logging.getLogger(__name__)
 S = WorkflowStatus
@@ -41,23 +42,47 @@ def handle(ctx: Context, workflow_id: str, by: Actor) -> CancelOutcome | None:
 def handle_many(
     ctx: Context, workflow_ids: Sequence[str], by: Actor
 ) -> dict[str, CancelOutcome | None]:
-    """Act on cancel requests for many workflows; running ones are signalled in one batch."""
-    outcomes: dict[str, CancelOutcome | None] = {}
+    """Act on cancel requests for many workflows.
+
+    The queued ones are cancelled by one compare-and-set first (no read needed); only what
+    it did not change is read: terminal ones get their outcome, running ones (including
+    queued ones that just started) are signalled in one batch.
+    """
+    cancelled = cancel_queued(ctx, workflow_ids, by)
+    outcomes: dict[str, CancelOutcome | None] = dict.fromkeys(cancelled, CancelOutcome.CANCELLED)
     running: list[Workflow] = []
-    queued: list[Workflow] = []
     with ctx.db.transaction() as session:
-        for workflow in manager.workflows_by_ids(session, workflow_ids):
+        rest = [wid for wid in workflow_ids if wid not in outcomes]
+        for workflow in manager.workflows_by_ids(session, rest):
             outcomes[workflow.id] = _terminal_outcome(session, workflow, by)
             if workflow.status == S.RUNNING.value:
                 running.append(workflow)
-            elif workflow.status == S.QUEUED.value:
-                queued.append(workflow)
             elif workflow.status not in _TERMINAL:
                 log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status)
-    for workflow in queued:
-        outcomes[workflow.id] = _cancel_queued(ctx, workflow, by)
     outcomes.update(signal_running(ctx, running, by))
     return outcomes
+
+
+def cancel_queued(ctx: Context, workflow_ids: Sequence[str], by: Actor) -> set[str]:
+    """``queued -> cancelled`` for those of these workflows still queued, and the clean-up
+    behind it; returns the ids it cancelled.
+
+    Revoke is the fast path for a runner task still waiting in the broker: the task
+    re-checks the database before it submits anything, so a lost revoke changes nothing.
+    A prompt already pending in ComfyUI is removed, and its runner told to stop watching;
+    a runner that submits after this finds the workflow cancelled when it records the
+    submission, and removes its prompt itself.
+    """
+    if not workflow_ids:
+        return set()
+    with ctx.db.transaction() as session:
+        cancelled = status.cancel_queued_many(session, workflow_ids, by)
+    tasks.revoke_runner_tasks([c.runner_task_id for c in cancelled if c.runner_task_id])
+    with_prompt = [c for c in cancelled if c.prompt_id]
+    signals.send(ctx.redis, [c.id for c in with_prompt], signals.SignalKind.STOP,
+                 ctx.settings.signal_ttl_seconds)
+    _remove_pending_prompts(ctx, with_prompt)
+    return {c.id for c in cancelled}
 
 
 def enforce_deadline(
@@ -107,31 +132,6 @@ def _terminal_outcome(session: Any, workflow: Workflow, by: Actor) -> CancelOutc
     return outcome
 
 
-def _cancel_queued(ctx: Context, workflow: Workflow, by: Actor) -> CancelOutcome | None:
-    if workflow.prompt_id is not None:
-        # Pending in ComfyUI's own queue: take exactly this prompt out of it.
-        _cancel_on_comfyui(ctx, workflow, timeout=ctx.settings.comfyui_timeout_seconds)
-    with ctx.db.transaction() as session:
-        change = status.cancel_if_queued(
-            session, workflow.id, by, CancelOutcome.CANCELLED, workflow.cancel_timing()
-        )
-        current = None if change.changed else manager.get_workflow(session, workflow.id)
-        if current is not None:
-            outcome = _terminal_outcome(session, current, by)
-            if outcome is not None:
-                return outcome
-    if current is not None:
-        # It started running between our read and our write: cancel it as a running one.
-        return signal_running(ctx, [current], by)[current.id]
-    if not change.changed:
-        return None  # deleted meanwhile
-    # Revoke is the fast path for a runner task still waiting in the broker; the task
-    # re-checks the database before it submits anything, so a lost revoke changes nothing.
-    tasks.revoke_runner_tasks([workflow.runner_task_id] if workflow.runner_task_id else [])
-    signals.send(ctx.redis, [workflow.id], signals.SignalKind.STOP, ctx.settings.signal_ttl_seconds)
-    return CancelOutcome.CANCELLED
-
-
 def escalate(
     ctx: Context, workflow: Workflow, by: Actor, outcome: CancelOutcome
 ) -> CancelOutcome | None:
@@ -153,6 +153,32 @@ def escalate(
     if workflow.prompt_id is not None:
         _cancel_on_comfyui(ctx, workflow, timeout=ESCALATION_TIMEOUT_SECONDS)
     return outcome
+
+
+def _remove_pending_prompts(ctx: Context, cancelled: Sequence[CancelledQueued]) -> None:
+    """One call per ComfyUI server for all of its prompts among these."""
+    by_runner: dict[str, list[str]] = defaultdict(list)
+    for row in cancelled:
+        if row.runner_id and row.prompt_id:
+            by_runner[row.runner_id].append(row.prompt_id)
+    if not by_runner:
+        return
+    with ctx.db.transaction() as session:
+        runners = manager.runner_endpoints(session, list(by_runner))
+    for runner_id, prompt_ids in by_runner.items():
+        runner = runners.get(runner_id)
+        if runner is None:
+            continue
+        client = ComfyUIClient(runner.endpoint_url, runner.headers,
+                               timeout=ctx.settings.comfyui_timeout_seconds)
+        try:
+            client.cancel_many(prompt_ids)
+        except ComfyUIError as exc:
+            # Their runners got a STOP signal and remove their own prompts too.
+            log.warning("could not remove %d prompts from %s: %s", len(prompt_ids),
+                        runner.endpoint_url, exc)
+        finally:
+            client.close()
 
 
 def _escalation_outcome(ctx: Context, workflow: Workflow) -> CancelOutcome:

@@ -266,16 +266,26 @@ def cancel_if_active(
     return _cancel(session, workflow_id, [S.QUEUED, S.RUNNING], by, outcome, detail)
 
 
+@dataclass(frozen=True)
+class CancelledQueued:
+    """A workflow ``cancel_queued_many`` changed, with what its clean-up needs."""
+
+    id: str
+    runner_task_id: str | None
+    runner_id: str | None
+    prompt_id: str | None
+
+
 def cancel_queued_many(
     session: Session,
     workflow_ids: Sequence[str],
     by: Actor,
     outcome: CancelOutcome = CancelOutcome.CANCELLED,
-) -> list[tuple[str, str | None]]:
+) -> list[CancelledQueued]:
     """Set-based ``queued -> cancelled`` for many rows: one statement, one audit insert.
 
-    Returns (id, runner_task_id) of exactly the rows it changed, so the caller can revoke
-    their runner tasks in one broadcast.
+    Returns exactly the rows it changed, so the caller can revoke their runner tasks in
+    one broadcast and remove their pending prompts from ComfyUI.
     """
     if not workflow_ids:
         return []
@@ -284,7 +294,7 @@ def cancel_queued_many(
         update(Workflow)
         .where(Workflow.id.in_(list(workflow_ids)), Workflow.status == S.QUEUED.value)
         .values(status=S.CANCELLED.value, updated_at=now, **_cancel_values(by, outcome, now))
-        .returning(Workflow.id, Workflow.runner_task_id)
+        .returning(Workflow.id, Workflow.runner_task_id, Workflow.runner_id, Workflow.prompt_id)
         .execution_options(synchronize_session=False)
     ).all()
     if rows:
@@ -302,10 +312,10 @@ def cancel_queued_many(
                     "reason": by.reason,
                     "outcome": outcome.value,
                 }
-                for wid, _ in rows
+                for wid, *_ in rows
             ],
         )
-    return [(wid, task_id) for wid, task_id in rows]
+    return [CancelledQueued(*row) for row in rows]
 
 
 # --- the cancel request beside the status (no status change) ---------------------------

@@ -88,8 +88,8 @@ def test_cancel_queued_many_changes_only_queued_rows_and_audits_each(db: Databas
     by = status.Actor("bulk", "operator", "maintenance")
     with db.transaction() as session:
         changed = status.cancel_queued_many(session, [*queued, running, done], by)
-    assert sorted(wid for wid, _ in changed) == sorted(queued)
-    assert all(task_id for _, task_id in changed)
+    assert sorted(c.id for c in changed) == sorted(queued)
+    assert all(c.runner_task_id and c.runner_id == runner_id for c in changed)
     with db.transaction() as session:
         statuses = dict(session.execute(select(Workflow.id, Workflow.status)).all())
         events = session.execute(
