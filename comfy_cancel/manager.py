@@ -388,18 +388,14 @@ class WorkflowFilter:
 
 @dataclass(frozen=True)
 class Target:
-    """What a bulk cancel needs of one matched workflow."""
+    """What a bulk cancel needs of one matched workflow (the clean-up of a cancelled one
+    comes back from its compare-and-set)."""
 
     id: str
     status: str
-    runner_id: str | None
-    runner_task_id: str | None
-    prompt_id: str | None
 
 
-_TARGET_COLUMNS = (
-    Workflow.id, Workflow.status, Workflow.runner_id, Workflow.runner_task_id, Workflow.prompt_id
-)
+_TARGET_COLUMNS = (Workflow.id, Workflow.status)
 
 
 def count_by_status(session: Session, flt: WorkflowFilter) -> dict[str, int]:

@@ -169,6 +169,39 @@ def _log_tail(path: Path, lines: int = 3) -> str:
 _PORT_TAKEN = "is served by another"
 
 
+def _wait_until_serving(
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    port: int,
+    *,
+    timeout: float,
+    stop_signal: int,
+    probe: Callable[[], tuple[str | None, str] | None],
+    silence: str,
+) -> tuple[str | None, str]:
+    """Wait until the server we spawned answers on its port: (its version, "") then, or
+    (None, why) when it exited, another server answers instead, or time ran out.
+
+    ``probe`` returns None while nothing answers, else (who answers if it is not ours,
+    the version that answers).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return None, f"exited with {proc.returncode}: {_log_tail(log_path)} (log: {log_path})"
+        answer = probe()
+        if answer is not None and proc.poll() is None:
+            intruder, version = answer
+            if intruder is not None:
+                # Ours failed to bind and another server answers: not ours to use.
+                _terminate(proc, stop_signal, grace=5)
+                return None, f"port {port} {_PORT_TAKEN} {intruder}"
+            return version, ""
+        time.sleep(0.05)
+    _terminate(proc, stop_signal, grace=5)
+    return None, f"{silence} within {timeout:.0f}s: {_log_tail(log_path)}"
+
+
 def _port_taken(log_path: Path, failure: str) -> bool:
     """Did a start fail only because someone else had the port (worth a retry elsewhere)?"""
     tail = _log_tail(log_path, 10)
@@ -351,27 +384,27 @@ def _try_start_redis(
         )
     except OSError as exc:
         return f"cannot execute: {exc}"
-    deadline = started + REDIS_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return f"exited with {proc.returncode}: {_log_tail(log_path)}"
+
+    def probe() -> tuple[str | None, str] | None:
         identity = _redis_identity(port)
-        if identity is not None and proc.poll() is None:
-            pid, version = identity
-            if pid != proc.pid:
-                # Ours failed to bind and someone else's Redis answers: not ours to use.
-                _terminate(proc, signal.SIGKILL, grace=5)
-                return f"port {port} {_PORT_TAKEN} Redis (pid {pid})"
-            server = RedisServer(
-                url=f"redis://{HOST}:{port}/0", port=port, process=proc, data_dir=directory,
-                binary=exe, version=version, _owns_data_dir=owns,
-            )
-            _remember(server)
-            log.info("redis %s up on port %d in %.2fs", version, port, time.monotonic() - started)
-            return server
-        time.sleep(0.05)
-    _terminate(proc, signal.SIGKILL, grace=5)
-    return f"no PING answer within {REDIS_START_TIMEOUT:.0f}s: {_log_tail(log_path)}"
+        if identity is None:
+            return None
+        pid, version = identity
+        return (None if pid == proc.pid else f"Redis (pid {pid})"), version
+
+    version, why = _wait_until_serving(
+        proc, log_path, port, timeout=REDIS_START_TIMEOUT, stop_signal=signal.SIGKILL,
+        probe=probe, silence="no PING answer",
+    )
+    if version is None:
+        return why
+    server = RedisServer(
+        url=f"redis://{HOST}:{port}/0", port=port, process=proc, data_dir=directory,
+        binary=exe, version=version, _owns_data_dir=owns,
+    )
+    _remember(server)
+    log.info("redis %s up on port %d in %.2fs", version, port, time.monotonic() - started)
+    return server
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -703,29 +736,29 @@ def _try_start_postgres(
         )
     except OSError as exc:
         return f"cannot execute postgres: {exc}"
-    deadline = started + PG_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return f"exited with {proc.returncode}: {_log_tail(log_path)} (log: {log_path})"
+
+    def probe() -> tuple[str | None, str] | None:
         identity = _pg_identity(port)
-        if identity is not None and proc.poll() is None:
-            served, version = identity
-            if Path(served).resolve() != pgdata.resolve():
-                # Ours failed to bind and another server answers: not ours to use.
-                _terminate(proc, signal.SIGQUIT, grace=5)
-                return f"port {port} {_PORT_TAKEN} PostgreSQL ({served})"
-            server = PostgresServer(
-                url=f"postgresql+psycopg://{PG_SUPERUSER}@{HOST}:{port}/postgres",
-                port=port, process=proc, data_dir=pgdata, bin_dir=bin_dir, version=version,
-                run_as=run_as.pw_name if run_as else None, _temp_root=temp_root,
-            )
-            _remember(server)
-            elapsed = time.monotonic() - started
-            log.info("postgres %s up on port %d in %.2fs", version, port, elapsed)
-            return server
-        time.sleep(0.05)
-    _terminate(proc, signal.SIGQUIT, grace=5)
-    return f"not accepting connections within {PG_START_TIMEOUT:.0f}s: {_log_tail(log_path)}"
+        if identity is None:
+            return None
+        served, version = identity
+        ours = Path(served).resolve() == pgdata.resolve()
+        return (None if ours else f"PostgreSQL ({served})"), version
+
+    version, why = _wait_until_serving(
+        proc, log_path, port, timeout=PG_START_TIMEOUT, stop_signal=signal.SIGQUIT,
+        probe=probe, silence="not accepting connections",
+    )
+    if version is None:
+        return why
+    server = PostgresServer(
+        url=f"postgresql+psycopg://{PG_SUPERUSER}@{HOST}:{port}/postgres",
+        port=port, process=proc, data_dir=pgdata, bin_dir=bin_dir, version=version,
+        run_as=run_as.pw_name if run_as else None, _temp_root=temp_root,
+    )
+    _remember(server)
+    log.info("postgres %s up on port %d in %.2fs", version, port, time.monotonic() - started)
+    return server
 
 
 # --------------------------------------------------------------------------- preflight

@@ -236,16 +236,6 @@ def _cancel(
     )
 
 
-def cancel_if_queued(
-    session: Session,
-    workflow_id: str,
-    by: Actor,
-    outcome: CancelOutcome = CancelOutcome.CANCELLED,
-    detail: Mapping[str, Any] | None = None,
-) -> Change:
-    return _cancel(session, workflow_id, [S.QUEUED], by, outcome, detail)
-
-
 def cancel_if_running(
     session: Session,
     workflow_id: str,
