@@ -2,13 +2,13 @@
 
 Per chunk of matches (keyset paging, so memory stays flat whatever the count):
 
-1. one statement records the cancel intents of every cancellable match;
-2. one compare-and-set statement cancels the queued ones and returns exactly those;
-3. one broadcast revokes their runner tasks, one pipeline tells their runners to stop,
-   and one call per ComfyUI server removes their pending prompts;
-4. the running ones go to the ``cancel.bulk`` queue as one message, whose handler
-   signals their runners in one pipeline; customers' cancels on ``cancel`` never wait
-   behind it.
+1. one compare-and-set statement cancels the queued ones (recording their request) and
+   returns exactly those; one broadcast revokes their runner tasks, and those with a
+   prompt pending in ComfyUI are removed with one call per server and their runners told
+   to stop (``cancel.cancel_queued``, the same code the cancel worker runs);
+2. one statement records the cancel intents of the rest (running, or just started);
+3. those go to the ``cancel.bulk`` queue as one message, whose handler signals their
+   runners in one pipeline; customers' cancels on ``cancel`` never wait behind it.
 """
 
 from __future__ import annotations
