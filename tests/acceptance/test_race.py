@@ -70,8 +70,11 @@ CANCEL_WRITTEN = {CancelOutcome.CANCELLED.value, CancelOutcome.FORCED.value,
                   CancelOutcome.RUNNER_LOST.value}
 
 WORKFLOWS = 1000
-WINDOW_SECONDS = 12.0  # planned finishes are spread over this long
-GRACE_SECONDS = 1.0  # the cancel worker escalates a cancel not acknowledged by then
+# Planned finishes are spread over this long. The simulated writers share two cores with
+# the workers and PostgreSQL; at 12 s a busy CI box left them seconds late, which turned
+# most planned acknowledgements into escalations and the race into no race.
+WINDOW_SECONDS = 30.0
+GRACE_SECONDS = 2.0  # the cancel worker escalates a cancel not acknowledged by then
 HEARTBEAT_TIMEOUT_SECONDS = 120.0  # longer than the test: only the "lost" runners are lost
 SETTLE_TIMEOUT_SECONDS = 20.0  # after the last planned event, everything must have ended
 CANCEL_WORKERS = 2
@@ -449,16 +452,19 @@ def test_a_thousand_cancels_racing_completions_leave_one_consistent_end_each(
     )
     for key, value in sorted(counts.items()):
         print(f"  {key}: {value}")
+    # When the simulated writers ran late, the planned moments did not happen as planned:
+    # say so beside any direction of the race that did not happen often enough.
+    late = f"writers late by {lateness[len(lateness) // 2]:.3f}s median; {dict(counts)}"
 
     # The race really happened, in every direction.
-    assert counts["end completed/never requested"] >= 50, counts
-    assert counts["end cancelled/cancelled"] >= 50, counts
-    assert counts["end completed/too_late"] + counts["end failed/too_late"] >= 50, counts
-    assert counts["end cancelled/forced"] >= 10, counts
-    assert counts["end cancelled/runner_lost"] >= 5, counts
-    assert counts["race: cancel refused (the API's 400), terminal already"] >= 20, counts
-    assert counts["race: completion or failure refused, cancelled first"] >= 20, counts
-    assert counts["race: acknowledgement refused, ended first"] >= 1, counts
+    assert counts["end completed/never requested"] >= 50, late
+    assert counts["end cancelled/cancelled"] >= 50, late
+    assert counts["end completed/too_late"] + counts["end failed/too_late"] >= 50, late
+    assert counts["end cancelled/forced"] >= 10, late
+    assert counts["end cancelled/runner_lost"] >= 5, late
+    assert counts["race: cancel refused (the API's 400), terminal already"] >= 20, late
+    assert counts["race: completion or failure refused, cancelled first"] >= 20, late
+    assert counts["race: acknowledgement refused, ended first"] >= 1, late
 
 
 def check_invariants(
