@@ -61,6 +61,7 @@ async def _http(args: argparse.Namespace) -> dict[str, Any]:
         async def send(item: str, due: float) -> None:
             url = args.url.replace("{id}", item)
             sent = time.time()
+            code: int | str
             try:
                 async with session.request(args.method, url) as response:
                     await response.read()

@@ -250,7 +250,9 @@ def running_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
     for call in calls:
         if call["prompt_id"] and call["prompt_id"] not in first_call:
             first_call[call["prompt_id"]] = float(call["at"])
-    to_call, to_cancelled, outcomes = [], [], Counter()
+    to_call: list[float] = []
+    to_cancelled: list[float] = []
+    outcomes: Counter[str] = Counter()
     call_before_200 = 0
     with system.db.transaction() as session:
         for workflow_id, acknowledged in records:
@@ -263,7 +265,7 @@ def running_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
                 to_call.append(max(0.0, first_call[prompt_id] - acknowledged))
             if finished is not None:
                 to_cancelled.append(max(0.0, (epoch(finished) or 0.0) - acknowledged))
-    result = {
+    result: dict[str, Any] = {
         "samples": len(records),
         "to_comfyui_cancel_call": distribution_ms(to_call),
         "to_cancelled": distribution_ms(to_cancelled),

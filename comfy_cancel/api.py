@@ -157,19 +157,53 @@ def _validate(model: type[Model], data: Any) -> Model:
         raise ApiError(400, f"invalid {error_message(exc)}") from exc
 
 
+# Room for the form's other fields and the multipart framing around the workflow file.
+_FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the workflow is larger than this API accepts ({limit} bytes, "
+        "COMFY_CANCEL_MAX_WORKFLOW_BYTES); nothing was stored",
+    )
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes ``limit`` (a missing or false
+    Content-Length does not get a bigger body in)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_submission(request: Request) -> WorkflowSubmission:
     """The product's multipart form (``workflow_json`` a file) or the same fields as JSON."""
+    limit = request.app.state.settings.max_workflow_bytes
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json" or content_type.endswith("+json"):
-        return _validate(WorkflowSubmission, _parse_json(await request.body(), "the body"))
+        body = await _read_limited(request, limit + _FORM_OVERHEAD_BYTES)
+        return _validate(WorkflowSubmission, _parse_json(body, "the body"))
     if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise ApiError(
             415,
             "send the workflow as multipart/form-data (name, workflow_json file, tags) "
             "or as application/json",
         )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + _FORM_OVERHEAD_BYTES:
+        raise _too_large(limit)
     fields: dict[str, Any] = {}
-    async with request.form() as form:
+    # Starlette spools files to disk past 1 MiB, so a chunked upload without a length
+    # costs disk, not memory, until its size is checked below.
+    async with request.form(max_part_size=limit) as form:
         if "name" in form:
             fields["name"] = form["name"]
         tags = [t for t in form.getlist("tags") if isinstance(t, str)]
@@ -177,6 +211,8 @@ async def read_submission(request: Request) -> WorkflowSubmission:
             fields["tags"] = tags
         upload = form.get("workflow_json")
         if isinstance(upload, UploadFile):
+            if upload.size is not None and upload.size > limit:
+                raise _too_large(limit)
             fields["workflow_json"] = _parse_json(await upload.read(), "the workflow_json file")
         elif isinstance(upload, str):
             fields["workflow_json"] = _parse_json(upload, "the workflow_json field")

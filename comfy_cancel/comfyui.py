@@ -15,6 +15,10 @@ The client does not retry: each method makes its calls once and raises
 unexpected. Retry policy belongs to the caller. One :class:`ComfyUIClient` may be
 shared by threads; one :class:`EventStream` is read by one thread at a time (and
 closed from any).
+
+Error messages and logs name a server by :func:`redact_url`: a runner's endpoint may
+carry credentials (``user:pass@host``, ``?token=``), and those messages end up in a
+workflow's ``exception_message`` and in log files.
 """
 
 from __future__ import annotations
@@ -35,6 +39,22 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.sync.client import ClientConnection, connect
 
 log = logging.getLogger(__name__)
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be shown: no password in the authority, no query values (but
+    our own ``clientId``)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
+    query = "&".join(
+        f"{pair.split('=', 1)[0]}=***" if "=" in pair and not pair.startswith("clientId=") else pair
+        for pair in parts.query.split("&")
+        if pair
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
 
 # Statuses a WebSocket reconnect cannot fix by waiting.
 _FATAL_WS_STATUSES = frozenset({400, 401, 403, 404})
@@ -118,6 +138,7 @@ class ComfyUIClient:
         self, base_url: str, headers: Mapping[str, str] | None = None, timeout: float = 10.0
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.shown_url = redact_url(self.base_url)  # for messages and logs
         self.timeout = timeout
         self._headers = dict(headers or {})
         self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout)
@@ -149,7 +170,7 @@ class ComfyUIClient:
             if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
                 node_errors = answer.get("node_errors")
                 raise PromptRejected(
-                    str(response.request.url),
+                    redact_url(str(response.request.url)),
                     answer["error"],
                     node_errors if isinstance(node_errors, dict) else {},
                 )
@@ -248,7 +269,7 @@ class ComfyUIClient:
     # ------------------------------------------------------------------ plumbing
 
     def _send(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        url = self.base_url + path
+        url = self.shown_url + path
         try:
             return self._http.request(method, path, json=body)
         except httpx.TimeoutException:
@@ -270,7 +291,7 @@ class ComfyUIClient:
 
     def _jobs_api_missing(self, response: httpx.Response) -> bool:
         if response.status_code in (404, 405):
-            log.info("%s has no jobs API; cancelling by queue delete and interrupt", self.base_url)
+            log.info("%s has no jobs API; cancelling by queue delete and interrupt", self.shown_url)
             self._jobs_api = False
             return True
         return False
@@ -299,6 +320,7 @@ class EventStream:
         reconnect_timeout: float = 30.0,
     ) -> None:
         self.url = url
+        self.shown_url = redact_url(url)  # for messages and logs
         self.reconnect_timeout = reconnect_timeout
         self._headers = dict(headers or {})
         self._open_timeout = open_timeout
@@ -325,7 +347,7 @@ class EventStream:
             except ConnectionClosed:
                 if self._closed.is_set():
                     return Event(CLOSED, {})
-                log.info("WebSocket %s dropped; reconnecting", self.url)
+                log.info("WebSocket %s dropped; reconnecting", self.shown_url)
                 return self._reconnect()
             if isinstance(message, str):
                 event = _parse_event(message)
@@ -340,7 +362,7 @@ class EventStream:
             try:
                 ws.close()
             except Exception as exc:  # closing a dead socket has nothing left to report
-                log.debug("closing %s: %s", self.url, exc)
+                log.debug("closing %s: %s", self.shown_url, exc)
 
     def __enter__(self) -> EventStream:
         return self
@@ -361,9 +383,9 @@ class EventStream:
             remaining = self.reconnect_timeout - (time.monotonic() - started)
             if remaining <= 0:
                 raise ComfyUIError(
-                    f"Lost the ComfyUI event stream {self.url} and could not reconnect within "
-                    f"{self.reconnect_timeout:g} s: {last_error}",
-                    url=self.url,
+                    f"Lost the ComfyUI event stream {self.shown_url} and could not reconnect "
+                    f"within {self.reconnect_timeout:g} s: {last_error}",
+                    url=self.shown_url,
                     status=last_error.status if last_error else None,
                 )
             try:
@@ -398,14 +420,14 @@ class EventStream:
             status = exc.response.status_code
             hint = " (check the runner's extra headers)" if status in (401, 403) else ""
             raise ComfyUIError(
-                f"ComfyUI refused the WebSocket {self.url}: HTTP {status}{hint}",
-                url=self.url,
+                f"ComfyUI refused the WebSocket {self.shown_url}: HTTP {status}{hint}",
+                url=self.shown_url,
                 status=status,
             ) from None
         except (OSError, TimeoutError, WebSocketException) as exc:
             raise ComfyUIError(
-                f"Cannot open the ComfyUI WebSocket {self.url}: {exc or type(exc).__name__}",
-                url=self.url,
+                f"Cannot open the ComfyUI WebSocket {self.shown_url}: {exc or type(exc).__name__}",
+                url=self.shown_url,
             ) from None
 
 
@@ -500,7 +522,7 @@ def _expect_dict(response: httpx.Response) -> dict[str, Any]:
 
 
 def _unexpected(response: httpx.Response, what: str) -> ComfyUIError:
-    url = str(response.request.url)
+    url = redact_url(str(response.request.url))
     body = response.text.strip()[:200]
     detail = f": {body}" if body else ""
     return ComfyUIError(

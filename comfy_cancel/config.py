@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     token_default_ttl_days: int | None = Field(
         None, description="Default lifetime of new API tokens in days; unset means no expiry."
     )
+    max_workflow_bytes: int = Field(
+        20 * 1024 * 1024,
+        description="Largest workflow JSON the API accepts, in bytes; a bigger one gets 413.",
+    )
     log_level: str = Field("INFO", description="Log level of the API and the workers.")
 
 

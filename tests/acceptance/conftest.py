@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ def stack_factory(
 ) -> Callable[..., object]:
     """For tests that need other settings: ``with stack_factory(**overrides) as s``."""
 
-    def make(**overrides: object) -> object:
+    def make(**overrides: Any) -> object:
         return running_stack(pg_database_url, redis_db_url, tmp_path, **overrides)
 
     return make

@@ -125,8 +125,8 @@ def broker_down(broker: Any) -> None:
     _reset_broker_pools()
 
 
-def _make_env(url: str) -> Iterator[Env]:
-    app = api.create_app(Settings(database_url=url, redis_url=UNREACHABLE))
+def _make_env(url: str, **settings: Any) -> Iterator[Env]:
+    app = api.create_app(Settings(database_url=url, redis_url=UNREACHABLE, **settings))
     with TestClient(app) as client:
         yield Env(client, app.state.db, app)
     app.state.db.engine.dispose()
@@ -270,6 +270,54 @@ def test_submit_refuses_broken_json_and_other_media_types(env: Env) -> None:
     text = env.client.post("/v1/workflow", headers={**env.auth(), "Content-Type": "text/plain"},
                            content=b"hello")
     assert "multipart/form-data" in _error(text, 415)
+
+
+SMALL_LIMIT = 4000
+
+
+@pytest.fixture
+def small_env(tmp_path: Path, broker: Any) -> Iterator[Env]:
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    upgrade(url)
+    yield from _make_env(url, max_workflow_bytes=SMALL_LIMIT)
+
+
+def _prompt_of(size: int) -> dict[str, Any]:
+    prompt = json.loads(json.dumps(TINY_PROMPT))
+    prompt["9"] = {"class_type": "Note", "inputs": {"text": ""}}
+    prompt["9"]["inputs"]["text"] = "x" * (size - len(json.dumps(prompt)))
+    return prompt
+
+
+def test_submit_refuses_a_workflow_over_the_size_limit_and_stores_nothing(
+    small_env: Env, broker: Any
+) -> None:
+    env, auth = small_env, small_env.auth()
+    assert len(json.dumps(_prompt_of(SMALL_LIMIT - 100))) == SMALL_LIMIT - 100
+    fits = env.client.post("/v1/workflow", headers=auth, **_files(prompt=_prompt_of(3900)))
+    assert fits.status_code == 200, fits.text
+    accepted = broker("runner")
+    assert len(accepted) == 1
+
+    too_big = _prompt_of(SMALL_LIMIT + 1)
+    as_form = env.client.post("/v1/workflow", headers=auth, **_files(prompt=too_big))
+    assert "COMFY_CANCEL_MAX_WORKFLOW_BYTES" in _error(as_form, 413)
+    huge = {"name": "wf", "workflow_json": _prompt_of(200_000)}
+    as_json = env.client.post("/v1/workflow", headers=auth, json=huge)
+    assert "larger than this API accepts" in _error(as_json, 413)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the size is counted as it comes
+        raw = json.dumps(huge).encode()
+        for start in range(0, len(raw), 8192):
+            yield raw[start : start + 8192]
+
+    chunked = env.client.post(
+        "/v1/workflow", headers={**auth, "Content-Type": "application/json"}, content=chunks()
+    )
+    assert "larger than this API accepts" in _error(chunked, 413)
+    listed = env.client.get("/v1/workflow", headers=auth).json()
+    assert [w["id"] for w in listed["workflows"]] == [fits.json()["id"]]
+    assert broker("runner") == []
 
 
 def test_submit_with_the_broker_down_fails_the_workflow_and_says_so(

@@ -261,7 +261,11 @@ def test_sim_comfyui_delegates_its_options(
 ) -> None:
     received: list[list[str]] = []
     fake = types.ModuleType("comfy_cancel.sim_comfyui")
-    fake.main = lambda argv: received.append(argv) or 0  # type: ignore[attr-defined]
+    def fake_main(argv: list[str]) -> int:
+        received.append(argv)
+        return 0
+
+    fake.main = fake_main  # type: ignore[attr-defined]
     # Both places an import looks, in case the real module was imported earlier.
     monkeypatch.setitem(sys.modules, "comfy_cancel.sim_comfyui", fake)
     monkeypatch.setattr(comfy_cancel, "sim_comfyui", fake, raising=False)

@@ -21,6 +21,7 @@ from comfy_cancel.comfyui import (
     QueueState,
     error_from_history,
     outputs_from_history,
+    redact_url,
     was_interrupted,
 )
 from comfy_cancel.sim_comfyui import RunningSim, blur_workflow
@@ -255,6 +256,42 @@ def test_unreachable_server_says_which_url() -> None:
         with pytest.raises(ComfyUIError) as no_socket:
             client.watch("c1")
         assert f"127.0.0.1:{port}/ws" in str(no_socket.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://gpu-7:8188", "http://gpu-7:8188"),
+        ("https://ops:hunter2@gpu-7:8188/comfy", "https://ops:***@gpu-7:8188/comfy"),
+        ("https://tok3n@gpu-7/x?key=abc&flag", "https://***@gpu-7/x?key=***&flag"),
+        ("ws://gpu-7/ws?clientId=c1&token=abc", "ws://gpu-7/ws?clientId=c1&token=***"),
+    ],
+)
+def test_urls_are_shown_without_credentials(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_errors_never_show_the_runner_credentials(make_sim: Callable[..., RunningSim]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with ComfyUIClient(f"http://ops:hunter2@127.0.0.1:{port}?token=abc", timeout=2) as client:
+        with pytest.raises(ComfyUIError) as unreachable:
+            client.queue()
+        with pytest.raises(ComfyUIError) as no_socket:
+            client.watch("c1")
+    sim = make_sim(time_scale=SLOW, required_headers={"X-Runner-Token": "s3cret"})
+    host = sim.url.split("://", 1)[1]
+    with ComfyUIClient(f"http://ops:hunter2@{host}", timeout=2) as client:
+        with pytest.raises(ComfyUIError) as refused:
+            client.system_stats()
+        with pytest.raises(ComfyUIError) as refused_ws:
+            client.watch("c1")
+    for failure in (unreachable, no_socket, refused, refused_ws):
+        message = str(failure.value)
+        assert "ops:***@" in message, message
+        assert "hunter2" not in message and "hunter2" not in (failure.value.url or "")
+        assert "abc" not in message
 
 
 def test_extra_headers_go_on_every_call(make_sim: Callable[..., RunningSim]) -> None:

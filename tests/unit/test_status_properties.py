@@ -130,6 +130,7 @@ class StatusWriterMachine(RuleBasedStateMachine):
                 assert transitions[-1].to_status == wf.status
                 for prev, nxt in pairwise(transitions):
                     assert nxt.from_status == prev.to_status
+                    assert nxt.from_status is not None and nxt.to_status is not None
                     assert S(nxt.to_status) in status.ALLOWED[S(nxt.from_status)]
                 # The outcome agrees with the status.
                 if wf.status == S.CANCELLED.value:
