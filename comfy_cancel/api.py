@@ -169,16 +169,13 @@ def _too_large(limit: int) -> ApiError:
     )
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes ``limit`` (a missing or false
-    Content-Length does not get a bigger body in)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+async def _read_at_most(request: Request, room: int, limit: int) -> bytes:
+    """The body, refused as soon as it passes ``room`` bytes (a chunked body has no
+    Content-Length to check beforehand)."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
+        if size > room:
             raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
@@ -187,9 +184,13 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 async def read_submission(request: Request) -> WorkflowSubmission:
     """The product's multipart form (``workflow_json`` a file) or the same fields as JSON."""
     limit = request.app.state.settings.max_workflow_bytes
+    room = limit + _FORM_OVERHEAD_BYTES  # the whole body: the workflow and the rest
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > room:
+        raise _too_large(limit)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json" or content_type.endswith("+json"):
-        body = await _read_limited(request, limit + _FORM_OVERHEAD_BYTES)
+        body = await _read_at_most(request, room, limit)
         return _validate(WorkflowSubmission, _parse_json(body, "the body"))
     if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise ApiError(
@@ -197,9 +198,6 @@ async def read_submission(request: Request) -> WorkflowSubmission:
             "send the workflow as multipart/form-data (name, workflow_json file, tags) "
             "or as application/json",
         )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + _FORM_OVERHEAD_BYTES:
-        raise _too_large(limit)
     fields: dict[str, Any] = {}
     # Starlette spools files to disk past 1 MiB, so a chunked upload without a length
     # costs disk, not memory, until its size is checked below.
