@@ -107,25 +107,40 @@ def get_db(request: Request) -> Database:
 DB = Annotated[Database, Depends(get_db)]
 
 
-def require_principal(
-    db: DB, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> Principal:
-    """The caller of a ``/v1`` route; 401 without a valid token."""
-    challenge = {"WWW-Authenticate": "Bearer"}
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def require_token(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The bearer token of a ``/v1`` call, unchecked; 401 when there is none."""
     if credentials is None:
         raise ApiError(
-            401, "missing token: send the header 'Authorization: Bearer cfc_...'", challenge
+            401, "missing token: send the header 'Authorization: Bearer cfc_...'", _CHALLENGE
         )
-    with db.transaction() as session:
-        principal = manager.authenticate(session, credentials.credentials)
+    return credentials.credentials
+
+
+Token = Annotated[str, Depends(require_token)]
+
+
+def authenticate(session: Session, token: str) -> Principal:
+    """The caller behind ``token``, in the caller's transaction; 401 if there is none."""
+    principal = manager.authenticate(session, token)
     if principal is None:
         raise ApiError(
             401,
             "the token is unknown or expired: ask your operator for a new one "
             "(comfy-cancel token create)",
-            challenge,
+            _CHALLENGE,
         )
     return principal
+
+
+def require_principal(db: DB, token: Token) -> Principal:
+    """The caller of a ``/v1`` route; 401 without a valid token."""
+    with db.transaction() as session:
+        return authenticate(session, token)
 
 
 def require_operator(principal: Annotated[Principal, Depends(require_principal)]) -> Principal:
@@ -357,15 +372,17 @@ def list_workflows(
     responses={200: {"description": "Cancel accepted; the body is empty."}},
 )
 def cancel_workflow(
-    workflow_id: str, principal: Caller, db: DB, body: CancelRequest | None = None
+    workflow_id: str, token: Token, db: DB, body: CancelRequest | None = None
 ) -> Response:
     """Request the cancel of a queued or running workflow (DESIGN.md, "Flow of one cancel").
 
     The request is committed before it is published, so a lost message loses no cancel:
     the sweep re-publishes open requests. A repeat while it is in flight is accepted again.
+    The hot path: the token is checked in the cancel's own transaction, not one before it.
     """
-    by = status.Actor(CancelSource.API.value, principal.actor, body.reason if body else None)
     with db.transaction() as session:
+        principal = authenticate(session, token)
+        by = status.Actor(CancelSource.API.value, principal.actor, body.reason if body else None)
         workflow = _own_workflow(session, workflow_id, principal)
         if workflow.status not in CANCELLABLE:
             raise _not_cancellable(workflow.id, workflow.status)

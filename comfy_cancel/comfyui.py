@@ -8,7 +8,9 @@ Cancelling never uses a bare ``POST /interrupt``: on a shared server that stops
 whatever runs, possibly another workflow's prompt. :meth:`ComfyUIClient.cancel`
 prefers the jobs API (``POST /api/jobs/{id}/cancel``, newer ComfyUI) and falls
 back to removing the prompt from the pending queue, then the targeted interrupt
-(``{"prompt_id": ...}``, ComfyUI v0.3.56 and later).
+(``{"prompt_id": ...}``, ComfyUI v0.3.56 and later) only if ``/queue`` shows it
+running, so an older server that ignores the prompt id is never asked to stop
+someone else's prompt.
 
 The client does not retry: each method makes its calls once and raises
 :class:`ComfyUIError` when the server is unreachable or answers something
@@ -208,10 +210,7 @@ class ComfyUIClient:
                 self._checked(response)
                 self._jobs_api = True
                 return
-        # Delete first: a prompt still pending cannot then start between the two calls,
-        # and one already running is caught by the targeted interrupt.
-        self.delete_pending([prompt_id])
-        self.interrupt(prompt_id)
+        self._cancel_by_queue([prompt_id])
 
     def cancel_many(self, prompt_ids: Sequence[str]) -> None:
         """:meth:`cancel` for several prompts, in as few calls as the server allows."""
@@ -226,9 +225,15 @@ class ComfyUIClient:
                 self._checked(response)
                 self._jobs_api = True
                 return
+        self._cancel_by_queue(ids)
+
+    def _cancel_by_queue(self, ids: list[str]) -> None:
+        """Without the jobs API: delete the pending ones, interrupt the running one."""
+        # Delete first: after it none of them can start, so whichever of them runs now
+        # is the only one left to interrupt. Interrupt only a prompt ``/queue`` shows
+        # running: before v0.3.56 ComfyUI ignores the targeted form's prompt_id and
+        # would stop whatever runs, possibly another workflow's prompt.
         self.delete_pending(ids)
-        # After the delete none of them can start, so whichever of them runs now is
-        # the only one left to interrupt.
         for prompt_id in self.queue().running:
             if prompt_id in ids:
                 self.interrupt(prompt_id)

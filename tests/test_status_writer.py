@@ -91,16 +91,48 @@ def test_cancel_queued_many_changes_only_queued_rows_and_audits_each(db: Databas
     assert sorted(c.id for c in changed) == sorted(queued)
     assert all(c.runner_task_id and c.runner_id == runner_id for c in changed)
     with db.transaction() as session:
-        statuses = dict(session.execute(select(Workflow.id, Workflow.status)).all())
+        rows = {w.id: w for w in session.execute(select(Workflow)).scalars()}
         events = session.execute(
-            select(WorkflowEvent.workflow_id).where(
-                WorkflowEvent.to_status == S.CANCELLED.value,
-                WorkflowEvent.source == "bulk",
-            )
+            select(WorkflowEvent).where(WorkflowEvent.source == "bulk")
         ).scalars().all()
-    assert {statuses[w] for w in queued} == {S.CANCELLED.value}
-    assert statuses[running] == S.RUNNING.value and statuses[done] == S.COMPLETED.value
-    assert sorted(events) == sorted(queued)
+        audited = {
+            e.workflow_id: (e.kind, e.from_status, e.to_status, e.actor, e.reason, e.outcome,
+                            e.at, e.detail)
+            for e in events
+        }
+    assert {rows[w].status for w in queued} == {S.CANCELLED.value}
+    assert rows[running].status == S.RUNNING.value and rows[done].status == S.COMPLETED.value
+    assert len(events) == len(queued)
+    at = rows[queued[0]].cancel_finished_at
+    assert at is not None
+    assert audited == {
+        w: ("transition", "queued", "cancelled", "operator", "maintenance", "cancelled", at, None)
+        for w in queued
+    }
+
+
+def test_request_cancel_many_records_open_requests_once_and_audits_each(db: Database) -> None:
+    account_id, runner_id = make_account_and_runner(db)
+    running = [seed_workflow(db, account_id, runner_id, S.RUNNING) for _ in range(4)]
+    done = seed_workflow(db, account_id, runner_id, S.COMPLETED)
+    by = status.Actor("sweep", None, "no heartbeat")
+    with db.transaction() as session:
+        first = status.request_cancel_many(session, [*running[:2], done], by, only_new=True)
+    with db.transaction() as session:
+        second = status.request_cancel_many(session, [*running, done], by, only_new=True)
+    assert sorted(first) == sorted(running[:2]) and sorted(second) == sorted(running[2:])
+    with db.transaction() as session:
+        rows = {w.id: w for w in session.execute(select(Workflow)).scalars()}
+        events = session.execute(
+            select(WorkflowEvent).where(WorkflowEvent.kind == "cancel_requested")
+        ).scalars().all()
+    assert sorted(e.workflow_id for e in events) == sorted(running)
+    for event in events:
+        row = rows[event.workflow_id]
+        assert (event.source, event.actor, event.reason) == ("sweep", None, "no heartbeat")
+        assert (event.from_status, event.to_status, event.outcome) == (None, None, None)
+        assert event.at == row.cancel_requested_at
+    assert rows[done].cancel_requested_at is None
 
 
 def _race(db: Database, workflow_id: str, by: status.Actor) -> dict[str, status.Change]:

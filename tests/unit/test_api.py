@@ -477,10 +477,17 @@ def test_cancel_of_another_accounts_or_a_malformed_id_is_404(env: Env, broker: A
     assert broker("cancel") == []
 
 
-def test_cancel_needs_a_token(env: Env) -> None:
+def test_cancel_needs_a_valid_token(env: Env, broker: Any) -> None:
     workflow_id = env.workflow(S.QUEUED)
-    _error(env.client.post(f"/v1/workflow/{workflow_id}/cancel"), 401)
+    url = f"/v1/workflow/{workflow_id}/cancel"
+    assert "Authorization: Bearer" in _error(env.client.post(url), 401)
+    for headers in ({"Authorization": "Bearer cfc_unknown"}, env.auth(days=-1)):
+        response = env.client.post(url, headers=headers, json={"reason": "x"})
+        assert "unknown or expired" in _error(response, 401)
+        assert response.headers["www-authenticate"] == "Bearer"
     assert env.row(workflow_id).cancel_requested_at is None
+    assert broker("cancel") == []
+    assert env.client.post(url, headers=env.auth(days=1)).status_code == 200
 
 
 def test_cancel_with_the_broker_down_is_500_and_the_intent_is_kept(
