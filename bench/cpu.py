@@ -66,7 +66,7 @@ def cpu_by_role(known: dict[int, str]) -> Iterator[dict[str, Any]]:
     them (see :func:`_snapshot`); what is left of the machine's total is shown as not
     attributed.
     """
-    known = {os.getpid(): "api + benchmark driver", **known}
+    known = {os.getpid(): "benchmark driver", **known}
     result: dict[str, Any] = {}
     before = _snapshot(known)
     machine_before = _machine_busy()

@@ -77,8 +77,8 @@ QUICK = Sizes(
 
 
 def _known_pids(system: System) -> dict[int, str]:
-    return {system.cancel_worker_pid: "cancel worker", system.runner_worker_pid: "runner worker",
-            system.noop_worker.pid: "no-op worker"}
+    return {system.api_pid: "api", system.cancel_worker_pid: "cancel worker",
+            system.runner_worker_pid: "runner worker", system.noop_worker.pid: "no-op worker"}
 
 
 def _codes(requests: list[list[Any]]) -> dict[str, int]:

@@ -90,7 +90,7 @@ def machine(servers: Any, durable: bool) -> dict[str, Any]:
             "cancel_worker": f"1 process, threads pool x {CANCEL_WORKER_CONCURRENCY}, "
             "late acks, prefetch 1",
             "runner_worker": "1 process, threads pool x 100",
-            "api": "uvicorn, 1 process (in the benchmark's process, on a thread)",
+            "api": "uvicorn, 1 process of its own (comfy-cancel api)",
             "simulated_comfyui": f"time scale {SIM_TIME_SCALE}",
             "cancel_grace_seconds": GRACE_SECONDS,
         },
@@ -270,13 +270,13 @@ def profile_misses(system: System, goals: list[dict[str, Any]], out_dir: Path,
 
 
 def _profile_cancel_path(system: System, out_dir: Path) -> dict[str, Any]:
-    """1,000 API cancels of queued workflows, 32 clients, sampled in the API (this process)
-    and the cancel worker, with the database's wait events and new connections."""
+    """1,000 API cancels of queued workflows, 32 clients, sampled in the API process and
+    the cancel worker, with the database's wait events and new connections."""
     account_id, token = system.new_account("profile-cancel-path")
     ids = seed.queued(system.db, account_id, system.stack.runner_id, 1000)
     sessions = scenarios.pg_sessions(system)
     url = services.libpq_url(system.stack.settings.database_url)
-    targets = {"api": os.getpid(), "cancel_worker": system.cancel_worker_pid}
+    targets = {"api": system.api_pid, "cancel_worker": system.cancel_worker_pid}
     with profiling.pg_waits(url) as waits, \
             profiling.sampled(targets, out_dir, "cancel_path") as profiles:
         system.loadgen_http("profile-cancel-path", system.cancel_url(), method="POST",

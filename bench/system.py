@@ -55,6 +55,10 @@ class System:
         return self.stack.db
 
     @property
+    def api_pid(self) -> int:
+        return self.stack.api_pid
+
+    @property
     def cancel_worker_pid(self) -> int:
         return self.stack.workers[0].pid
 
@@ -193,6 +197,7 @@ def started_system(servers: Services, work_dir: Path) -> Iterator[System]:
         log_dir,
         time_scale=SIM_TIME_SCALE,
         cancel_concurrency=CANCEL_WORKER_CONCURRENCY,
+        separate_api=True,  # as deployed: never sharing a GIL with the driver or the sim
         cancel_grace_seconds=GRACE_SECONDS,
         heartbeat_interval_seconds=HEARTBEAT_SECONDS,
     ) as stack:

@@ -378,23 +378,31 @@ def cancel_workflow(
 
     The request is committed before it is published, so a lost message loses no cancel:
     the sweep re-publishes open requests. A repeat while it is in flight is accepted again.
-    The hot path: the token is checked in the cancel's own transaction, not one before it.
+
+    The hot path, so one transaction: the token is checked in it, and the request is
+    recorded by a compare-and-set scoped to the caller's account; the status is read only
+    to explain a refusal (404 or 400).
     """
     with db.transaction() as session:
         principal = authenticate(session, token)
         by = status.Actor(CancelSource.API.value, principal.actor, body.reason if body else None)
-        workflow = _own_workflow(session, workflow_id, principal)
-        if workflow.status not in CANCELLABLE:
-            raise _not_cancellable(workflow.id, workflow.status)
-        if not status.request_cancel(session, workflow.id, by, publishing=True):
-            # It finished between the read and the write (possible on PostgreSQL).
-            session.refresh(workflow)
-            raise _not_cancellable(workflow.id, workflow.status)
+        canonical = _canonical_id(workflow_id)
+        if canonical is None:
+            raise _not_found("workflow", workflow_id)
+        while not status.request_cancel(
+            session, canonical, by, publishing=True, account_id=principal.account_id
+        ):
+            current = manager.workflow_status(session, canonical, principal.account_id)
+            if current is None:
+                raise _not_found("workflow", workflow_id)
+            if current not in CANCELLABLE:
+                raise _not_cancellable(canonical, current)
+            # It became queued between the two statements: the next try records it.
     try:
-        tasks.publish_cancels([workflow.id], by)
+        tasks.publish_cancels([canonical], by)
     except PUBLISH_ERRORS as exc:
         log.warning("cancel of %s recorded, not published: %s: %s",
-                    workflow.id, type(exc).__name__, exc)
+                    canonical, type(exc).__name__, exc)
         raise ApiError(
             500,
             "the cancel request is recorded but could not be handed to the cancel queue; "

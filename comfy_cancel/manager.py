@@ -240,6 +240,13 @@ def get_workflow(
     return session.execute(query).scalar_one_or_none()
 
 
+def workflow_status(session: Session, workflow_id: str, account_id: int) -> str | None:
+    """The status of an account's workflow; None if it has no workflow of that id."""
+    return session.execute(
+        select(Workflow.status).where(Workflow.id == workflow_id, Workflow.account_id == account_id)
+    ).scalar_one_or_none()
+
+
 def workflows_by_ids(session: Session, workflow_ids: Sequence[str]) -> list[Workflow]:
     """The workflows among these ids, without their large JSON columns (loaded on access):
     the cancel path needs statuses and ids, not prompts."""

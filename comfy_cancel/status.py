@@ -298,7 +298,12 @@ def cancel_queued_many(
 
 
 def request_cancel(
-    session: Session, workflow_id: str, by: Actor, *, publishing: bool = False
+    session: Session,
+    workflow_id: str,
+    by: Actor,
+    *,
+    publishing: bool = False,
+    account_id: int | None = None,
 ) -> bool:
     """Record a cancel request on a cancellable workflow; True when it was recorded.
 
@@ -306,9 +311,14 @@ def request_cancel(
     request is idempotent) but is still audited. ``publishing`` also stamps
     ``cancel_published_at``, for a caller that publishes right after the commit: the
     re-publish sweep waits ``intent_republish_seconds`` from that stamp either way, so a
-    publish that then fails costs no extra write.
+    publish that then fails costs no extra write. With ``account_id`` only that
+    account's workflow is touched.
     """
-    return bool(request_cancel_many(session, [workflow_id], by, publishing=publishing))
+    return bool(
+        request_cancel_many(
+            session, [workflow_id], by, publishing=publishing, account_id=account_id
+        )
+    )
 
 
 def request_cancel_many(
@@ -318,6 +328,7 @@ def request_cancel_many(
     *,
     only_new: bool = False,
     publishing: bool = False,
+    account_id: int | None = None,
 ) -> list[str]:
     """Record cancel requests on many cancellable workflows in one statement.
 
@@ -333,6 +344,8 @@ def request_cancel_many(
     )
     if only_new:
         query = query.where(Workflow.cancel_requested_at.is_(None))
+    if account_id is not None:
+        query = query.where(Workflow.account_id == account_id)
     values: dict[str, Any] = {
         "cancel_requested_at": func.coalesce(Workflow.cancel_requested_at, now),
         "cancel_source": func.coalesce(Workflow.cancel_source, by.source),

@@ -38,6 +38,7 @@ class Stack:
     runner_id: str
     log_dir: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    api_pid: int = field(default_factory=os.getpid)  # this process unless api_process
 
     def client(self, token: str | None = None) -> httpx.Client:
         return httpx.Client(
@@ -157,6 +158,38 @@ def api_server(settings: Settings) -> Iterator[str]:
 
 
 @contextmanager
+def api_process(settings: Settings, log_path: Path) -> Iterator[tuple[str, int]]:
+    """``comfy-cancel api`` in a process of its own, as a deployment runs it: (url, pid)."""
+    port = services.free_port()
+    env = {**os.environ, **settings_env(settings), f"{ENV_PREFIX}API_PORT": str(port),
+           f"{ENV_PREFIX}LOG_LEVEL": "WARNING"}
+    log = log_path.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "comfy_cancel.cli", "api"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the API process did not start:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+@contextmanager
 def running_stack(
     database_url: str,
     redis_url: str,
@@ -166,9 +199,11 @@ def running_stack(
     jobs_api: bool = True,
     separate_runner: bool = True,
     cancel_concurrency: int = 50,
+    separate_api: bool = False,
     **overrides: Any,
 ) -> Iterator[Stack]:
-    """Start everything; tear it all down afterwards, workers included."""
+    """Start everything; tear it all down afterwards, workers included. The API runs on a
+    thread of this process, or with ``separate_api`` in a process of its own."""
     settings = Settings(
         database_url=database_url,
         redis_url=redis_url,
@@ -179,7 +214,7 @@ def running_stack(
     with configured(settings):
         yield from _stack(settings, database_url, log_dir, time_scale=time_scale,
                           jobs_api=jobs_api, separate_runner=separate_runner,
-                          cancel_concurrency=cancel_concurrency)
+                          cancel_concurrency=cancel_concurrency, separate_api=separate_api)
 
 
 def _stack(
@@ -191,6 +226,7 @@ def _stack(
     jobs_api: bool,
     separate_runner: bool,
     cancel_concurrency: int,
+    separate_api: bool,
 ) -> Iterator[Stack]:
     db = migrated(database_url)
     sim = start_in_thread(time_scale=time_scale, jobs_api=jobs_api)
@@ -212,9 +248,14 @@ def _stack(
             processes.append(start_worker(settings, f"{ALL_CANCEL_QUEUES},{worker.RUNNER_QUEUE}",
                                           log_dir / "worker-all.log", concurrency=100))
         wait_workers_ready(len(processes), log_dir)
-        with api_server(settings) as api_url:
-            yield Stack(settings, db, sim, api_url, token, operator_token, account_id,
-                        runner_id, log_dir, processes)
+        if separate_api:
+            with api_process(settings, log_dir / "api.log") as (api_url, api_pid):
+                yield Stack(settings, db, sim, api_url, token, operator_token, account_id,
+                            runner_id, log_dir, processes, api_pid)
+        else:
+            with api_server(settings) as api_url:
+                yield Stack(settings, db, sim, api_url, token, operator_token, account_id,
+                            runner_id, log_dir, processes)
     finally:
         for proc in processes:
             proc.terminate()
