@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 from comfy_cancel import manager, signals, status, tasks
-from comfy_cancel.comfyui import ComfyUIClient, ComfyUIError
+from comfy_cancel.comfyui import ComfyUIError
 from comfy_cancel.context import Context
 from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor, CancelledQueued
@@ -169,16 +169,13 @@ def _remove_pending_prompts(ctx: Context, cancelled: Sequence[CancelledQueued]) 
         runner = runners.get(runner_id)
         if runner is None:
             continue
-        client = ComfyUIClient(runner.endpoint_url, runner.headers,
-                               timeout=ctx.settings.comfyui_timeout_seconds)
+        client = ctx.comfyui(runner.endpoint_url, runner.headers)
         try:
             client.cancel_many(prompt_ids)
         except ComfyUIError as exc:
             # Their runners got a STOP signal and remove their own prompts too.
             log.warning("could not remove %d prompts from %s: %s", len(prompt_ids),
-                        runner.endpoint_url, exc)
-        finally:
-            client.close()
+                        client.shown_url, exc)
 
 
 def _escalation_outcome(ctx: Context, workflow: Workflow) -> CancelOutcome:
@@ -197,13 +194,11 @@ def _cancel_on_comfyui(ctx: Context, workflow: Workflow, *, timeout: float) -> b
         runner = manager.get_runner(session, workflow.runner_id) if workflow.runner_id else None
     if runner is None:
         return False
-    client = ComfyUIClient(runner.endpoint_url, runner.headers, timeout=timeout)
+    client = ctx.comfyui(runner.endpoint_url, runner.headers, timeout)
     try:
         client.cancel(workflow.prompt_id)
         return True
     except ComfyUIError as exc:
         log.warning("could not cancel prompt %s on %s: %s", workflow.prompt_id,
-                    runner.endpoint_url, exc)
+                    client.shown_url, exc)
         return False
-    finally:
-        client.close()

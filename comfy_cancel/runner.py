@@ -125,9 +125,7 @@ def run(ctx: Context, workflow_id: str, task_id: str | None = None) -> str | Non
         prompt = workflow.workflow_json
         existing_prompt_id = workflow.prompt_id
 
-    client = ComfyUIClient(
-        runner.endpoint_url, runner.headers, timeout=ctx.settings.comfyui_timeout_seconds
-    )
+    client = ctx.comfyui(runner.endpoint_url, runner.headers)
     handle = Run(workflow_id, client, ctx.settings.comfyui_retry_attempts)
     listener = listener_for(ctx.redis)
     try:
@@ -136,7 +134,6 @@ def run(ctx: Context, workflow_id: str, task_id: str | None = None) -> str | Non
         listener.unregister(workflow_id)
         if handle.stream is not None:
             handle.stream.close()
-        client.close()
 
 
 def _claim(session: Any, workflow: Workflow) -> Runner | None:
