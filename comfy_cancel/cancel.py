@@ -23,7 +23,7 @@ from typing import Any
 from comfy_cancel import manager, signals, status, tasks
 from comfy_cancel.comfyui import ComfyUIError
 from comfy_cancel.context import Context
-from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
+from comfy_cancel.models import CancelOutcome, Runner, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor, CancelledQueued
 
 log = logging.getLogger(__name__)
@@ -48,17 +48,20 @@ def handle_many(
     it did not change is read: terminal ones get their outcome, running ones (including
     queued ones that just started) are signalled in one batch.
     """
-    cancelled = cancel_queued(ctx, workflow_ids, by)
-    outcomes: dict[str, CancelOutcome | None] = dict.fromkeys(cancelled, CancelOutcome.CANCELLED)
     running: list[Workflow] = []
-    with ctx.db.transaction() as session:
+    with ctx.db.transaction() as session:  # one transaction: the CAS, then the read
+        cancelled = status.cancel_queued_many(session, workflow_ids, by)
+        outcomes: dict[str, CancelOutcome | None] = {
+            c.id: CancelOutcome.CANCELLED for c in cancelled
+        }
         rest = [wid for wid in workflow_ids if wid not in outcomes]
-        for workflow in manager.workflows_by_ids(session, rest):
+        for workflow in manager.workflows_by_ids(session, rest) if rest else []:
             outcomes[workflow.id] = _terminal_outcome(session, workflow, by)
             if workflow.status == S.RUNNING.value:
                 running.append(workflow)
             elif workflow.status not in _TERMINAL:
                 log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status)
+    _after_queued_cancelled(ctx, cancelled)
     outcomes.update(signal_running(ctx, running, by))
     return outcomes
 
@@ -77,12 +80,19 @@ def cancel_queued(ctx: Context, workflow_ids: Sequence[str], by: Actor) -> set[s
         return set()
     with ctx.db.transaction() as session:
         cancelled = status.cancel_queued_many(session, workflow_ids, by)
+    _after_queued_cancelled(ctx, cancelled)
+    return {c.id for c in cancelled}
+
+
+def _after_queued_cancelled(ctx: Context, cancelled: Sequence[CancelledQueued]) -> None:
+    """After the commit: revoke the runner tasks, stop and remove the pending prompts."""
+    if not cancelled:
+        return
     tasks.revoke_runner_tasks([c.runner_task_id for c in cancelled if c.runner_task_id])
     with_prompt = [c for c in cancelled if c.prompt_id]
     signals.send(ctx.redis, [c.id for c in with_prompt], signals.SignalKind.STOP,
                  ctx.settings.signal_ttl_seconds)
     _remove_pending_prompts(ctx, with_prompt)
-    return {c.id for c in cancelled}
 
 
 def enforce_deadline(
@@ -143,6 +153,11 @@ def escalate(
         if not change.changed:
             current = manager.get_workflow(session, workflow.id)
             return _terminal_outcome(session, current, by) if current else None
+        runner = (
+            manager.get_runner(session, workflow.runner_id)
+            if workflow.prompt_id is not None and workflow.runner_id
+            else None
+        )
     # The runner's thread cannot be killed from here (a revoke with terminate kills a
     # process, and runner workers run threads): tell it to stop, stop redelivery, and ask
     # ComfyUI directly so the GPU is freed even when the runner is gone.
@@ -150,8 +165,8 @@ def escalate(
         ctx.redis, [workflow.id], signals.SignalKind.TERMINATE, ctx.settings.signal_ttl_seconds
     )
     tasks.revoke_runner_tasks([workflow.runner_task_id] if workflow.runner_task_id else [])
-    if workflow.prompt_id is not None:
-        _cancel_on_comfyui(ctx, workflow, timeout=ESCALATION_TIMEOUT_SECONDS)
+    if runner is not None and workflow.prompt_id is not None:
+        _cancel_on_comfyui(ctx, runner, workflow.prompt_id)
     return outcome
 
 
@@ -188,17 +203,10 @@ def _heartbeat_lost(ctx: Context, workflow: Workflow) -> bool:
     return last is not None and utcnow() - last > limit
 
 
-def _cancel_on_comfyui(ctx: Context, workflow: Workflow, *, timeout: float) -> bool:
-    assert workflow.prompt_id is not None
-    with ctx.db.transaction() as session:
-        runner = manager.get_runner(session, workflow.runner_id) if workflow.runner_id else None
-    if runner is None:
-        return False
-    client = ctx.comfyui(runner.endpoint_url, runner.headers, timeout)
+def _cancel_on_comfyui(ctx: Context, runner: Runner, prompt_id: str) -> None:
+    """Best effort: the workflow is cancelled in the database already."""
+    client = ctx.comfyui(runner.endpoint_url, runner.headers, ESCALATION_TIMEOUT_SECONDS)
     try:
-        client.cancel(workflow.prompt_id)
-        return True
+        client.cancel(prompt_id)
     except ComfyUIError as exc:
-        log.warning("could not cancel prompt %s on %s: %s", workflow.prompt_id,
-                    client.shown_url, exc)
-        return False
+        log.warning("could not cancel prompt %s on %s: %s", prompt_id, client.shown_url, exc)
