@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -92,7 +92,11 @@ def _after_queued_cancelled(ctx: Context, cancelled: Sequence[CancelledQueued]) 
     with_prompt = [c for c in cancelled if c.prompt_id]
     signals.send(ctx.redis, [c.id for c in with_prompt], signals.SignalKind.STOP,
                  ctx.settings.signal_ttl_seconds)
-    _remove_pending_prompts(ctx, with_prompt)
+    prompts: dict[str, list[str]] = defaultdict(list)
+    for row in with_prompt:
+        if row.runner_id and row.prompt_id:
+            prompts[row.runner_id].append(row.prompt_id)
+    _cancel_prompts(ctx, prompts)
 
 
 def enforce_deadline(
@@ -103,7 +107,7 @@ def enforce_deadline(
         # Terminal ones were acknowledged, or won the race; their outcome is recorded.
         stuck = [w for w in manager.workflows_by_ids(session, workflow_ids)
                  if w.status not in _TERMINAL]
-    return {w.id: escalate(ctx, w, by, _escalation_outcome(ctx, w)) for w in stuck}
+    return escalate(ctx, stuck, by)
 
 
 def signal_running(
@@ -111,14 +115,12 @@ def signal_running(
 ) -> dict[str, CancelOutcome | None]:
     """Signal the runners of running workflows (one pipelined round trip) and schedule one
     deadline check for all of them; a workflow whose runner is gone ends at once."""
-    outcomes: dict[str, CancelOutcome | None] = {}
-    live: list[str] = []
-    for workflow in workflows:
-        if _heartbeat_lost(ctx, workflow):
-            outcomes[workflow.id] = escalate(ctx, workflow, by, CancelOutcome.RUNNER_LOST)
-        else:
-            live.append(workflow.id)
-            outcomes[workflow.id] = None
+    lost = [w for w in workflows if _heartbeat_lost(ctx, w)]
+    lost_ids = {w.id for w in lost}
+    live = [w.id for w in workflows if w.id not in lost_ids]
+    outcomes: dict[str, CancelOutcome | None] = dict.fromkeys(live)
+    if lost:
+        outcomes.update(escalate(ctx, lost, by, CancelOutcome.RUNNER_LOST))
     if live:
         signals.send(ctx.redis, live, signals.SignalKind.CANCEL, ctx.settings.signal_ttl_seconds)
         tasks.schedule_deadline(live, by, ctx.settings.cancel_grace_seconds)
@@ -143,53 +145,74 @@ def _terminal_outcome(session: Any, workflow: Workflow, by: Actor) -> CancelOutc
 
 
 def escalate(
-    ctx: Context, workflow: Workflow, by: Actor, outcome: CancelOutcome
-) -> CancelOutcome | None:
-    """End a workflow without its runner's acknowledgement (``forced``, ``runner_lost``)."""
+    ctx: Context,
+    workflows: Sequence[Workflow],
+    by: Actor,
+    outcome: CancelOutcome | None = None,
+) -> dict[str, CancelOutcome | None]:
+    """End workflows without their runners' acknowledgement (``forced``, or
+    ``runner_lost`` where the heartbeat is gone; ``outcome`` overrides). Returns each
+    one's outcome: the escalation's, or the terminal outcome of one that ended first.
+
+    One transaction for the compare-and-sets, then the side effects once for all: one
+    pipelined TERMINATE signal, one revoke broadcast, one ComfyUI call per server.
+    """
+    outcomes: dict[str, CancelOutcome | None] = {}
+    ended: list[Workflow] = []
     with ctx.db.transaction() as session:
-        # The audit row names the requester; ``escalated`` says the cancel worker decided.
-        detail = {**workflow.cancel_timing(), "escalated": True}
-        change = status.cancel_if_active(session, workflow.id, by, outcome, detail)
-        if not change.changed:
-            current = manager.get_workflow(session, workflow.id)
-            return _terminal_outcome(session, current, by) if current else None
-        runner = (
-            manager.get_runner(session, workflow.runner_id)
-            if workflow.prompt_id is not None and workflow.runner_id
-            else None
-        )
+        for workflow in workflows:
+            chosen = outcome or _escalation_outcome(ctx, workflow)
+            # The audit row names the requester; ``escalated`` says the cancel worker decided.
+            detail = {**workflow.cancel_timing(), "escalated": True}
+            change = status.cancel_if_active(session, workflow.id, by, chosen, detail)
+            if change.changed:
+                outcomes[workflow.id] = chosen
+                ended.append(workflow)
+            else:
+                current = manager.get_workflow(session, workflow.id)
+                outcomes[workflow.id] = (
+                    _terminal_outcome(session, current, by) if current else None
+                )
+        with_prompt = [w for w in ended if w.prompt_id and w.runner_id]
+        runners = manager.runner_endpoints(session, list({str(w.runner_id) for w in with_prompt}))
+    if not ended:
+        return outcomes
     # The runner's thread cannot be killed from here (a revoke with terminate kills a
     # process, and runner workers run threads): tell it to stop, stop redelivery, and ask
     # ComfyUI directly so the GPU is freed even when the runner is gone.
-    signals.send(
-        ctx.redis, [workflow.id], signals.SignalKind.TERMINATE, ctx.settings.signal_ttl_seconds
-    )
-    tasks.revoke_runner_tasks([workflow.runner_task_id] if workflow.runner_task_id else [])
-    if runner is not None and workflow.prompt_id is not None:
-        _cancel_on_comfyui(ctx, runner, workflow.prompt_id)
-    return outcome
+    signals.send(ctx.redis, [w.id for w in ended], signals.SignalKind.TERMINATE,
+                 ctx.settings.signal_ttl_seconds)
+    tasks.revoke_runner_tasks([w.runner_task_id for w in ended if w.runner_task_id])
+    prompts: dict[str, list[str]] = defaultdict(list)
+    for workflow in with_prompt:
+        prompts[str(workflow.runner_id)].append(str(workflow.prompt_id))
+    _cancel_prompts(ctx, prompts, runners, ESCALATION_TIMEOUT_SECONDS)
+    return outcomes
 
 
-def _remove_pending_prompts(ctx: Context, cancelled: Sequence[CancelledQueued]) -> None:
-    """One call per ComfyUI server for all of its prompts among these."""
-    by_runner: dict[str, list[str]] = defaultdict(list)
-    for row in cancelled:
-        if row.runner_id and row.prompt_id:
-            by_runner[row.runner_id].append(row.prompt_id)
-    if not by_runner:
+def _cancel_prompts(
+    ctx: Context,
+    prompts: Mapping[str, list[str]],
+    runners: Mapping[str, Runner] | None = None,
+    timeout: float | None = None,
+) -> None:
+    """One ComfyUI call per server for all of its prompts (``prompts`` by runner id).
+    Best effort: the workflows are cancelled in the database already, and their runners
+    were signalled to remove their prompts themselves."""
+    if not prompts:
         return
-    with ctx.db.transaction() as session:
-        runners = manager.runner_endpoints(session, list(by_runner))
-    for runner_id, prompt_ids in by_runner.items():
+    if runners is None:
+        with ctx.db.transaction() as session:
+            runners = manager.runner_endpoints(session, list(prompts))
+    for runner_id, prompt_ids in prompts.items():
         runner = runners.get(runner_id)
         if runner is None:
             continue
-        client = ctx.comfyui(runner.endpoint_url, runner.headers)
+        client = ctx.comfyui(runner.endpoint_url, runner.headers, timeout)
         try:
             client.cancel_many(prompt_ids)
         except ComfyUIError as exc:
-            # Their runners got a STOP signal and remove their own prompts too.
-            log.warning("could not remove %d prompts from %s: %s", len(prompt_ids),
+            log.warning("could not cancel %d prompts on %s: %s", len(prompt_ids),
                         client.shown_url, exc)
 
 
@@ -201,12 +224,3 @@ def _heartbeat_lost(ctx: Context, workflow: Workflow) -> bool:
     limit = timedelta(seconds=ctx.settings.heartbeat_timeout_seconds)
     last = workflow.heartbeat_at or workflow.started_at
     return last is not None and utcnow() - last > limit
-
-
-def _cancel_on_comfyui(ctx: Context, runner: Runner, prompt_id: str) -> None:
-    """Best effort: the workflow is cancelled in the database already."""
-    client = ctx.comfyui(runner.endpoint_url, runner.headers, ESCALATION_TIMEOUT_SECONDS)
-    try:
-        client.cancel(prompt_id)
-    except ComfyUIError as exc:
-        log.warning("could not cancel prompt %s on %s: %s", prompt_id, client.shown_url, exc)

@@ -81,11 +81,11 @@ def _cancel_lost_runners(ctx: Context, report: SweepReport) -> None:
     )
     with ctx.db.transaction() as session:
         lost = manager.running_without_heartbeat(session, cutoff, settings.sweep_batch_size)
-    for workflow in lost:
-        if report.dry_run or cancel.escalate(ctx, workflow, by, CancelOutcome.RUNNER_LOST) is (
-            CancelOutcome.RUNNER_LOST
-        ):
-            report.runner_lost.append(workflow.id)
+    if report.dry_run:
+        report.runner_lost = [w.id for w in lost]
+        return
+    outcomes = cancel.escalate(ctx, lost, by, CancelOutcome.RUNNER_LOST)
+    report.runner_lost = [w.id for w in lost if outcomes[w.id] is CancelOutcome.RUNNER_LOST]
 
 
 def _cancel_overdue(ctx: Context, report: SweepReport) -> None:
