@@ -160,7 +160,10 @@ def escalate(
     outcomes: dict[str, CancelOutcome | None] = {}
     ended: list[Workflow] = []
     with ctx.db.transaction() as session:
-        for workflow in workflows:
+        # In id order: two escalations that overlap (a deadline and a sweep) then wait
+        # for each other instead of deadlocking; any other deadlock is retried
+        # (tasks.RETRY_ON_DATABASE_ERRORS).
+        for workflow in sorted(workflows, key=lambda w: w.id):
             chosen = outcome or _escalation_outcome(ctx, workflow)
             # The audit row names the requester; ``escalated`` says the cancel worker decided.
             detail = {**workflow.cancel_timing(), "escalated": True}

@@ -6,11 +6,24 @@ Publishing lives here too, so every producer (API, CLI, sweeps) hands work on th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
 
 from comfy_cancel.status import Actor
 from comfy_cancel.worker import BULK_QUEUE, CANCEL_QUEUE, RUNNER_QUEUE, SWEEP_QUEUE, app
 
 QUEUE_OF_SOURCE = {"api": CANCEL_QUEUE, "bulk": BULK_QUEUE, "sweep": SWEEP_QUEUE}
+
+# A cancel task is idempotent (the database decides), so a database that is briefly away,
+# a deadlock between two batches or SQLite's "database is locked" is worth a few retries;
+# after them the re-publish sweep still hands the open request on.
+RETRY_ON_DATABASE_ERRORS: dict[str, Any] = {
+    "autoretry_for": (OperationalError,),
+    "retry_backoff": True,
+    "retry_backoff_max": 30,
+    "max_retries": 5,
+}
 
 
 def publish_run(workflow_id: str, task_id: str) -> None:
@@ -58,7 +71,7 @@ def run_workflow(self, workflow_id: str) -> str | None:  # type: ignore[no-untyp
     return runner.run(context.current(), workflow_id, task_id=self.request.id)
 
 
-@app.task(name="comfy_cancel.enforce_cancel_deadline")
+@app.task(name="comfy_cancel.enforce_cancel_deadline", **RETRY_ON_DATABASE_ERRORS)
 def enforce_cancel_deadline(
     workflow_ids: list[str], source: str, actor: str | None = None, reason: str | None = None
 ) -> dict[str, str | None]:
@@ -69,7 +82,7 @@ def enforce_cancel_deadline(
     return {wid: outcome.value if outcome else None for wid, outcome in outcomes.items()}
 
 
-@app.task(name="comfy_cancel.cancel_workflows")
+@app.task(name="comfy_cancel.cancel_workflows", **RETRY_ON_DATABASE_ERRORS)
 def cancel_workflows(
     workflow_ids: list[str], source: str, actor: str | None = None, reason: str | None = None
 ) -> dict[str, str | None]:
