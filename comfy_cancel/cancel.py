@@ -23,7 +23,7 @@ from typing import Any
 from comfy_cancel import manager, signals, status, tasks
 from comfy_cancel.comfyui import ComfyUIError
 from comfy_cancel.context import Context
-from comfy_cancel.models import CancelOutcome, Runner, Workflow, WorkflowStatus, utcnow
+from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor, CancelledQueued
 
 log = logging.getLogger(__name__)
@@ -154,17 +154,16 @@ def escalate(
     ``runner_lost`` where the heartbeat is gone; ``outcome`` overrides). Returns each
     one's outcome: the escalation's, or the terminal outcome of one that ended first.
 
-    One transaction for the compare-and-sets, then the side effects once for all: one
-    pipelined TERMINATE signal, one revoke broadcast, one ComfyUI call per server.
+    One short transaction per workflow for its compare-and-set (it holds one row lock at a
+    time, so it never deadlocks with runners writing theirs), then the side effects once
+    for all: one pipelined TERMINATE signal, one revoke broadcast, one ComfyUI call per
+    server.
     """
     outcomes: dict[str, CancelOutcome | None] = {}
     ended: list[Workflow] = []
-    with ctx.db.transaction() as session:
-        # In id order: two escalations that overlap (a deadline and a sweep) then wait
-        # for each other instead of deadlocking; any other deadlock is retried
-        # (tasks.RETRY_ON_DATABASE_ERRORS).
-        for workflow in sorted(workflows, key=lambda w: w.id):
-            chosen = outcome or _escalation_outcome(ctx, workflow)
+    for workflow in workflows:
+        chosen = outcome or _escalation_outcome(ctx, workflow)
+        with ctx.db.transaction() as session:
             # The audit row names the requester; ``escalated`` says the cancel worker decided.
             detail = {**workflow.cancel_timing(), "escalated": True}
             change = status.cancel_if_active(session, workflow.id, by, chosen, detail)
@@ -176,10 +175,9 @@ def escalate(
                 outcomes[workflow.id] = (
                     _terminal_outcome(session, current, by) if current else None
                 )
-        with_prompt = [w for w in ended if w.prompt_id and w.runner_id]
-        runners = manager.runner_endpoints(session, list({str(w.runner_id) for w in with_prompt}))
     if not ended:
         return outcomes
+    with_prompt = [w for w in ended if w.prompt_id and w.runner_id]
     # The runner's thread cannot be killed from here (a revoke with terminate kills a
     # process, and runner workers run threads): tell it to stop, stop redelivery, and ask
     # ComfyUI directly so the GPU is freed even when the runner is gone.
@@ -189,14 +187,13 @@ def escalate(
     prompts: dict[str, list[str]] = defaultdict(list)
     for workflow in with_prompt:
         prompts[str(workflow.runner_id)].append(str(workflow.prompt_id))
-    _cancel_prompts(ctx, prompts, runners, ESCALATION_TIMEOUT_SECONDS)
+    _cancel_prompts(ctx, prompts, ESCALATION_TIMEOUT_SECONDS)
     return outcomes
 
 
 def _cancel_prompts(
     ctx: Context,
     prompts: Mapping[str, list[str]],
-    runners: Mapping[str, Runner] | None = None,
     timeout: float | None = None,
 ) -> None:
     """One ComfyUI call per server for all of its prompts (``prompts`` by runner id).
@@ -204,9 +201,8 @@ def _cancel_prompts(
     were signalled to remove their prompts themselves."""
     if not prompts:
         return
-    if runners is None:
-        with ctx.db.transaction() as session:
-            runners = manager.runner_endpoints(session, list(prompts))
+    with ctx.db.transaction() as session:
+        runners = manager.runner_endpoints(session, list(prompts))
     for runner_id, prompt_ids in prompts.items():
         runner = runners.get(runner_id)
         if runner is None:
