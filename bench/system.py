@@ -29,7 +29,7 @@ from sqlalchemy import text
 from bench import seed
 from comfy_cancel import services
 from comfy_cancel.db import Database
-from tests.stack import Stack, running_stack, settings_env, wait_workers_ready
+from tests.stack import Stack, running_stack, settings_env, stop_processes, wait_workers_ready
 
 REPO = Path(__file__).resolve().parent.parent
 CANCEL_WORKER_CONCURRENCY = 50  # threads; the database pool holds 10 + 40 connections
@@ -206,8 +206,4 @@ def started_system(servers: Services, work_dir: Path) -> Iterator[System]:
             wait_workers_ready(len(stack.workers) + 1, log_dir)
             yield System(stack, servers.redis_server, servers.postgres, work_dir, noop_worker)
         finally:
-            noop_worker.terminate()
-            try:
-                noop_worker.wait(15)
-            except subprocess.TimeoutExpired:
-                noop_worker.kill()
+            stop_processes([noop_worker])

@@ -119,6 +119,19 @@ def start_worker(
     )
 
 
+def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate them all, then wait: a process that ignores SIGTERM for 15 s is killed."""
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in processes:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def wait_workers_ready(count: int, log_dir: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -180,12 +193,7 @@ def api_process(settings: Settings, log_path: Path) -> Iterator[tuple[str, int]]
             time.sleep(0.05)
         yield url, proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_processes([proc])
         log.close()
 
 
@@ -257,13 +265,7 @@ def _stack(
                 yield Stack(settings, db, sim, api_url, token, operator_token, account_id,
                             runner_id, log_dir, processes)
     finally:
-        for proc in processes:
-            proc.terminate()
-        for proc in processes:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(processes)
         sim.stop()
         db.engine.dispose()
 

@@ -60,7 +60,13 @@ from comfy_cancel.models import (
 )
 from comfy_cancel.signals import SignalKind, SignalListener
 from tests.helpers import PATH_TO, TINY_PROMPT, advance, make_account_and_runner, migrated
-from tests.stack import ALL_CANCEL_QUEUES, configured, start_worker, wait_workers_ready
+from tests.stack import (
+    ALL_CANCEL_QUEUES,
+    configured,
+    start_worker,
+    stop_processes,
+    wait_workers_ready,
+)
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres]
 
@@ -287,18 +293,6 @@ def cancel_workers(settings: Settings, log_dir: Path) -> Iterator[list[subproces
         yield processes
     finally:
         stop_processes(processes)
-
-
-def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
-    for proc in processes:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in processes:
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 @contextmanager
