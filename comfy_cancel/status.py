@@ -438,8 +438,8 @@ def _audit_many(
     **columns: str,
 ) -> None:
     """One audit row per id, alike but for the id, in one ``INSERT ... SELECT``: the
-    database copies the row, Python builds no parameters per row (bulk cancels write
-    thousands at a time)."""
+    database builds the rows, Python sends one parameter per id instead of a dict of
+    nine per row (bulk cancels write thousands at a time)."""
     if not workflow_ids:
         return
     table = WorkflowEvent.__table__
