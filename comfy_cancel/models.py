@@ -110,6 +110,8 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Requests per rate-limit window; None means the configured default.
+    rate_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Runner(Base):
@@ -160,6 +162,8 @@ class Workflow(Base):
     cancel_actor: Mapped[str | None] = mapped_column(String(200), nullable=True)
     cancel_reason: Mapped[str | None] = mapped_column(String(1000), nullable=True)
     cancel_published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When a cancel worker took the request (re-publish hands on only what nobody took).
+    cancel_taken_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     cancel_outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
     cancel_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
