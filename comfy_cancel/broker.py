@@ -1,6 +1,7 @@
 """The Redis broker transport: kombu's, with two repairs the workers need.
 
-Celery is pointed at it with ``broker_transport`` (see worker.py); URLs stay ``redis://``.
+:func:`register` makes it the transport of ``redis://`` and ``rediss://`` URLs in this process
+(worker.py calls it on import), so URLs, TLS and Celery's settings stay as they are.
 
 1. **A channel keeps its connection parameters.** On a lost broker connection Celery 5.7's
    consumer calls ``Connection.collect()`` (which detaches the transport from the
@@ -31,6 +32,7 @@ import logging
 import time
 from typing import Any
 
+import kombu.transport
 import redis
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport import redis as kombu_redis
@@ -150,3 +152,11 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def register() -> None:
+    """Make :class:`Transport` the one kombu picks for redis:// and rediss:// URLs."""
+    for scheme in ("redis", "rediss"):
+        kombu.transport.TRANSPORT_ALIASES[scheme] = TRANSPORT
+        # kombu caches the class it resolved for a name.
+        kombu.transport._transport_cache.pop(scheme, None)

@@ -33,7 +33,7 @@ from celery.signals import celeryd_init
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Exchange, Queue
 
-from comfy_cancel.broker import TRANSPORT
+from comfy_cancel import broker
 from comfy_cancel.config import Settings, get_settings
 
 CANCEL_QUEUE = "cancel"
@@ -117,8 +117,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        # kombu's Redis transport with our repairs (see broker.py); URLs stay redis://.
-        "broker_transport": TRANSPORT,
         # A cancel worker switches to its own options when it starts (on_worker_init).
         "broker_transport_options": transport_options(settings, WorkerKind.RUNNER),
         "worker_consumer": "comfy_cancel.worker:Consumer",
@@ -191,6 +189,10 @@ def on_worker_init(conf: Any, options: dict[str, Any], **_: Any) -> None:
     conf.broker_transport_options = transport_options(settings, kind)
     if conf.result_backend is None:
         logging.getLogger(REVOKE_LOGGER).addFilter(_revoke_filter)
+
+
+# kombu's Redis transport with our repairs, for every redis:// URL of this process.
+broker.register()
 
 
 def create_app(settings: Settings | None = None) -> Celery:
