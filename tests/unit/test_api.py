@@ -22,7 +22,7 @@ from comfy_cancel.db import Database, engine_for
 from comfy_cancel.manager import Principal
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import EventKind, Workflow, WorkflowStatus, utcnow
-from tests.helpers import TINY_PROMPT, seed_workflow
+from tests.helpers import LOOPBACK_ALLOWED, TINY_PROMPT, seed_workflow
 
 S = WorkflowStatus
 worker_app = tasks.app  # the Celery app of comfy_cancel.worker (imported via tasks)
@@ -59,7 +59,8 @@ class Env:
     def runner_id(self, account: str = "acme") -> str:
         with self.db.transaction() as session:
             acc = manager.get_or_create_account(session, account)
-            return manager.add_runner(session, acc.id, name="r", endpoint_url="http://127.0.0.1:1").id
+            return manager.add_runner(session, acc.id, name="r", endpoint_url="http://127.0.0.1:1",
+                                      settings=LOOPBACK_ALLOWED).id
 
     def workflow(self, to: S = S.ACCEPTED, account: str = "acme") -> str:
         return seed_workflow(self.db, self.account_id(account), self.runner_id(account), to)
