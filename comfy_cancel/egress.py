@@ -152,9 +152,8 @@ class EgressPolicy:
         if not host:
             raise EgressDenied(f"{redact_url(url)} names no host")
         fixed = _fixed_addresses(host)
-        if fixed is not None:
-            self._check(host, fixed)
-            return
+        if fixed is not None and not any(self.is_allowed(ip) for ip in fixed):
+            self._check(host, fixed)  # refused even where the name does not resolve
         literal = _literal(host)
         if literal is not None:
             self._check(host, [literal])
@@ -174,9 +173,6 @@ class EgressPolicy:
         Raises :class:`EgressDenied` when any address of the name is not allowed: a name
         mixing public and internal addresses is a rebinding trick, not a real server."""
         host = _normalized_host(host)
-        fixed = _fixed_addresses(host)
-        if fixed is not None:
-            self._check(host, fixed)
         resolved = _resolve(host, port)
         self._check(host, [ip for ip, _ in resolved])
         return resolved

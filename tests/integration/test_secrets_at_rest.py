@@ -78,7 +78,7 @@ def test_migration_without_a_key_stops_and_keeps_the_headers(
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         stored = conn.execute(text("SELECT headers FROM runners WHERE id = 'r-1'")).scalar()
     engine.dispose()
-    assert json.loads(stored) == {"Authorization": "Bearer s3cret"}
+    assert json.loads(str(stored)) == {"Authorization": "Bearer s3cret"}
 
 
 def test_a_wrong_key_is_a_clear_error(tmp_path: Path, secret_key: str,
