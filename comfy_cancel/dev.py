@@ -682,8 +682,8 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 
 def private_dir(path: Path) -> None:
-    """``path`` (and its parents) created readable by its owner only; an existing one is
-    tightened, since it holds what an earlier, looser version left there."""
+    """``path`` created readable by its owner only; an existing one is tightened, since it
+    holds what an earlier, looser version left there."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.chmod(0o700)
 

@@ -250,7 +250,7 @@ def test_restarts_reuse_the_sim_runner_and_the_token(
         assert stat.S_IMODE((data_dir / name).stat().st_mode) == 0o600, name
     key = (data_dir / "secret.key").read_text()
     with EmbeddedStack(data_dir, settings=Settings()) as second:
-        assert (data_dir / "secret.key").read_text() == key == second.settings.secret_key + "\n"
+        assert (data_dir / "secret.key").read_text() == key == f"{second.settings.secret_key}\n"
         assert (second.token, second.runner_id) == (token, runner_id)
         runners = httpx.get(f"{second.api_url}/v1/runner", timeout=5,
                             headers={"Authorization": f"Bearer {second.token}"}).json()

@@ -18,6 +18,7 @@ def test_the_data_dir_is_owner_only_even_when_it_existed(tmp_path: Path) -> None
     existing.mkdir(mode=0o755)
     existing.chmod(0o755)
     private_dir(existing)
+    private_dir(tmp_path / "new")
     private_dir(tmp_path / "new" / "logs")
     assert mode(existing) == mode(tmp_path / "new") == mode(tmp_path / "new" / "logs") == 0o700
 
