@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
 import redis
@@ -32,6 +34,8 @@ from comfy_cancel import manager, status, tasks
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.context import Context
 from comfy_cancel.db import Database
+from comfy_cancel.egress import EgressDenied
+from comfy_cancel.encryption import SecretKeyMissing
 from comfy_cancel.manager import Principal, WorkflowFilter
 from comfy_cancel.models import (
     CANCELLABLE,
@@ -411,9 +415,23 @@ def cancel_workflow(
     return Response(status_code=200)
 
 
+@contextmanager
+def _runner_refusals() -> Iterator[None]:
+    """A runner URL the egress policy refuses, or headers with no key to seal them: 400
+    with the reason (the customer can change the URL or leave the headers out)."""
+    try:
+        yield
+    except EgressDenied as exc:
+        raise ApiError(400, f"invalid endpoint_url: {exc}") from None
+    except SecretKeyMissing as exc:
+        raise ApiError(400, str(exc)) from None
+
+
 @v1.post("/runner", response_model=RunnerView)
-def add_runner(principal: Caller, db: DB, body: RunnerCreate) -> RunnerView:
-    with db.transaction() as session:
+def add_runner(request: Request, principal: Caller, db: DB, body: RunnerCreate) -> RunnerView:
+    """Register a ComfyUI server. Its URL must lead to a public address (or a network the
+    operator allows); header values are stored encrypted and never shown again."""
+    with _runner_refusals(), db.transaction() as session:
         runner = manager.add_runner(
             session,
             principal.account_id,
@@ -422,6 +440,7 @@ def add_runner(principal: Caller, db: DB, body: RunnerCreate) -> RunnerView:
             headers=body.headers,
             tags=body.tags,
             status=body.status.value,
+            settings=request.app.state.settings,
         )
         return RunnerView.of(runner)
 
@@ -439,11 +458,15 @@ def get_runner(runner_id: str, principal: Caller, db: DB) -> RunnerView:
 
 
 @v1.put("/runner/{runner_id}", response_model=RunnerView)
-def update_runner(runner_id: str, principal: Caller, db: DB, body: RunnerUpdate) -> RunnerView:
+def update_runner(
+    request: Request, runner_id: str, principal: Caller, db: DB, body: RunnerUpdate
+) -> RunnerView:
     """Change the fields given; ``headers``, when given, replaces the whole map."""
-    with db.transaction() as session:
+    with _runner_refusals(), db.transaction() as session:
         runner = _own_runner(session, runner_id, principal)
-        return RunnerView.of(manager.update_runner(session, runner, body.changes()))
+        return RunnerView.of(manager.update_runner(
+            session, runner, body.changes(), settings=request.app.state.settings
+        ))
 
 
 # --- health -------------------------------------------------------------------------------

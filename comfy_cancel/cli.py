@@ -25,8 +25,11 @@ from sqlalchemy.orm import Session
 from comfy_cancel import manager
 from comfy_cancel.config import ENV_PREFIX, Settings, get_settings
 from comfy_cancel.db import Database
+from comfy_cancel.egress import EgressDenied
+from comfy_cancel.encryption import SecretKeyError
 from comfy_cancel.models import utcnow
-from comfy_cancel.schemas import RunnerCreate, RunnerView, error_message, mask_password
+from comfy_cancel.redact import redact_setting, redact_url
+from comfy_cancel.schemas import RunnerCreate, RunnerView, error_message
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -69,7 +72,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     settings = _settings()
     upgrade(settings.database_url)
-    print(f"migrated {mask_password(settings.database_url)} to the latest schema")
+    print(f"migrated {redact_url(settings.database_url)} to the latest schema")
     return 0
 
 
@@ -127,17 +130,42 @@ def cmd_runner_add(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise CliError(f"invalid runner {error_message(exc)}") from exc
-    with Database.from_url(_settings().database_url).transaction() as session:
-        added = manager.add_runner(
-            session,
-            _account_id(session, args.account),
-            name=runner.name,
-            endpoint_url=runner.endpoint_url,
-            headers=runner.headers,
-            tags=runner.tags,
-            status=runner.status.value,
-        )
+    try:
+        with Database.from_url(_settings().database_url).transaction() as session:
+            added = manager.add_runner(
+                session,
+                _account_id(session, args.account),
+                name=runner.name,
+                endpoint_url=runner.endpoint_url,
+                headers=runner.headers,
+                tags=runner.tags,
+                status=runner.status.value,
+            )
+    except EgressDenied as exc:
+        raise CliError(f"invalid runner endpoint_url: {exc}") from exc
     print(added.id)
+    return 0
+
+
+def cmd_runner_new_key(args: argparse.Namespace) -> int:
+    from comfy_cancel.encryption import SECRET_KEY_SETTING, new_key
+
+    print(new_key())
+    print(f"a new key for {SECRET_KEY_SETTING}: keep it secret, and keep it (headers encrypted "
+          "with it are lost without it); to rotate, put it first and the old one after it, "
+          f"then run `{PROG} runner reseal`", file=sys.stderr)
+    return 0
+
+
+def cmd_runner_reseal(args: argparse.Namespace) -> int:
+    with Database.from_url(_settings().database_url).transaction() as session:
+        resealed, unreadable = manager.reseal_runner_headers(session)
+    print(f"resealed the headers of {resealed} runners with the newest key")
+    if unreadable:
+        raise CliError(
+            f"{len(unreadable)} runners' headers open with no configured key "
+            f"({', '.join(unreadable[:5])}); add the key they were encrypted with and rerun"
+        )
     return 0
 
 
@@ -261,7 +289,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     settings = _settings()
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name)
-        shown = "(unset)" if value is None else mask_password(str(value))
+        shown = redact_setting(name, value)
         print(f"{ENV_PREFIX}{name.upper()}={shown}")
         print(textwrap.fill(field.description or "", width=96, initial_indent="    ",
                             subsequent_indent="    "))
@@ -326,6 +354,12 @@ def _add_setup_commands(commands: Commands) -> None:
     listing = runner.add_parser("list", help="list an account's runners")
     listing.add_argument("--account", required=True, type=_account_name)
     listing.set_defaults(run=cmd_runner_list)
+    runner.add_parser(
+        "new-key", help="print a new key for COMFY_CANCEL_SECRET_KEY (runner header encryption)"
+    ).set_defaults(run=cmd_runner_new_key)
+    runner.add_parser(
+        "reseal", help="encrypt every runner's headers again with the newest key (rotation)"
+    ).set_defaults(run=cmd_runner_reseal)
 
     show = commands.add_parser("settings", help="print every setting, its variable and meaning")
     show.set_defaults(run=cmd_settings)
@@ -625,7 +659,7 @@ def _fail(message: str) -> None:
 def _database_problem(exc: sa_exc.DBAPIError) -> str:
     detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
     try:
-        where = mask_password(get_settings().database_url)
+        where = redact_url(get_settings().database_url)
     except ValidationError:
         where = "the database"
     return (
@@ -648,6 +682,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         _fail(str(exc))
         return exc.code
+    except SecretKeyError as exc:
+        _fail(str(exc))
+        return 1
     except (sa_exc.OperationalError, sa_exc.ProgrammingError, sa_exc.InterfaceError) as exc:
         if args.debug:
             raise

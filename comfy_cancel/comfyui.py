@@ -21,6 +21,12 @@ closed from any).
 Error messages and logs name a server by :func:`redact_url`: a runner's endpoint may
 carry credentials (``user:pass@host``, ``?token=``), and those messages end up in a
 workflow's ``exception_message`` and in log files.
+
+Every connection, HTTP and WebSocket, goes through an :class:`~comfy_cancel.egress.EgressPolicy`:
+the address connected to is the address checked (a customer's URL must not lead a worker
+to Redis or the cloud's metadata service). A failure to connect, for whatever reason
+(refused, timed out, reset, blocked), reads the same to the customer, so that a runner URL
+cannot be used to scan the operator's network; the detail goes to the worker's log.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -36,27 +43,15 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import httpcore
 import httpx
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
+from comfy_cancel.egress import EgressDenied, EgressPolicy
+from comfy_cancel.redact import redact_url
+
 log = logging.getLogger(__name__)
-
-def redact_url(url: str) -> str:
-    """``url`` as it may be shown: no password in the authority, no query values (but
-    our own ``clientId``)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
-    query = "&".join(
-        f"{pair.split('=', 1)[0]}=***" if "=" in pair and not pair.startswith("clientId=") else pair
-        for pair in parts.query.split("&")
-        if pair
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
 
 # Statuses a WebSocket reconnect cannot fix by waiting.
 _FATAL_WS_STATUSES = frozenset({400, 401, 403, 404})
@@ -132,18 +127,81 @@ RECONNECTED = "reconnected"
 CLOSED = "closed"
 
 
+def unreachable_message(shown_url: str, timeout: float) -> str:
+    """What a customer is told about any failure to talk to a server: one sentence for
+    refused, timed out, reset or blocked, so that it tells nothing about the network."""
+    return (f"ComfyUI at {shown_url} is unreachable or did not answer within {timeout:g} s; "
+            "check the runner's endpoint_url and that the server is up")
+
+
+class _GuardedBackend(httpcore.SyncBackend):
+    """httpcore's socket backend that connects only to addresses the policy allows: it
+    resolves and checks the name itself and hands httpcore the checked address, so the
+    connection goes where the check looked (TLS still verifies the URL's host name)."""
+
+    def __init__(self, policy: EgressPolicy) -> None:
+        self._policy = policy
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            addresses = self._policy.resolve(host, port)
+        except EgressDenied as exc:
+            raise httpcore.ConnectError(f"blocked by the egress policy: {exc}") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+        last: Exception | None = None
+        for ip, _ in addresses:
+            try:
+                return super().connect_tcp(str(ip), port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+
+def guarded_transport(policy: EgressPolicy) -> httpx.HTTPTransport:
+    """An httpx transport whose connections pass ``policy``. httpx has no parameter for
+    httpcore's network backend, so the pool is rebuilt with the same defaults and ours."""
+    ssl_context = httpx.create_ssl_context()  # loading the CA bundle is the costly part
+    transport = httpx.HTTPTransport(verify=ssl_context)
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=ssl_context,
+        max_connections=100,
+        max_keepalive_connections=20,
+        keepalive_expiry=5.0,
+        network_backend=_GuardedBackend(policy),
+    )
+    return transport
+
+
 class ComfyUIClient:
     """HTTP calls to one ComfyUI server. ``base_url`` is the server's root
     (``http://host:8188``, or a proxy path in front of it)."""
 
     def __init__(
-        self, base_url: str, headers: Mapping[str, str] | None = None, timeout: float = 10.0
+        self,
+        base_url: str,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.shown_url = redact_url(self.base_url)  # for messages and logs
         self.timeout = timeout
+        self.egress = egress if egress is not None else EgressPolicy.of()
         self._headers = dict(headers or {})
-        self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout)
+        # No proxy from the environment: the egress check must see the address connected to.
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self._headers, timeout=timeout,
+            transport=guarded_transport(self.egress), trust_env=False,
+        )
         # None until the first cancel tells whether the server has the jobs API.
         self._jobs_api: bool | None = None
 
@@ -254,7 +312,8 @@ class ComfyUIClient:
         path = parts.path.rstrip("/") + "/ws"
         url = urlunsplit((scheme, parts.netloc, path, f"clientId={quote(client_id)}", ""))
         return EventStream(
-            url, self._headers, open_timeout=self.timeout, reconnect_timeout=reconnect_timeout
+            url, self._headers, open_timeout=self.timeout, reconnect_timeout=reconnect_timeout,
+            egress=self.egress,
         )
 
     def close(self) -> None:
@@ -277,12 +336,9 @@ class ComfyUIClient:
         url = self.shown_url + path
         try:
             return self._http.request(method, path, json=body)
-        except httpx.TimeoutException:
-            raise ComfyUIError(
-                f"ComfyUI at {url} did not answer within {self.timeout:g} s", url=url
-            ) from None
         except httpx.HTTPError as exc:
-            raise ComfyUIError(f"ComfyUI at {url} is unreachable: {exc}", url=url) from None
+            log.warning("%s %s failed: %s: %s", method, url, type(exc).__name__, exc)
+            raise ComfyUIError(unreachable_message(url, self.timeout), url=url) from None
 
     def _call(self, method: str, path: str, body: Any = None) -> httpx.Response:
         return self._checked(self._send(method, path, body))
@@ -323,9 +379,11 @@ class EventStream:
         *,
         open_timeout: float = 10.0,
         reconnect_timeout: float = 30.0,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self.url = url
         self.shown_url = redact_url(url)  # for messages and logs
+        self.egress = egress if egress is not None else EgressPolicy.of()
         self.reconnect_timeout = reconnect_timeout
         self._headers = dict(headers or {})
         self._open_timeout = open_timeout
@@ -389,7 +447,7 @@ class EventStream:
             if remaining <= 0:
                 raise ComfyUIError(
                     f"Lost the ComfyUI event stream {self.shown_url} and could not reconnect "
-                    f"within {self.reconnect_timeout:g} s: {last_error}",
+                    f"within {self.reconnect_timeout:g} s",
                     url=self.shown_url,
                     status=last_error.status if last_error else None,
                 )
@@ -412,16 +470,29 @@ class EventStream:
             delay = min(delay * 2, 2.0)
 
     def _open(self, timeout: float) -> ClientConnection:
+        # The socket is opened here, to an address the egress policy checked, and handed
+        # to websockets: it would otherwise resolve the name again and connect itself.
+        started = time.monotonic()
+        try:
+            sock = self._connect(timeout)
+        except (OSError, EgressDenied) as exc:
+            log.warning("WebSocket %s: cannot connect: %s: %s", self.shown_url,
+                        type(exc).__name__, exc)
+            raise ComfyUIError(
+                unreachable_message(self.shown_url, timeout), url=self.shown_url
+            ) from None
         try:
             return connect(
                 self.url,
+                sock=sock,
                 additional_headers=self._headers,
-                open_timeout=timeout,
+                open_timeout=max(0.1, timeout - (time.monotonic() - started)),
                 close_timeout=2.0,
                 max_size=None,  # preview images arrive as large binary frames
                 **_WS_LEGACY,
             )
         except InvalidStatus as exc:
+            sock.close()
             status = exc.response.status_code
             hint = " (check the runner's extra headers)" if status in (401, 403) else ""
             raise ComfyUIError(
@@ -430,10 +501,19 @@ class EventStream:
                 status=status,
             ) from None
         except (OSError, TimeoutError, WebSocketException) as exc:
+            sock.close()
+            log.warning("WebSocket %s: cannot open: %s: %s", self.shown_url,
+                        type(exc).__name__, exc)
             raise ComfyUIError(
-                f"Cannot open the ComfyUI WebSocket {self.shown_url}: {exc or type(exc).__name__}",
-                url=self.shown_url,
+                unreachable_message(self.shown_url, timeout), url=self.shown_url
             ) from None
+
+    def _connect(self, timeout: float) -> socket.socket:
+        parts = urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        sock = self.egress.connect(parts.hostname or "", port, timeout)
+        sock.settimeout(None)
+        return sock
 
 
 # ---------------------------------------------------------------------- history helpers

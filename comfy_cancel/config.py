@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from comfy_cancel.egress import parse_networks
+from comfy_cancel.encryption import SecretKeyError, check_keys
 
 ENV_PREFIX = "COMFY_CANCEL_"
 
@@ -71,6 +74,21 @@ class Settings(BaseSettings):
     comfyui_timeout_seconds: float = Field(
         10.0, description="Timeout of one HTTP call to a ComfyUI server."
     )
+    runner_allowed_networks: str = Field(
+        "",
+        description="Networks (comma-separated CIDRs, e.g. '10.20.0.0/16,fd00:1::/64') that "
+        "runners may reach besides public addresses. Empty by default: a customer's runner URL "
+        "may not reach loopback, private, link-local (cloud metadata), CGNAT, multicast or "
+        "reserved addresses, because the workers connect from inside the operator's network. "
+        "`dev` and `demo` allow 127.0.0.0/8 for their simulated ComfyUI.",
+    )
+    secret_key: str | None = Field(
+        None,
+        description="Fernet key(s) that encrypt runner header values at rest, comma-separated, "
+        "newest first (older ones still decrypt: rotation). Without one, runners with headers "
+        "are refused. Make one with `comfy-cancel runner new-key`; `dev` keeps one in its "
+        "data dir.",
+    )
     comfyui_retry_attempts: int = Field(
         4,
         description="Attempts a runner makes to deliver its cancel to an unreachable "
@@ -116,6 +134,22 @@ class Settings(BaseSettings):
         description="Largest workflow JSON the API accepts, in bytes; a bigger one gets 413.",
     )
     log_level: str = Field("INFO", description="Log level of the API and the workers.")
+
+    @field_validator("runner_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)  # a bad entry fails at startup, not at a runner's first run
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _keys(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                check_keys(value)
+            except SecretKeyError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 @lru_cache(maxsize=1)

@@ -12,6 +12,7 @@ import redis
 from comfy_cancel.comfyui import ComfyUIClient
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.db import Database
+from comfy_cancel.egress import EgressPolicy
 
 _ClientKey = tuple[str, tuple[tuple[str, str], ...], float]
 
@@ -25,6 +26,10 @@ class Context:
     @cached_property
     def db(self) -> Database:
         return Database.from_url(self.settings.database_url)
+
+    @cached_property
+    def egress(self) -> EgressPolicy:
+        return EgressPolicy.of(self.settings)
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -42,7 +47,9 @@ class Context:
         with self._clients_lock:
             client = self._clients.get(key)
             if client is None:
-                client = self._clients[key] = ComfyUIClient(endpoint_url, headers, timeout=key[2])
+                client = self._clients[key] = ComfyUIClient(
+                    endpoint_url, headers, timeout=key[2], egress=self.egress
+                )
             return client
 
 

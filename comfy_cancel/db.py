@@ -16,7 +16,12 @@ from comfy_cancel.config import get_settings
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine with what each backend needs for many processes writing at once."""
+    """An engine with what each backend needs for many processes writing at once.
+
+    Statement parameters are never put into errors (``hide_parameters``): a failing
+    statement's message ends up in logs, and its parameters can be a runner's sealed
+    headers, a token hash or a customer's workflow."""
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         connect_args = {"timeout": 30, "check_same_thread": False}
         engine = create_engine(url, connect_args=connect_args, **kwargs)

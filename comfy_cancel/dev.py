@@ -55,6 +55,10 @@ STOP_GRACE = 10.0
 CANCEL_QUEUES = "cancel,cancel.bulk,cancel.sweep"
 TOKEN_FILE = "token"
 REDIS_PASSWORD_FILE = "redis-password"
+SECRET_KEY_FILE = "secret.key"
+# The simulated ComfyUI listens on loopback, which customer runners may not reach by
+# default (comfy_cancel.egress): the embedded stack is one person's machine, so it allows it.
+LOOPBACK_NETWORK = "127.0.0.0/8"
 LOCK_FILE = "stack.lock"
 EXAMPLE_WORKFLOW_FILE = "example-workflow.json"
 
@@ -327,7 +331,9 @@ class EmbeddedStack:
     def _start(self) -> None:
         began = time.monotonic()
         try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+            # Owner-only: it holds the token, the secret key and the database.
+            private_dir(self.data_dir)
+            private_dir(self.log_dir)
         except OSError as exc:
             raise StackError(
                 f"cannot create {self.log_dir} ({exc.strerror or exc}): pass --data-dir with "
@@ -348,7 +354,10 @@ class EmbeddedStack:
         database_url = self._migrate()
         self._settings = self.base_settings.model_copy(
             update={"redis_url": redis_url, "database_url": database_url,
-                    "api_port": self._api_port}
+                    "api_port": self._api_port,
+                    "secret_key": stack_secret_key(self.data_dir, self.base_settings.secret_key),
+                    "runner_allowed_networks": with_network(
+                        self.base_settings.runner_allowed_networks, LOOPBACK_NETWORK)}
         )
         self._register_sim()
         self._write_example_workflow()
@@ -383,7 +392,7 @@ class EmbeddedStack:
         # A fresh password per start, for this stack's processes only (in their environment);
         # a person finds it in an owner-only file.
         password = secrets.token_hex(24)
-        self._write_private(self.redis_password_path, password)
+        write_private(self.redis_password_path, password + "\n")
         try:
             self._redis = services.start_redis(data_dir=self.data_dir / "redis", appendonly=True,
                                                password=password)
@@ -451,12 +460,14 @@ class EmbeddedStack:
                 )
                 if runner is None:
                     runner = manager.add_runner(
-                        session, account.id, name=SIM_RUNNER, endpoint_url=self.comfyui_url
+                        session, account.id, name=SIM_RUNNER, endpoint_url=self.comfyui_url,
+                        settings=self.settings,
                     )
                 else:
                     manager.update_runner(
                         session, runner,
                         {"endpoint_url": self.comfyui_url, "status": RunnerStatus.ACTIVE.value},
+                        settings=self.settings,
                     )
                 self._runner_id = runner.id
                 principal = manager.authenticate(session, saved) if saved else None
@@ -467,14 +478,7 @@ class EmbeddedStack:
         finally:
             db.engine.dispose()
         if self._token is not None and self._token != saved:
-            self._write_private(token_path, self._token)
-
-    @staticmethod
-    def _write_private(path: Path, secret: str) -> None:
-        """Owner-only: a bearer token or a password."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(secret + "\n")
+            write_private(token_path, self._token + "\n")  # a bearer credential
 
     def _write_example_workflow(self) -> None:
         from comfy_cancel.sim_comfyui import blur_workflow
@@ -687,6 +691,47 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
             proc.send_signal(sig)
 
 
+# --- the data dir -----------------------------------------------------------------------------
+
+
+def private_dir(path: Path) -> None:
+    """``path`` created readable by its owner only; an existing one is tightened, since it
+    holds what an earlier, looser version left there."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read (0600 from its creation on)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
+def stack_secret_key(data_dir: Path, given: str | None) -> str:
+    """The key that seals runner headers: the one given (COMFY_CANCEL_SECRET_KEY), else the
+    one an earlier run kept in the data dir, else a new one kept there (0600): losing it
+    would lose the headers of the runners in the stack's database."""
+    if given:
+        return given
+    path = data_dir / SECRET_KEY_FILE
+    if path.is_file():
+        path.chmod(0o600)
+        return path.read_text().strip()
+    from comfy_cancel.encryption import new_key
+
+    key = new_key()
+    write_private(path, key + "\n")
+    return key
+
+
+def with_network(networks: str, network: str) -> str:
+    """The comma-separated CIDR list with ``network`` in it."""
+    items = [item.strip() for item in networks.split(",") if item.strip()]
+    return ",".join(items if network in items else [*items, network])
+
+
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -696,6 +741,8 @@ def banner(stack: EmbeddedStack, heading: str) -> str:
     workflow = shlex.quote(str(stack.example_workflow_path))
     redis_kind = (f"embedded; password: cat {shlex.quote(str(stack.redis_password_path))}"
                   if stack.embedded_redis else f"from {ENV_PREFIX}REDIS_URL")
+    key_source = (f"from {ENV_PREFIX}SECRET_KEY" if stack.base_settings.secret_key
+                  else str(stack.data_dir / SECRET_KEY_FILE))
     return "\n".join([
         "",
         heading,
@@ -707,6 +754,7 @@ def banner(stack: EmbeddedStack, heading: str) -> str:
         f"  token        {stack.token}",
         f"  Redis        {mask_password(stack.redis_url)} ({redis_kind})",
         f"  database     {mask_password(stack.database_url)}",
+        f"  secret key   {key_source} (seals runner headers)",
         f"  logs         {stack.log_dir}/",
         "",
         "Try it (WORKFLOW_ID is the id the first call prints):",

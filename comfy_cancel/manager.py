@@ -16,7 +16,9 @@ from typing import Any
 from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.orm import Session, defer
 
-from comfy_cancel import auth
+from comfy_cancel import auth, encryption
+from comfy_cancel.config import Settings, get_settings
+from comfy_cancel.egress import EgressPolicy
 from comfy_cancel.models import (
     Account,
     ApiToken,
@@ -136,19 +138,25 @@ def add_runner(
     headers: Mapping[str, str] | None = None,
     tags: Sequence[str] = (),
     status: str = RunnerStatus.ACTIVE,
+    settings: Settings | None = None,
 ) -> Runner:
+    """Register a runner. Raises :class:`~comfy_cancel.egress.EgressDenied` when the URL
+    leads where runners may not go, and :class:`~comfy_cancel.encryption.SecretKeyMissing`
+    for headers without a key (both by ``settings``, default the environment's)."""
+    settings = settings or get_settings()
+    EgressPolicy.of(settings).check_url(endpoint_url)
     now = utcnow()
     runner = Runner(
         id=new_id(),
         account_id=account_id,
         name=name,
         endpoint_url=endpoint_url.rstrip("/"),
-        headers=dict(headers or {}),
         tags=list(tags),
         status=status,
         created_at=now,
         updated_at=now,
     )
+    runner.set_headers(headers, settings.secret_key or "")
     session.add(runner)
     session.flush()
     return runner
@@ -169,12 +177,41 @@ def list_runners(session: Session, account_id: int) -> list[Runner]:
     )
 
 
-def update_runner(session: Session, runner: Runner, changes: Mapping[str, Any]) -> Runner:
+def update_runner(
+    session: Session,
+    runner: Runner,
+    changes: Mapping[str, Any],
+    settings: Settings | None = None,
+) -> Runner:
+    """Change the given fields; a new ``endpoint_url`` is checked as :func:`add_runner`
+    checks it, and new ``headers`` replace the old ones (sealed)."""
+    settings = settings or get_settings()
+    if "endpoint_url" in changes:
+        EgressPolicy.of(settings).check_url(changes["endpoint_url"])
     for field, value in changes.items():
-        setattr(runner, field, value)
+        if field == "headers":
+            runner.set_headers(value, settings.secret_key or "")
+        else:
+            setattr(runner, field, value)
     runner.updated_at = utcnow()
     session.flush()
     return runner
+
+
+def reseal_runner_headers(session: Session) -> tuple[int, list[str]]:
+    """Seal every runner's headers again under the newest key (key rotation): how many
+    were resealed, and the ids of those no configured key opens."""
+    resealed, unreadable = 0, []
+    rows = session.execute(select(Runner).where(Runner.sealed_headers.is_not(None))).scalars()
+    for runner in rows:
+        try:
+            runner.sealed_headers = encryption.reseal(runner.sealed_headers or "")
+        except encryption.SecretKeyWrong:
+            unreadable.append(runner.id)
+            continue
+        resealed += 1
+    session.flush()
+    return resealed, unreadable
 
 
 def choose_runner(session: Session, account_id: int, tags: Sequence[str]) -> Runner | None:

@@ -6,6 +6,7 @@ Times are stored as naive UTC (SQLite has no time zones) and come back aware.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -25,6 +26,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from comfy_cancel import encryption
 
 
 class WorkflowStatus(StrEnum):
@@ -121,13 +124,33 @@ class Runner(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
     endpoint_url: Mapped[str] = mapped_column(String(2000))
-    headers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    # Header values are credentials: stored only sealed (comfy_cancel.encryption); the
+    # names stay readable so that listing a runner needs no key.
+    sealed_headers: Mapped[str | None] = mapped_column(Text, nullable=True)
+    header_names: Mapped[list[str]] = mapped_column(JSON, default=list)
     tags: Mapped[list[str]] = mapped_column(JSON, default=list)
     status: Mapped[str] = mapped_column(String(16), default=RunnerStatus.ACTIVE)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (Index("ix_runners_account_status", "account_id", "status"),)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The extra headers in clear. Raises :class:`~comfy_cancel.encryption.SecretKeyError`
+        when they cannot be decrypted with the configured key."""
+        return encryption.unseal(self.sealed_headers) if self.sealed_headers else {}
+
+    @headers.setter
+    def headers(self, value: Mapping[str, str] | None) -> None:
+        self.set_headers(value)
+
+    def set_headers(self, value: Mapping[str, str] | None, keys: str | None = None) -> None:
+        """Seal ``value`` with ``keys`` (default: the settings' secret key); raises
+        SecretKeyMissing when there are headers and no key."""
+        headers = dict(value or {})
+        self.sealed_headers = encryption.seal(headers, keys) if headers else None
+        self.header_names = list(headers)
 
 
 class Workflow(Base):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from comfy_cancel.models import Runner, RunnerStatus, Workflow, WorkflowStatus, utcnow
+from comfy_cancel.redact import MASK, redact_url
 
 
 def iso_utc(value: datetime) -> str:
@@ -33,18 +34,8 @@ def iso_utc(value: datetime) -> str:
 UtcDatetime = Annotated[datetime, PlainSerializer(iso_utc, return_type=str, when_used="json")]
 
 
-def mask_password(url: str) -> str:
-    """The URL with its password replaced by ``***`` (``redis://:***@host``); others as given."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+# The one masking rule (comfy_cancel.redact), under the name the CLI and dev use.
+mask_password = redact_url
 
 
 def error_message(exc: ValidationError) -> str:
@@ -283,14 +274,11 @@ class WorkflowList(BaseModel):
     total: int = Field(description="All of the account's workflows that match, across pages.")
 
 
-MASK = "***"
-
-
 class RunnerView(BaseModel):
     id: str
     user_id: int
     name: str
-    endpoint_url: str
+    endpoint_url: str = Field(description="Passwords and query values masked as ***.")
     headers: dict[str, str] = Field(description="Header names only; values are never shown.")
     tags: list[str]
     status: RunnerStatus
@@ -303,8 +291,8 @@ class RunnerView(BaseModel):
             id=runner.id,
             user_id=runner.account_id,
             name=runner.name,
-            endpoint_url=mask_password(runner.endpoint_url),
-            headers=dict.fromkeys(runner.headers or {}, MASK),
+            endpoint_url=redact_url(runner.endpoint_url),
+            headers=dict.fromkeys(runner.header_names or [], MASK),
             tags=list(runner.tags or []),
             status=RunnerStatus(runner.status),
             created_at=runner.created_at,

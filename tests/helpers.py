@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from comfy_cancel import manager, status
+from comfy_cancel.config import Settings
 from comfy_cancel.db import Database, make_engine
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import WorkflowStatus
@@ -36,12 +37,19 @@ def migrated(url: str) -> Database:
     return Database(make_engine(url))
 
 
+# Test runners point at 127.0.0.1 (a simulated ComfyUI, or a closed port): allowed only
+# because the operator says so (comfy_cancel.egress).
+LOOPBACK = "127.0.0.0/8"
+LOOPBACK_ALLOWED = Settings(runner_allowed_networks=LOOPBACK)
+
+
 def make_account_and_runner(
     db: Database, account: str = "acme", url: str = "http://127.0.0.1:1"
 ) -> tuple[int, str]:
     with db.transaction() as session:
         acc = manager.get_or_create_account(session, account)
-        runner = manager.add_runner(session, acc.id, name="r1", endpoint_url=url)
+        runner = manager.add_runner(session, acc.id, name="r1", endpoint_url=url,
+                                    settings=LOOPBACK_ALLOWED)
         return acc.id, runner.id
 
 

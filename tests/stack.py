@@ -21,7 +21,7 @@ from comfy_cancel import context, manager, services, worker
 from comfy_cancel.config import ENV_PREFIX, Settings, get_settings
 from comfy_cancel.db import Database
 from comfy_cancel.sim_comfyui import RunningSim, start_in_thread
-from tests.helpers import migrated
+from tests.helpers import LOOPBACK, migrated
 
 ALL_CANCEL_QUEUES = f"{worker.CANCEL_QUEUE},{worker.BULK_QUEUE},{worker.SWEEP_QUEUE}"
 
@@ -217,6 +217,8 @@ def running_stack(
         redis_url=redis_url,
         cancel_grace_seconds=overrides.pop("cancel_grace_seconds", 3.0),
         heartbeat_interval_seconds=overrides.pop("heartbeat_interval_seconds", 0.5),
+        # The simulated ComfyUI listens on 127.0.0.1: the operator allows it.
+        runner_allowed_networks=overrides.pop("runner_allowed_networks", LOOPBACK),
         **overrides,
     )
     with configured(settings):

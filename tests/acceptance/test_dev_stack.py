@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -243,7 +244,13 @@ def test_restarts_reuse_the_sim_runner_and_the_token(
         with pytest.raises(StackError, match=f"pid {os.getpid()}.*--data-dir"):
             EmbeddedStack(data_dir, settings=Settings()).start()
         assert httpx.get(f"{first.api_url}/readyz", timeout=5).status_code == 200
+    # Owner-only: the token, the key that seals runner headers, the database.
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    for name in ("token", "secret.key"):
+        assert stat.S_IMODE((data_dir / name).stat().st_mode) == 0o600, name
+    key = (data_dir / "secret.key").read_text()
     with EmbeddedStack(data_dir, settings=Settings()) as second:
+        assert (data_dir / "secret.key").read_text() == key == f"{second.settings.secret_key}\n"
         assert (second.token, second.runner_id) == (token, runner_id)
         runners = httpx.get(f"{second.api_url}/v1/runner", timeout=5,
                             headers={"Authorization": f"Bearer {second.token}"}).json()

@@ -16,13 +16,13 @@ import pytest
 from fastapi import Depends
 from fastapi.testclient import TestClient
 
-from comfy_cancel import api, manager, tasks
+from comfy_cancel import api, encryption, manager, tasks
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database, engine_for
 from comfy_cancel.manager import Principal
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import EventKind, Workflow, WorkflowStatus, utcnow
-from tests.helpers import TINY_PROMPT, seed_workflow
+from tests.helpers import LOOPBACK_ALLOWED, TINY_PROMPT, seed_workflow
 
 S = WorkflowStatus
 worker_app = tasks.app  # the Celery app of comfy_cancel.worker (imported via tasks)
@@ -59,7 +59,8 @@ class Env:
     def runner_id(self, account: str = "acme") -> str:
         with self.db.transaction() as session:
             acc = manager.get_or_create_account(session, account)
-            return manager.add_runner(session, acc.id, name="r", endpoint_url="http://127.0.0.1:1").id
+            return manager.add_runner(session, acc.id, name="r", endpoint_url="http://127.0.0.1:1",
+                                      settings=LOOPBACK_ALLOWED).id
 
     def workflow(self, to: S = S.ACCEPTED, account: str = "acme") -> str:
         return seed_workflow(self.db, self.account_id(account), self.runner_id(account), to)
@@ -133,11 +134,22 @@ def _make_env(url: str, **settings: Any) -> Iterator[Env]:
     engine_for.cache_clear()
 
 
+KEY = encryption.new_key()
+
+
 @pytest.fixture
 def env(tmp_path: Path, broker: Any) -> Iterator[Env]:
     url = f"sqlite:///{tmp_path / 'api.db'}"
     upgrade(url)
-    yield from _make_env(url)
+    yield from _make_env(url, secret_key=KEY)
+
+
+@pytest.fixture
+def private_env(tmp_path: Path, broker: Any) -> Iterator[Env]:
+    """An operator who lets runners reach a private network."""
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    upgrade(url)
+    yield from _make_env(url, secret_key=KEY, runner_allowed_networks="10.0.0.0/8")
 
 
 def _error(response: Any, code: int) -> str:
@@ -581,7 +593,8 @@ def test_openapi_is_served(env: Env) -> None:
 # --- runners --------------------------------------------------------------------------------
 
 
-def test_runners_crud_never_echo_header_values(env: Env) -> None:
+def test_runners_crud_never_echo_header_values(private_env: Env) -> None:
+    env = private_env
     headers = env.auth()
     created = env.client.post("/v1/runner", headers=headers, json={
         "name": "gpu-1",
@@ -610,12 +623,96 @@ def test_runners_crud_never_echo_header_values(env: Env) -> None:
     assert fetched.json()["headers"] == {"X-Api-Key": "***"}
     with env.db.transaction() as session:
         stored = manager.get_runner(session, runner["id"])
-        assert stored is not None and stored.headers == {"X-Api-Key": "s3cret-value"}
+        assert stored is not None and stored.sealed_headers is not None
+        assert "s3cret-value" not in stored.sealed_headers  # encrypted at rest
+        assert encryption.unseal(stored.sealed_headers, KEY) == {"X-Api-Key": "s3cret-value"}
         assert stored.endpoint_url == "http://user:hunter2@10.0.0.5:8188"
 
     replaced = env.client.put(f"/v1/runner/{runner['id']}", headers=headers,
                               json={"headers": {"Authorization": "Bearer z"}})
     assert replaced.json()["headers"] == {"Authorization": "***"}
+
+
+INTERNAL_URLS = [
+    "http://127.0.0.1:6379", "http://169.254.169.254/latest/meta-data/",
+    "http://metadata.google.internal/computeMetadata/v1/", "http://[::1]:8188",
+    "http://0.0.0.0:8188", "http://2130706433:6379", "http://0x7f000001", "http://0177.0.0.1",
+    "http://[::ffff:127.0.0.1]:6379", "http://[::ffff:a9fe:a9fe]", "http://localhost:8188",
+    "http://api.localhost", "http://10.0.0.5:8188", "http://172.16.3.4", "http://192.168.0.1",
+    "http://100.64.1.1", "http://[fc00::5]", "http://[fd12::1]", "http://[fe80::1]",
+    "http://224.0.0.1", "http://[ff02::1]", "http://[::]", "http://240.0.0.1",
+    "http://[64:ff9b::a9fe:a9fe]", "http://[2002:7f00:1::1]",
+]
+
+
+@pytest.mark.parametrize("url", INTERNAL_URLS)
+def test_runner_urls_to_internal_addresses_are_400(env: Env, url: str) -> None:
+    message = _error(env.client.post("/v1/runner", headers=env.auth(),
+                                     json={"name": "r", "endpoint_url": url}), 400)
+    assert message.startswith("invalid endpoint_url: ")
+    assert "COMFY_CANCEL_RUNNER_ALLOWED_NETWORKS" in message
+
+
+def test_runner_url_changed_to_an_internal_address_is_400(private_env: Env) -> None:
+    env = private_env
+    headers = env.auth()
+    created = env.client.post("/v1/runner", headers=headers,
+                              json={"name": "r", "endpoint_url": "http://10.1.2.3:8188"})
+    assert created.status_code == 200, created.text  # the operator allows 10.0.0.0/8
+    runner_id = created.json()["id"]
+    for url in ("http://127.0.0.1:6379", "http://169.254.169.254", "http://192.168.1.1"):
+        response = env.client.put(f"/v1/runner/{runner_id}", headers=headers,
+                                  json={"endpoint_url": url})
+        assert "COMFY_CANCEL_RUNNER_ALLOWED_NETWORKS" in _error(response, 400)
+    with env.db.transaction() as session:
+        stored = manager.get_runner(session, runner_id)
+        assert stored is not None and stored.endpoint_url == "http://10.1.2.3:8188"
+
+
+def test_runner_url_secrets_are_masked_in_every_answer(private_env: Env) -> None:
+    env = private_env
+    headers = env.auth()
+    url = "https://ops:hunter2@10.0.0.7:8188/comfy?token=t0ps3cret&region=eu"
+    created = env.client.post("/v1/runner", headers=headers,
+                              json={"name": "r", "endpoint_url": url})
+    shown = "https://ops:***@10.0.0.7:8188/comfy?token=***&region=***"
+    assert created.json()["endpoint_url"] == shown
+    for answer in (env.client.get("/v1/runner", headers=headers),
+                   env.client.get(f"/v1/runner/{created.json()['id']}", headers=headers)):
+        assert "t0ps3cret" not in answer.text and "hunter2" not in answer.text
+        assert shown in answer.text
+
+
+def test_runner_headers_without_a_secret_key_are_refused(tmp_path: Path, broker: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    upgrade(url)
+    for env in _make_env(url, secret_key=None):
+        headers = env.auth()
+        refused = env.client.post("/v1/runner", headers=headers, json={
+            "name": "r", "endpoint_url": "http://h:1", "headers": {"Authorization": "Bearer x"}})
+        assert "COMFY_CANCEL_SECRET_KEY" in _error(refused, 400)
+        plain = env.client.post("/v1/runner", headers=headers,
+                                json={"name": "r", "endpoint_url": "http://h:1"})
+        assert plain.status_code == 200, plain.text
+        put = env.client.put(f"/v1/runner/{plain.json()['id']}", headers=headers,
+                             json={"headers": {"Authorization": "Bearer x"}})
+        assert "COMFY_CANCEL_SECRET_KEY" in _error(put, 400)
+        with env.db.transaction() as session:
+            assert [r.sealed_headers for r in manager.list_runners(session, env.account_id())] \
+                == [None]
+
+
+def test_runners_list_with_a_wrong_key(tmp_path: Path, broker: Any) -> None:
+    """Listing needs no key (names are kept in clear): a wrong key breaks no read."""
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    upgrade(url)
+    for env in _make_env(url, secret_key=KEY):
+        created = env.client.post("/v1/runner", headers=env.auth(), json={
+            "name": "r", "endpoint_url": "http://h:1", "headers": {"X-Key": "v"}})
+        assert created.status_code == 200, created.text
+    for env in _make_env(url, secret_key=encryption.new_key()):
+        listed = env.client.get("/v1/runner", headers=env.auth())
+        assert listed.status_code == 200 and listed.json()[0]["headers"] == {"X-Key": "***"}
 
 
 def test_runners_of_another_account_are_404(env: Env) -> None:

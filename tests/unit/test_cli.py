@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 import comfy_cancel
-from comfy_cancel import cli, context, manager, tasks
+from comfy_cancel import cli, context, encryption, manager, tasks
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.db import Database, engine_for
 from comfy_cancel.models import ApiToken, utcnow
@@ -115,7 +115,22 @@ def test_token_create_refuses_a_bad_expiry(
 # --- runners --------------------------------------------------------------------------------
 
 
-def test_runner_add_and_list(migrated: str, capsys: pytest.CaptureFixture[str]) -> None:
+KEY = encryption.new_key()
+
+
+@pytest.fixture
+def keyed(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A secret key for runner headers, and the operator's private network allowed."""
+    monkeypatch.setenv("COMFY_CANCEL_SECRET_KEY", KEY)
+    monkeypatch.setenv("COMFY_CANCEL_RUNNER_ALLOWED_NETWORKS", "10.0.0.0/8")
+    _forget_process_state()
+    yield KEY
+    _forget_process_state()
+
+
+def test_runner_add_and_list(
+    migrated: str, keyed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     run(capsys, "token", "create", "--account", "acme")
     code, out, err = run(capsys, "runner", "add", "--account", "acme", "gpu-1",
                          "http://10.0.0.5:8188/", "--tag", "gpu", "--tag", "sdxl",
@@ -128,9 +143,65 @@ def test_runner_add_and_list(migrated: str, capsys: pytest.CaptureFixture[str]) 
         assert (runner.name, runner.endpoint_url, runner.tags, runner.headers) == (
             "gpu-1", "http://10.0.0.5:8188", ["gpu", "sdxl"], {"X-Api-Key": "s3cret"}
         )
+        assert runner.sealed_headers is not None and "s3cret" not in runner.sealed_headers
     code, out, _ = run(capsys, "runner", "list", "--account", "acme")
     assert code == 0
     assert runner_id in out and "X-Api-Key" in out and "s3cret" not in out
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:6379", "http://169.254.169.254/latest", "http://metadata.google.internal",
+     "http://[::1]:8188", "http://0.0.0.0:8188", "http://2130706433:6379", "http://localhost",
+     "http://192.168.1.10:8188"],
+)
+def test_runner_add_refuses_internal_addresses(
+    migrated: str, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    run(capsys, "token", "create", "--account", "acme")
+    code, out, err = run(capsys, "runner", "add", "--account", "acme", "r", url)
+    assert (code, out) == (1, "")
+    assert_one_line_error(err, "endpoint_url", "COMFY_CANCEL_RUNNER_ALLOWED_NETWORKS")
+
+
+def test_runner_add_refuses_headers_without_a_key(
+    migrated: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COMFY_CANCEL_SECRET_KEY", raising=False)
+    _forget_process_state()
+    run(capsys, "token", "create", "--account", "acme")
+    code, out, err = run(capsys, "runner", "add", "--account", "acme", "r", "http://h:1",
+                         "--header", "Authorization: Bearer s3cret")
+    assert (code, out) == (1, "")
+    assert_one_line_error(err, "COMFY_CANCEL_SECRET_KEY", "without headers")
+    code, out, err = run(capsys, "runner", "add", "--account", "acme", "r", "http://h:1")
+    assert code == 0, err
+
+
+def test_key_rotation_with_new_key_and_reseal(
+    migrated: str, keyed: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run(capsys, "token", "create", "--account", "acme")
+    _, out, _ = run(capsys, "runner", "add", "--account", "acme", "r", "http://10.0.0.5:1",
+                    "--header", "X-Api-Key: s3cret")
+    runner_id = out.strip()
+    code, new_key, _ = run(capsys, "runner", "new-key")
+    assert code == 0
+    monkeypatch.setenv("COMFY_CANCEL_SECRET_KEY", f"{new_key.strip()},{keyed}")
+    _forget_process_state()
+    code, out, err = run(capsys, "runner", "reseal")
+    assert (code, out.strip()) == (0, "resealed the headers of 1 runners with the newest key")
+    monkeypatch.setenv("COMFY_CANCEL_SECRET_KEY", new_key.strip())  # the old key is gone
+    _forget_process_state()
+    with Database.from_url(migrated).transaction() as session:
+        runner = manager.get_runner(session, runner_id)
+        assert runner is not None and runner.headers == {"X-Api-Key": "s3cret"}
+    monkeypatch.setenv("COMFY_CANCEL_SECRET_KEY", keyed)  # a key that opens nothing
+    _forget_process_state()
+    code, out, err = run(capsys, "runner", "reseal")
+    assert code == 1
+    assert_one_line_error(err, "open with no configured key", runner_id)
 
 
 @pytest.mark.parametrize(
@@ -163,12 +234,19 @@ def test_runner_list_of_an_unknown_account(
 
 
 def test_settings_lists_every_setting_and_masks_passwords(
-    database_url: str, capsys: pytest.CaptureFixture[str]
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    secret = encryption.new_key()
+    monkeypatch.setenv("COMFY_CANCEL_SECRET_KEY", secret)
+    monkeypatch.setenv("COMFY_CANCEL_RESULT_BACKEND",
+                       "redis://backend:6379/1?password=hunter3&db=1")
+    get_settings.cache_clear()
     code, out, _ = run(capsys, "settings")
     assert code == 0
     assert "COMFY_CANCEL_REDIS_URL=redis://:***@127.0.0.1:6390/0" in out
-    assert "hunter2" not in out
+    assert "COMFY_CANCEL_RESULT_BACKEND=redis://backend:6379/1?password=***&db=***" in out
+    assert "COMFY_CANCEL_SECRET_KEY=***" in out
+    assert "hunter2" not in out and "hunter3" not in out and secret not in out
     assert f"COMFY_CANCEL_DATABASE_URL={database_url}" in out
     for name, field in Settings.model_fields.items():
         assert f"COMFY_CANCEL_{name.upper()}=" in out

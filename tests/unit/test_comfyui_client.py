@@ -21,13 +21,24 @@ from comfy_cancel.comfyui import (
     QueueState,
     error_from_history,
     outputs_from_history,
-    redact_url,
     was_interrupted,
 )
+from comfy_cancel.config import get_settings
+from comfy_cancel.redact import redact_url
 from comfy_cancel.sim_comfyui import RunningSim, blur_workflow
 
 FAST = 0.05
 SLOW = 0.1  # for prompts that must still run while the test acts on them
+
+
+@pytest.fixture(autouse=True)
+def loopback_allowed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The simulated servers listen on 127.0.0.1, which runners may reach only when the
+    operator allows it (tests/unit/test_egress.py covers the refusal)."""
+    monkeypatch.setenv("COMFY_CANCEL_RUNNER_ALLOWED_NETWORKS", "127.0.0.0/8")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 @pytest.fixture
