@@ -239,8 +239,15 @@ class Gate:
         if upload:
             return _counted(timed, limit, too_large)
         body = await _read_whole(timed, limit, too_large)
-        if body and _is_json(scope) and json_too_deep(body, settings.max_json_depth):
-            raise too_deep(settings.max_json_depth)
+        if body and _is_json(scope):
+            depth = settings.max_json_depth
+            # An operator's megabytes of ids are checked off the event loop.
+            too_deep_ = (
+                json_too_deep(body, depth) if len(body) <= 65536
+                else await anyio.to_thread.run_sync(json_too_deep, body, depth)
+            )
+            if too_deep_:
+                raise too_deep(depth)
         return _replay(body, receive)
 
 

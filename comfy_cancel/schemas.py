@@ -7,7 +7,9 @@ passwords) leaves by accident.
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -68,12 +70,14 @@ def field_message(loc: tuple[int | str, ...], msg: str) -> str:
 
 _ONE_KIND = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEPS = bytes.maketrans(b"[]", b"\x02\x00")  # an opening adds 2, every bracket takes 1
 
 
 def json_too_deep(raw: bytes | str, limit: int) -> bool:
     """Whether JSON text nests objects and lists deeper than ``limit``, read from the raw
     text before it is parsed: a parser (and every later step) pays for depth, so too deep
-    a body is refused before any of them runs. Linear in C-speed byte operations.
+    a body is refused before any of them runs. C-speed byte operations: about 0.1 s per
+    million brackets, nothing for the strings and numbers that make up most workflows.
     """
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
@@ -84,16 +88,12 @@ def json_too_deep(raw: bytes | str, limit: int) -> bool:
     unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
     outside = b"".join(unescaped.split(b'"')[::2])
     brackets = outside.translate(_ONE_KIND, _NOT_BRACKETS)
-    # Each pass removes the innermost pairs, one level: after ``limit`` passes a body
-    # within the limit has nothing left.
-    for _ in range(limit):
-        shorter = brackets.replace(b"[]", b"")
-        if len(shorter) == len(brackets):  # unbalanced: not JSON; judge by what is left
-            return len(brackets) > limit
-        brackets = shorter
-        if not brackets:
-            return False
-    return True
+    if b"[" * (limit + 1) in brackets:  # the usual attack: one long run of openings
+        return True
+    # The depth after each bracket is (the sum of steps so far) - (brackets so far).
+    depths = map(operator.sub, itertools.accumulate(brackets.translate(_STEPS)),
+                 itertools.count(1))
+    return max(depths, default=0) > limit
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -115,7 +115,9 @@ def check_stored_json(raw: bytes | str, value: Any) -> None:
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError("it contains a lone UTF-16 surrogate (e.g. \\ud800)") from exc
+        raise ValueError(
+            "contains a lone UTF-16 surrogate (e.g. \\ud800), which is not text"
+        ) from exc
 
 
 # --- every string of a request ------------------------------------------------------------
@@ -419,15 +421,15 @@ class WorkflowSummary(BaseModel):
         """This view with every JSON value that cannot be serialised set to null."""
         changes: dict[str, Any] = {}
         for name in ("workflow_json", "outputs", "progress"):
-            value = getattr(self, name, None)
             try:
-                to_json(value)
-            except (PydanticSerializationError, ValueError, RecursionError) as exc:
+                to_json(getattr(self, name, None))
+            except (PydanticSerializationError, ValueError, RecursionError):
                 changes[name] = None
-                changes["unreadable"] = (
-                    f"{name} is stored but cannot be shown ({type(exc).__name__}: nested too "
-                    "deep or not serialisable)"
-                )
+        if changes:
+            changes["unreadable"] = (
+                f"{', '.join(changes)} stored but cannot be shown (nested too deep or not "
+                "serialisable JSON); shown as null"
+            )
         return self.model_copy(update=changes)
 
 
