@@ -122,7 +122,8 @@ def broker_down(broker: Any) -> None:
 
 
 def make_env(url: str, **settings: Any) -> Iterator[Env]:
-    app = api.create_app(Settings(database_url=url, redis_url=UNREACHABLE, **settings))
+    settings.setdefault("redis_url", UNREACHABLE)
+    app = api.create_app(Settings(database_url=url, **settings))
     with TestClient(app) as client:
         yield Env(client, app.state.db, app)
     app.state.db.engine.dispose()
