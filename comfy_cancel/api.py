@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
+import anyio
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +25,6 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,6 +36,17 @@ from comfy_cancel.context import Context
 from comfy_cancel.db import Database
 from comfy_cancel.egress import EgressDenied
 from comfy_cancel.encryption import SecretKeyMissing
+from comfy_cancel.gate import (
+    CHALLENGE,
+    DATABASE_ERRORS,
+    ApiError,
+    Gate,
+    database_unavailable,
+    error_response,
+    principal_of,
+    too_deep,
+    workflow_too_large,
+)
 from comfy_cancel.manager import Principal, WorkflowFilter
 from comfy_cancel.models import (
     CANCELLABLE,
@@ -45,6 +56,7 @@ from comfy_cancel.models import (
     Workflow,
     WorkflowStatus,
 )
+from comfy_cancel.ratelimit import RateLimiter
 from comfy_cancel.schemas import (
     BulkCancelRequest,
     CancelRequest,
@@ -54,9 +66,13 @@ from comfy_cancel.schemas import (
     RunnerView,
     WorkflowList,
     WorkflowSubmission,
+    WorkflowSummary,
     WorkflowView,
+    check_stored_json,
     error_message,
     field_message,
+    json_too_deep,
+    refuse_json_constant,
 )
 
 log = logging.getLogger(__name__)
@@ -65,28 +81,7 @@ log = logging.getLogger(__name__)
 # a refused socket or a Redis error can surface unwrapped.
 PUBLISH_ERRORS: tuple[type[Exception], ...] = (BrokerError, redis.RedisError, OSError)
 
-# The database is down, locked past its timeout, or its pool is exhausted.
-DATABASE_ERRORS: tuple[type[Exception], ...] = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.TimeoutError,
-)
-
 Model = TypeVar("Model", bound=BaseModel)
-
-
-class ApiError(Exception):
-    """An error answered as ``{"status": code, "message": message}``."""
-
-    def __init__(self, code: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.headers = headers
-
-
-def error_response(code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"status": code, "message": message}, status_code=code, headers=headers)
 
 
 # The error answers every /v1 route can give, for the OpenAPI document.
@@ -94,7 +89,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Invalid request; the message names the field."},
     401: {"model": ErrorBody, "description": "Missing, unknown or expired token."},
     404: {"model": ErrorBody, "description": "No such object (or another account's)."},
+    408: {"model": ErrorBody, "description": "The body did not arrive in time."},
+    413: {"model": ErrorBody, "description": "The body is larger than the route accepts."},
+    429: {
+        "model": ErrorBody,
+        "description": "Too many requests for this token; retry after Retry-After seconds.",
+        "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                    "description": "Seconds until the window ends."}},
+    },
     500: {"model": ErrorBody, "description": "Could not be handed on; a retry is safe."},
+}
+OPERATOR_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    403: {"model": ErrorBody, "description": "The token is not an operator's."},
 }
 
 
@@ -111,44 +118,22 @@ def get_db(request: Request) -> Database:
 DB = Annotated[Database, Depends(get_db)]
 
 
-_CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
-def require_token(
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str:
-    """The bearer token of a ``/v1`` call, unchecked; 401 when there is none."""
-    if credentials is None:
-        raise ApiError(
-            401, "missing token: send the header 'Authorization: Bearer cfc_...'", _CHALLENGE
-        )
-    return credentials.credentials
-
-
-Token = Annotated[str, Depends(require_token)]
-
-
-def authenticate(session: Session, token: str) -> Principal:
-    """The caller behind ``token``, in the caller's transaction; 401 if there is none."""
-    principal = manager.authenticate(session, token)
-    if principal is None:
-        raise ApiError(
-            401,
-            "the token is unknown or expired: ask your operator for a new one "
-            "(comfy-cancel token create)",
-            _CHALLENGE,
-        )
+def require_principal(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    """The caller of a ``/v1`` route, admitted by the gate before the body was read
+    (``bearer`` documents the scheme in the OpenAPI document)."""
+    principal = principal_of(request.state)
+    if principal is None:  # only a route outside /v1 could get here
+        raise ApiError(401, "missing token: send the header 'Authorization: Bearer cfc_...'",
+                       CHALLENGE)
     return principal
 
 
-def require_principal(db: DB, token: Token) -> Principal:
-    """The caller of a ``/v1`` route; 401 without a valid token."""
-    with db.transaction() as session:
-        return authenticate(session, token)
-
-
 def require_operator(principal: Annotated[Principal, Depends(require_principal)]) -> Principal:
-    """The caller of an operator-only route; 403 for a customer's token."""
+    """The caller of an operator-only route; 403 for a customer's token (the gate refuses
+    it first, before the body; this keeps the rule next to the routes)."""
     if not principal.is_operator:
         raise ApiError(
             403,
@@ -162,11 +147,25 @@ Caller = Annotated[Principal, Depends(require_principal)]
 Operator = Annotated[Principal, Depends(require_operator)]
 
 
-def _parse_json(raw: bytes | str, what: str) -> Any:
+def _parse_json(raw: bytes | str, what: str, max_depth: int) -> Any:
+    """JSON from a client: depth checked on the raw text first, NaN and Infinity refused,
+    nothing a later read could not answer again."""
+    if json_too_deep(raw, max_depth):
+        raise too_deep(max_depth, what)
     try:
-        return json.loads(raw)
+        value = json.loads(raw, parse_constant=refuse_json_constant)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"{what} is not valid JSON ({exc}); fix it and send it again") from exc
+    try:
+        check_stored_json(raw, value)
+    except ValueError as exc:
+        raise ApiError(400, f"{what}: {exc}; fix it and send it again") from exc
+    return value
+
+
+async def _parse_off_loop(raw: bytes | str, what: str, max_depth: int) -> Any:
+    # Up to 20 MiB of JSON is seconds of CPU at worst: not on the event loop.
+    return await anyio.to_thread.run_sync(_parse_json, raw, what, max_depth)
 
 
 def _validate(model: type[Model], data: Any) -> Model:
@@ -176,41 +175,18 @@ def _validate(model: type[Model], data: Any) -> Model:
         raise ApiError(400, f"invalid {error_message(exc)}") from exc
 
 
-# Room for the form's other fields and the multipart framing around the workflow file.
-_FORM_OVERHEAD_BYTES = 64 * 1024
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        413,
-        f"the workflow is larger than this API accepts ({limit} bytes, "
-        "COMFY_CANCEL_MAX_WORKFLOW_BYTES); nothing was stored",
-    )
-
-
-async def _read_at_most(request: Request, room: int, limit: int) -> bytes:
-    """The body, refused as soon as it passes ``room`` bytes (a chunked body has no
-    Content-Length to check beforehand)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > room:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def read_submission(request: Request) -> WorkflowSubmission:
-    """The product's multipart form (``workflow_json`` a file) or the same fields as JSON."""
-    limit = request.app.state.settings.max_workflow_bytes
-    room = limit + _FORM_OVERHEAD_BYTES  # the whole body: the workflow and the rest
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > room:
-        raise _too_large(limit)
+    """The product's multipart form (``workflow_json`` a file) or the same fields as JSON.
+
+    The gate has checked the token, and counts and times the body as it arrives (413, 408).
+    """
+    settings = request.app.state.settings
+    limit, depth = settings.max_workflow_bytes, settings.max_json_depth
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json" or content_type.endswith("+json"):
-        body = await _read_at_most(request, room, limit)
-        return _validate(WorkflowSubmission, _parse_json(body, "the body"))
+        body = b"".join([chunk async for chunk in request.stream()])
+        data = await _parse_off_loop(body, "the body", depth)
+        return _validate(WorkflowSubmission, data)
     if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise ApiError(
             415,
@@ -229,10 +205,14 @@ async def read_submission(request: Request) -> WorkflowSubmission:
         upload = form.get("workflow_json")
         if isinstance(upload, UploadFile):
             if upload.size is not None and upload.size > limit:
-                raise _too_large(limit)
-            fields["workflow_json"] = _parse_json(await upload.read(), "the workflow_json file")
+                raise workflow_too_large(limit)
+            fields["workflow_json"] = await _parse_off_loop(
+                await upload.read(), "the workflow_json file", depth
+            )
         elif isinstance(upload, str):
-            fields["workflow_json"] = _parse_json(upload, "the workflow_json field")
+            fields["workflow_json"] = await _parse_off_loop(
+                upload, "the workflow_json field", depth
+            )
     return _validate(WorkflowSubmission, fields)
 
 
@@ -309,12 +289,17 @@ SUBMIT_BODY: dict[str, Any] = {
 }
 
 
-@v1.post("/workflow", response_model=WorkflowView, openapi_extra=SUBMIT_BODY)
+@v1.post(
+    "/workflow",
+    response_model=WorkflowView,
+    openapi_extra=SUBMIT_BODY,
+    responses={415: {"model": ErrorBody, "description": "Neither multipart nor JSON."}},
+)
 def submit_workflow(
     principal: Caller,
     submission: Annotated[WorkflowSubmission, Depends(read_submission)],
     db: DB,
-) -> WorkflowView:
+) -> Response:
     """Accept a workflow and hand it to the runner queue (200, status ``accepted``)."""
     with db.transaction() as session:
         workflow = manager.create_workflow(
@@ -341,24 +326,38 @@ def submit_workflow(
             500,
             f"workflow {workflow.id} could not be handed to the runner queue; submit again",
         ) from exc
-    return WorkflowView.of(workflow)
+    return _json(WorkflowView.of(workflow).to_json())
+
+
+def _json(body: bytes) -> Response:
+    # Serialised by the view itself, which shows a value it cannot serialise as null
+    # rather than fail the whole answer.
+    return Response(body, media_type="application/json")
 
 
 @v1.get("/workflow/{workflow_id}", response_model=WorkflowView)
-def get_workflow(workflow_id: str, principal: Caller, db: DB) -> WorkflowView:
+def get_workflow(workflow_id: str, principal: Caller, db: DB) -> Response:
     with db.transaction() as session:
-        return WorkflowView.of(_own_workflow(session, workflow_id, principal))
+        return _json(WorkflowView.of(_own_workflow(session, workflow_id, principal)).to_json())
+
+
+# Deeper pages would only make the database skip more rows (and overflow its offset).
+MAX_PAGE = 1_000_000
 
 
 @v1.get("/workflow", response_model=WorkflowList)
 def list_workflows(
     principal: Caller,
     db: DB,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     per_page: Annotated[int, Query(ge=1, le=100)] = 20,
     status_filter: Annotated[WorkflowStatus | None, Query(alias="status")] = None,
-) -> WorkflowList:
-    """The caller's workflows, newest first; cancelled ones stay in the history."""
+) -> Response:
+    """The caller's workflows, newest first; cancelled ones stay in the history.
+
+    Without ``workflow_json`` (``GET /v1/workflow/{id}`` has it): a page of large prompts
+    would be one huge answer.
+    """
     with db.transaction() as session:
         rows, total = manager.list_workflows(
             session,
@@ -367,7 +366,8 @@ def list_workflows(
             per_page=per_page,
             status=status_filter.value if status_filter else None,
         )
-        return WorkflowList(workflows=[WorkflowView.of(w) for w in rows], total=total)
+        views = [WorkflowSummary.of(w) for w in rows]
+    return _json(WorkflowList(workflows=views, total=total).to_json())
 
 
 @v1.post(
@@ -376,19 +376,18 @@ def list_workflows(
     responses={200: {"description": "Cancel accepted; the body is empty."}},
 )
 def cancel_workflow(
-    workflow_id: str, token: Token, db: DB, body: CancelRequest | None = None
+    workflow_id: str, principal: Caller, db: DB, body: CancelRequest | None = None
 ) -> Response:
     """Request the cancel of a queued or running workflow (DESIGN.md, "Flow of one cancel").
 
     The request is committed before it is published, so a lost message loses no cancel:
     the sweep re-publishes open requests. A repeat while it is in flight is accepted again.
 
-    The hot path, so one transaction: the token is checked in it, and the request is
-    recorded by a compare-and-set scoped to the caller's account; the status is read only
-    to explain a refusal (404 or 400).
+    The hot path, so one transaction (the gate checked the token, usually from its cache):
+    the request is recorded by a compare-and-set scoped to the caller's account; the status
+    is read only to explain a refusal (404 or 400).
     """
     with db.transaction() as session:
-        principal = authenticate(session, token)
         by = status.Actor(CancelSource.API.value, principal.actor, body.reason if body else None)
         canonical = _canonical_id(workflow_id)
         if canonical is None:
@@ -542,12 +541,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _database_error(request: Request, exc: Exception) -> Response:
-    # The driver's error only: SQLAlchemy's own text would add the statement's parameters.
-    cause = getattr(exc, "orig", None) or exc
-    log.error("database unavailable on %s %s: %s", request.method, request.url.path, cause)
-    return error_response(
-        500, "the database is unavailable right now; retrying in a moment is safe"
-    )
+    return database_unavailable(request.method, request.url.path, exc)
 
 
 class CatchAll:
@@ -586,7 +580,7 @@ class CatchAll:
 
 # --- /v1/admin: operators only -------------------------------------------------------------
 
-admin = APIRouter(prefix="/v1/admin", responses=ERRORS)
+admin = APIRouter(prefix="/v1/admin", responses=OPERATOR_ERRORS)
 
 
 @admin.post("/workflow/cancel")
@@ -648,6 +642,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, _database_error)
+    # The last added runs first: the catch-all around the gate around the routes.
+    app.add_middleware(
+        Gate,
+        settings=settings,
+        db=app.state.db,
+        limiter=RateLimiter(app.state.redis, settings.rate_limit_window_seconds),
+    )
     app.add_middleware(CatchAll)
     return app
 

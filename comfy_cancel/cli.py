@@ -86,13 +86,23 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     with Database.from_url(settings.database_url).transaction() as session:
         account = manager.get_or_create_account(session, args.account)
         token = manager.create_token(
-            session, account, operator=args.operator, expires_at=expires_at
+            session, account, operator=args.operator, expires_at=expires_at,
+            rate_limit=args.rate_limit,
         )
     print(token)
     kind = "operator token" if args.operator else "token"
     expiry = f"expires {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else "never expires"
+    if args.rate_limit is None:
+        limit = f"default rate limit, {settings.rate_limit_requests}"
+    elif args.rate_limit == 0:
+        limit = "no rate limit"
+    else:
+        limit = f"rate limit {args.rate_limit}"
+    if args.rate_limit != 0:
+        limit += f" requests per {settings.rate_limit_window_seconds} s"
     print(
-        f"{kind} for account {args.account!r} ({expiry}); it is shown only once: store it now",
+        f"{kind} for account {args.account!r} ({expiry}, {limit}); it is shown only once: "
+        "store it now",
         file=sys.stderr,
     )
     return 0
@@ -306,6 +316,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    # Bounded by the database's 32-bit integer column.
+    if not value.isdigit() or int(value) > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 0 to {2**31 - 1}")
+    return int(value)
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -338,6 +355,9 @@ def _add_setup_commands(commands: Commands) -> None:
     create.add_argument("--operator", action="store_true", help="may call operator routes")
     create.add_argument("--expires-in-days", type=_positive_int, metavar="N",
                         help="default: COMFY_CANCEL_TOKEN_DEFAULT_TTL_DAYS (unset: never)")
+    create.add_argument("--rate-limit", type=_non_negative_int, metavar="N",
+                        help="requests per rate-limit window for this token, 0 for none "
+                        "(default: COMFY_CANCEL_RATE_LIMIT_REQUESTS)")
     create.set_defaults(run=cmd_token_create)
 
     runner = commands.add_parser("runner", help="ComfyUI runners").add_subparsers(

@@ -133,6 +133,39 @@ class Settings(BaseSettings):
         20 * 1024 * 1024,
         description="Largest workflow JSON the API accepts, in bytes; a bigger one gets 413.",
     )
+    max_body_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest request body of the API's other routes (runners, cancels), in "
+        "bytes; a bigger one gets 413 before it is read.",
+    )
+    max_admin_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body of the operators' routes (a bulk cancel's id list), "
+        "in bytes.",
+    )
+    max_json_depth: int = Field(
+        64,
+        ge=4,
+        le=500,
+        description="Deepest nesting of objects and lists the API accepts in a JSON body "
+        "(a workflow included); a deeper one gets 400 before anything is stored.",
+    )
+    body_read_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A request body must arrive whole within this; a slower one gets 408.",
+    )
+    rate_limit_requests: int = Field(
+        40,
+        ge=0,
+        description="Requests one API token may make per rate-limit window (429 beyond); "
+        "0 turns rate limiting off. A token's own limit (token create --rate-limit) wins.",
+    )
+    rate_limit_window_seconds: int = Field(
+        10, ge=1, description="Length of the rate-limit window, in seconds."
+    )
     log_level: str = Field("INFO", description="Log level of the API and the workers.")
 
     @field_validator("runner_allowed_networks")

@@ -30,7 +30,14 @@ from typing import Any
 import httpx
 
 from comfy_cancel.config import Settings
-from comfy_cancel.dev import EmbeddedStack, StackError, banner, say, sigterm_as_interrupt
+from comfy_cancel.dev import (
+    EmbeddedStack,
+    StackError,
+    banner,
+    explicit_setting,
+    say,
+    sigterm_as_interrupt,
+)
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 SHORT_BLURS = 4  # about 3.5 s on the simulated ComfyUI at time scale 1
@@ -275,6 +282,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     temporary = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="comfy-cancel-demo-")) if temporary \
         else Path(args.data_dir)
+    if not explicit_setting("RATE_LIMIT_REQUESTS"):
+        # The demo polls every POLL_SECONDS to time its cancels: more than a customer's
+        # token may (40 requests per 10 s).
+        settings = settings.model_copy(update={"rate_limit_requests": 0})
     stack = EmbeddedStack.from_environment(
         data_dir, settings, api_port=args.port, time_scale=args.time_scale, echo=say
     )

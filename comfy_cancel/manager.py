@@ -65,8 +65,13 @@ def create_token(
     *,
     operator: bool = False,
     expires_at: datetime | None = None,
+    rate_limit: int | None = None,
 ) -> str:
-    """Create a token and return it; only its hash is stored, so this is the one sight of it."""
+    """Create a token and return it; only its hash is stored, so this is the one sight of it.
+
+    ``rate_limit``: requests per rate-limit window for this token (0: unlimited); None
+    follows ``COMFY_CANCEL_RATE_LIMIT_REQUESTS``.
+    """
     token = auth.generate_token()
     session.add(
         ApiToken(
@@ -75,6 +80,7 @@ def create_token(
             display_prefix=auth.display_prefix(token),
             is_operator=operator,
             expires_at=expires_at,
+            rate_limit=rate_limit,
             created_at=utcnow(),
         )
     )
@@ -90,6 +96,8 @@ class Principal:
     account_name: str
     token_id: int
     is_operator: bool
+    rate_limit: int | None = None  # this token's own limit; None: the configured default
+    expires_at: datetime | None = None
 
     @property
     def actor(self) -> str:
@@ -123,7 +131,8 @@ def authenticate(session: Session, token: str) -> Principal | None:
             session.execute(
                 update(ApiToken).where(ApiToken.id == api_token.id).values(last_used_at=now)
             )
-    return Principal(api_token.account_id, account_name, api_token.id, api_token.is_operator)
+    return Principal(api_token.account_id, account_name, api_token.id, api_token.is_operator,
+                     api_token.rate_limit, api_token.expires_at)
 
 
 # --- runners -----------------------------------------------------------------------------
@@ -306,7 +315,16 @@ def list_workflows(
     per_page: int = 20,
     status: str | None = None,
 ) -> tuple[list[Workflow], int]:
-    query = select(Workflow).where(Workflow.account_id == account_id)
+    """A page of the account's workflows, newest first, and the total that match.
+
+    The prompt column is never loaded (a page of 100 prompts of 20 MiB each was a 2 GB
+    read); touching it on a returned row raises instead of loading it quietly.
+    """
+    query = (
+        select(Workflow)
+        .options(defer(Workflow.workflow_json, raiseload=True))
+        .where(Workflow.account_id == account_id)
+    )
     count = select(func.count()).select_from(Workflow).where(Workflow.account_id == account_id)
     if status is not None:
         query = query.where(Workflow.status == status)

@@ -7,9 +7,12 @@ passwords) leaves by accident.
 
 from __future__ import annotations
 
+import itertools
+import json
+import operator
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -21,6 +24,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticSerializationError, to_json
 
 from comfy_cancel.models import Runner, RunnerStatus, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.redact import MASK, redact_url
@@ -51,6 +55,112 @@ def field_message(loc: tuple[int | str, ...], msg: str) -> str:
     # Custom validators' messages are already sentences; pydantic prefixes them.
     msg = msg.removeprefix("Value error, ")
     return f"{where}: {msg}" if where else msg
+
+
+# --- raw JSON checks ----------------------------------------------------------------------
+
+_ONE_KIND = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEPS = bytes.maketrans(b"[]", b"\x02\x00")  # an opening adds 2, every bracket takes 1
+
+
+def json_too_deep(raw: bytes | str, limit: int) -> bool:
+    """Whether JSON text nests objects and lists deeper than ``limit``, read from the raw
+    text before it is parsed: a parser (and every later step) pays for depth, so too deep
+    a body is refused before any of them runs. C-speed byte operations: about 0.1 s per
+    million brackets, nothing for the strings and numbers that make up most workflows.
+    """
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    # Drop string contents: escaped backslashes, then escaped quotes, then every other
+    # quote-delimited run (what is left between pairs of quotes is outside any string).
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(unescaped.split(b'"')[::2])
+    brackets = outside.translate(_ONE_KIND, _NOT_BRACKETS)
+    if b"[" * (limit + 1) in brackets:  # the usual attack: one long run of openings
+        return True
+    # The depth after each bracket is (the sum of steps so far) - (brackets so far).
+    depths = map(operator.sub, itertools.accumulate(brackets.translate(_STEPS)),
+                 itertools.count(1))
+    return max(depths, default=0) > limit
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def refuse_json_constant(name: str) -> Any:
+    """For ``json.loads(parse_constant=...)``: NaN and Infinity are not JSON, and a stored
+    one could not be answered again."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def check_stored_json(raw: bytes | str, value: Any) -> None:
+    """Refuse parsed JSON the database or a later answer could not take: a lone UTF-16
+    surrogate (``\\ud800``). Checked only when the raw text has such an escape at all."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if _SURROGATE_ESCAPE.search(raw) is None:
+        return
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            "contains a lone UTF-16 surrogate (e.g. \\ud800), which is not text"
+        ) from exc
+
+
+# --- every string of a request ------------------------------------------------------------
+
+
+def _bad_string(where: str, value: str) -> str | None:
+    if "\x00" in value:
+        return f"{where}: contains a NUL character (\\u0000), which is not allowed"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{where}: contains a lone UTF-16 surrogate, which is not text"
+    return None
+
+
+def _first_bad_string(data: Any, skip: frozenset[str]) -> str | None:
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        problem = None
+        if isinstance(value, str):
+            problem = _bad_string(where or "body", value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not where and key in skip:
+                    continue
+                if isinstance(key, str):
+                    problem = problem or _bad_string(f"{where}.{key}" if where else key, key)
+                    stack.append((f"{where}.{key}" if where else key, item))
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        if problem:
+            return problem
+    return None
+
+
+class RequestBody(BaseModel):
+    """A request body: no string in it may hold a NUL character or a lone surrogate
+    (PostgreSQL cannot store either; SQLite and the encoders fail on the second), so
+    either is a 400 naming the field rather than a database error."""
+
+    # Fields not stored as text (a prompt is stored as JSON, where NUL is escaped).
+    not_text: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        problem = _first_bad_string(data, cls.not_text)
+        if problem:
+            raise ValueError(problem)
+        return data
 
 
 # --- shared field checks ------------------------------------------------------------------
@@ -91,7 +201,7 @@ def check_endpoint_url(value: Any) -> Any:
 
 
 EndpointUrl = Annotated[
-    str, BeforeValidator(check_endpoint_url), StringConstraints(max_length=2000)
+    str, BeforeValidator(check_endpoint_url), StringConstraints(min_length=1, max_length=2000)
 ]
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$")
@@ -135,7 +245,9 @@ Prompt = Annotated[dict[str, Any], BeforeValidator(check_prompt)]
 # --- requests -----------------------------------------------------------------------------
 
 
-class WorkflowSubmission(BaseModel):
+class WorkflowSubmission(RequestBody):
+    not_text: ClassVar[frozenset[str]] = frozenset({"workflow_json"})
+
     name: Name
     workflow_json: Prompt = Field(description="The ComfyUI API-format prompt.")
     tags: Tags = Field(
@@ -143,24 +255,33 @@ class WorkflowSubmission(BaseModel):
     )
 
 
-class CancelRequest(BaseModel):
+class CancelRequest(RequestBody):
     reason: str | None = Field(None, max_length=1000, description="Why; kept in the audit trail.")
 
 
-class BulkCancelRequest(BaseModel):
+# The furthest back a bulk cancel's age filter reaches: a bigger number would only
+# overflow the date arithmetic.
+MAX_AGE_SECONDS = 100 * 366 * 86400
+
+
+class BulkCancelRequest(RequestBody):
     """An operator's bulk cancel: a filter, or a list of ids (then only ``account`` narrows)."""
 
     account: str | None = Field(None, max_length=200, description="Only this account's.")
     statuses: tuple[Literal["queued", "running"], ...] = Field(("queued", "running"), min_length=1)
-    older_than_seconds: float | None = Field(None, ge=0, description="Created longer ago.")
+    older_than_seconds: float | None = Field(
+        None, ge=0, le=MAX_AGE_SECONDS, allow_inf_nan=False, description="Created longer ago."
+    )
     runner: str | None = Field(None, max_length=200, description="A runner id or name.")
     tag: str | None = Field(None, max_length=100)
-    ids: list[str] | None = Field(None, max_length=100_000, description="Workflow ids.")
+    ids: list[Annotated[str, StringConstraints(max_length=100)]] | None = Field(
+        None, max_length=100_000, description="Workflow ids."
+    )
     reason: str | None = Field(None, max_length=1000, description="Kept in the audit trail.")
     dry_run: bool = Field(False, description="Count by status and sample; change nothing.")
 
 
-class RunnerCreate(BaseModel):
+class RunnerCreate(RequestBody):
     name: Name
     endpoint_url: EndpointUrl = Field(description="The ComfyUI server, http(s)://host:port.")
     headers: Headers = Field(
@@ -170,7 +291,7 @@ class RunnerCreate(BaseModel):
     status: RunnerStatus = RunnerStatus.ACTIVE
 
 
-class RunnerUpdate(BaseModel):
+class RunnerUpdate(RequestBody):
     """A partial update: fields left out keep their value; ``headers`` replaces the whole map."""
 
     name: Name | None = None
@@ -209,14 +330,16 @@ class CancelView(BaseModel):
     age_seconds: float = Field(description="Seconds since the cancel was requested.")
 
 
-class WorkflowView(BaseModel):
+class WorkflowSummary(BaseModel):
+    """A workflow as lists show it: everything but the prompt (``GET /v1/workflow/{id}``
+    has that)."""
+
     id: str
     user_id: int = Field(description="The account the workflow belongs to.")
     name: str
     status: WorkflowStatus
     runner_id: str | None
     tags: list[str]
-    workflow_json: dict[str, Any]
     prompt_id: str | None
     queue_number: int | None
     outputs: dict[str, Any] | None
@@ -229,9 +352,15 @@ class WorkflowView(BaseModel):
     started_at: UtcDatetime | None
     completed_at: UtcDatetime | None
     cancel: CancelView | None = Field(description="The cancel request, null when none was made.")
+    unreadable: str | None = Field(
+        None,
+        description="Null, unless a stored JSON value (workflow_json, outputs, progress) "
+        "cannot be shown, e.g. nested deeper than the API can answer: then that value is "
+        "null and this says which and why.",
+    )
 
     @classmethod
-    def of(cls, wf: Workflow, now: datetime | None = None) -> WorkflowView:
+    def fields_of(cls, wf: Workflow, now: datetime | None = None) -> dict[str, Any]:
         failed = wf.status == WorkflowStatus.FAILED
         cancel = None
         if wf.cancel_requested_at is not None:
@@ -246,32 +375,78 @@ class WorkflowView(BaseModel):
                     ((now or utcnow()) - wf.cancel_requested_at).total_seconds(), 3
                 ),
             )
-        return cls(
-            id=wf.id,
-            user_id=wf.account_id,
-            name=wf.name,
-            status=WorkflowStatus(wf.status),
-            runner_id=wf.runner_id,
-            tags=list(wf.tags or []),
-            workflow_json=wf.workflow_json,
-            prompt_id=wf.prompt_id,
-            queue_number=wf.queue_number,
-            outputs=wf.outputs,
-            progress=wf.progress,
-            error_node=wf.error_node if failed else None,
-            exception_type=wf.exception_type if failed else None,
-            exception_message=wf.exception_message if failed else None,
-            created_at=wf.created_at,
-            updated_at=wf.updated_at,
-            started_at=wf.started_at,
-            completed_at=wf.completed_at,
-            cancel=cancel,
-        )
+        return {
+            "id": wf.id,
+            "user_id": wf.account_id,
+            "name": wf.name,
+            "status": WorkflowStatus(wf.status),
+            "runner_id": wf.runner_id,
+            "tags": list(wf.tags or []),
+            "prompt_id": wf.prompt_id,
+            "queue_number": wf.queue_number,
+            "outputs": wf.outputs,
+            "progress": wf.progress,
+            "error_node": wf.error_node if failed else None,
+            "exception_type": wf.exception_type if failed else None,
+            "exception_message": wf.exception_message if failed else None,
+            "created_at": wf.created_at,
+            "updated_at": wf.updated_at,
+            "started_at": wf.started_at,
+            "completed_at": wf.completed_at,
+            "cancel": cancel,
+        }
+
+    @classmethod
+    def of(cls, wf: Workflow, now: datetime | None = None) -> WorkflowSummary:
+        return cls(**cls.fields_of(wf, now))
+
+    def to_json(self) -> bytes:
+        """The JSON answer; a stored value that cannot be serialised (a row stored before
+        the depth limit, outputs a server sent) is shown as null with a note, never a 500."""
+        try:
+            return self.model_dump_json().encode()
+        except (PydanticSerializationError, ValueError, RecursionError):
+            return self.readable().model_dump_json().encode()
+
+    def readable(self) -> WorkflowSummary:
+        """This view with every JSON value that cannot be serialised set to null."""
+        changes: dict[str, Any] = {}
+        for name in ("workflow_json", "outputs", "progress"):
+            try:
+                to_json(getattr(self, name, None))
+            except (PydanticSerializationError, ValueError, RecursionError):
+                changes[name] = None
+        if changes:
+            changes["unreadable"] = (
+                f"{', '.join(changes)} stored but cannot be shown (nested too deep or not "
+                "serialisable JSON); shown as null"
+            )
+        return self.model_copy(update=changes)
+
+
+class WorkflowView(WorkflowSummary):
+    """A workflow with its prompt."""
+
+    workflow_json: dict[str, Any] | None = Field(
+        description="The prompt as submitted; null only when it cannot be shown "
+        "(see unreadable)."
+    )
+
+    @classmethod
+    def of(cls, wf: Workflow, now: datetime | None = None) -> WorkflowView:
+        return cls(**cls.fields_of(wf, now), workflow_json=wf.workflow_json)
 
 
 class WorkflowList(BaseModel):
-    workflows: list[WorkflowView]
+    workflows: list[WorkflowSummary] = Field(description="Without workflow_json.")
     total: int = Field(description="All of the account's workflows that match, across pages.")
+
+    def to_json(self) -> bytes:
+        try:
+            return self.model_dump_json().encode()
+        except (PydanticSerializationError, ValueError, RecursionError):
+            readable = [w.readable() for w in self.workflows]
+            return self.model_copy(update={"workflows": readable}).model_dump_json().encode()
 
 
 class RunnerView(BaseModel):

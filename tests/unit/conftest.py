@@ -1,4 +1,4 @@
-"""Fixtures for the unit tests of the ComfyUI client and the simulated server."""
+"""Fixtures of the unit tests: simulated ComfyUI servers, and the API in a test client."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from comfy_cancel.sim_comfyui import RunningSim, start_in_thread
+from tests.apitest import broker, broker_down, env, private_env  # noqa: F401  (the API's fixtures)
 
 FAST = 0.05  # time scale of most tests: the 6 s reference workflow takes 0.3 s
 

@@ -5,169 +5,26 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import fakeredis
-import kombu.pools
 import pytest
 from fastapi import Depends
-from fastapi.testclient import TestClient
 
-from comfy_cancel import api, encryption, manager, tasks
-from comfy_cancel.config import Settings
-from comfy_cancel.db import Database, engine_for
+from comfy_cancel import api, encryption, manager
+from comfy_cancel.db import engine_for
 from comfy_cancel.manager import Principal
 from comfy_cancel.migrations import upgrade
-from comfy_cancel.models import EventKind, Workflow, WorkflowStatus, utcnow
-from tests.helpers import LOOPBACK_ALLOWED, TINY_PROMPT, seed_workflow
+from comfy_cancel.models import EventKind, WorkflowStatus
+from tests.apitest import KEY, Env, error, files, make_env
+from tests.helpers import TINY_PROMPT
 
 S = WorkflowStatus
-worker_app = tasks.app  # the Celery app of comfy_cancel.worker (imported via tasks)
-UNREACHABLE = "redis://127.0.0.1:1/0"
 PUBLISH_FAILED = (
     "the cancel request is recorded but could not be handed to the cancel queue; "
     "retrying is safe"
 )
-
-
-# --- fixtures -------------------------------------------------------------------------------
-
-
-@dataclass
-class Env:
-    client: TestClient
-    db: Database
-    app: Any
-
-    def token(self, account: str = "acme", *, operator: bool = False, days: float | None = None
-              ) -> str:
-        with self.db.transaction() as session:
-            acc = manager.get_or_create_account(session, account)
-            expires = utcnow() + timedelta(days=days) if days is not None else None
-            return manager.create_token(session, acc, operator=operator, expires_at=expires)
-
-    def auth(self, account: str = "acme", **kwargs: Any) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token(account, **kwargs)}"}
-
-    def account_id(self, account: str = "acme") -> int:
-        with self.db.transaction() as session:
-            return manager.get_or_create_account(session, account).id
-
-    def runner_id(self, account: str = "acme") -> str:
-        with self.db.transaction() as session:
-            acc = manager.get_or_create_account(session, account)
-            return manager.add_runner(session, acc.id, name="r", endpoint_url="http://127.0.0.1:1",
-                                      settings=LOOPBACK_ALLOWED).id
-
-    def workflow(self, to: S = S.ACCEPTED, account: str = "acme") -> str:
-        return seed_workflow(self.db, self.account_id(account), self.runner_id(account), to)
-
-    def row(self, workflow_id: str) -> Workflow:
-        with self.db.transaction() as session:
-            workflow = manager.get_workflow(session, workflow_id)
-            assert workflow is not None
-            return workflow
-
-
-def _reset_broker_pools() -> None:
-    # Celery keeps its connection and producer pools across a change of broker_url, and
-    # has no public call that drops them: without this, the next publish would still go
-    # to the previous broker.
-    kombu.pools.reset()  # kombu's registry would hand the closed pools back otherwise
-    worker_app._pool = None
-    worker_app.amqp._producer_pool = None
-
-
-@pytest.fixture
-def broker() -> Iterator[Any]:
-    """Celery publishing into kombu's in-process memory transport; yields a queue reader."""
-    conf = worker_app.conf
-    saved = {k: conf[k] for k in ("broker_url", "broker_connection_retry",
-                                  "broker_connection_max_retries", "broker_transport_options")}
-    conf.broker_url = "memory://"
-    _reset_broker_pools()
-
-    def drain(queue: str) -> list[tuple[str, str, list[Any]]]:
-        """(task id, task name, args) of every message waiting on ``queue``, removing them."""
-        found = []
-        with worker_app.connection_for_read() as conn:
-            simple = conn.SimpleQueue(queue)
-            while True:
-                try:
-                    message = simple.get(block=False)
-                except simple.Empty:
-                    break
-                found.append((message.headers["id"], message.headers["task"],
-                              message.payload[0]))
-                message.ack()
-            simple.close()
-        return found
-
-    for queue in ("cancel", "runner"):
-        drain(queue)
-    yield drain
-    conf.update(saved)
-    _reset_broker_pools()
-
-
-@pytest.fixture
-def broker_down(broker: Any) -> None:
-    """Publishing against a Redis nobody listens on, failing fast."""
-    conf = worker_app.conf
-    conf.broker_url = UNREACHABLE
-    conf.broker_connection_retry = False
-    conf.broker_connection_max_retries = 0
-    conf.broker_transport_options = {
-        "max_retries": 0, "socket_connect_timeout": 0.5, "socket_timeout": 0.5
-    }
-    _reset_broker_pools()
-
-
-def _make_env(url: str, **settings: Any) -> Iterator[Env]:
-    app = api.create_app(Settings(database_url=url, redis_url=UNREACHABLE, **settings))
-    with TestClient(app) as client:
-        yield Env(client, app.state.db, app)
-    app.state.db.engine.dispose()
-    engine_for.cache_clear()
-
-
-KEY = encryption.new_key()
-
-
-@pytest.fixture
-def env(tmp_path: Path, broker: Any) -> Iterator[Env]:
-    url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
-    yield from _make_env(url, secret_key=KEY)
-
-
-@pytest.fixture
-def private_env(tmp_path: Path, broker: Any) -> Iterator[Env]:
-    """An operator who lets runners reach a private network."""
-    url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
-    yield from _make_env(url, secret_key=KEY, runner_allowed_networks="10.0.0.0/8")
-
-
-def _error(response: Any, code: int) -> str:
-    assert response.status_code == code, response.text
-    body = response.json()
-    assert set(body) == {"status", "message"}, body
-    assert body["status"] == code
-    assert "Traceback" not in body["message"]
-    return str(body["message"])
-
-
-def _files(name: str = "wf", prompt: Any = TINY_PROMPT, tags: str | list[str] | None = None
-           ) -> dict[str, Any]:
-    raw = prompt if isinstance(prompt, bytes) else json.dumps(prompt).encode()
-    data: dict[str, Any] = {"name": name}
-    if tags is not None:
-        data["tags"] = tags
-    return {"data": data, "files": {"workflow_json": ("prompt.json", raw, "application/json")}}
 
 
 # --- auth -----------------------------------------------------------------------------------
@@ -175,20 +32,20 @@ def _files(name: str = "wf", prompt: Any = TINY_PROMPT, tags: str | list[str] | 
 
 def test_a_call_without_a_token_is_401(env: Env) -> None:
     response = env.client.get("/v1/workflow")
-    assert "Authorization: Bearer" in _error(response, 401)
+    assert "Authorization: Bearer" in error(response, 401)
     assert response.headers["www-authenticate"] == "Bearer"
-    assert _error(env.client.get("/v1/workflow", headers={"Authorization": "Basic eA=="}), 401)
+    assert error(env.client.get("/v1/workflow", headers={"Authorization": "Basic eA=="}), 401)
 
 
 @pytest.mark.parametrize("token", ["cfc_not-a-real-token", "something-else"])
 def test_an_unknown_token_is_401(env: Env, token: str) -> None:
     response = env.client.get("/v1/workflow", headers={"Authorization": f"Bearer {token}"})
-    assert "unknown or expired" in _error(response, 401)
+    assert "unknown or expired" in error(response, 401)
 
 
 def test_an_expired_token_is_401_and_a_valid_one_is_not(env: Env) -> None:
     expired = env.client.get("/v1/workflow", headers=env.auth(days=-1))
-    assert "unknown or expired" in _error(expired, 401)
+    assert "unknown or expired" in error(expired, 401)
     assert env.client.get("/v1/workflow", headers=env.auth(days=1)).status_code == 200
 
 
@@ -197,7 +54,7 @@ def test_operator_routes_refuse_customer_tokens(env: Env) -> None:
     def whoami(principal: Annotated[Principal, Depends(api.require_operator)]) -> dict[str, Any]:
         return {"operator": principal.is_operator}
 
-    assert "operator token" in _error(
+    assert "operator token" in error(
         env.client.get("/v1/admin/whoami", headers=env.auth()), 403
     )
     ok = env.client.get("/v1/admin/whoami", headers=env.auth("ops", operator=True))
@@ -209,7 +66,7 @@ def test_operator_routes_refuse_customer_tokens(env: Env) -> None:
 
 def test_submit_the_products_multipart_form(env: Env, broker: Any) -> None:
     response = env.client.post("/v1/workflow", headers=env.auth(),
-                               **_files("first", tags="gpu, sdxl"))
+                               **files("first", tags="gpu, sdxl"))
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "accepted"
@@ -224,7 +81,7 @@ def test_submit_the_products_multipart_form(env: Env, broker: Any) -> None:
 
 def test_submit_with_repeated_tag_fields(env: Env) -> None:
     response = env.client.post("/v1/workflow", headers=env.auth(),
-                               **_files(tags=["a", "b,c"]))
+                               **files(tags=["a", "b,c"]))
     assert response.json()["tags"] == ["a", "b", "c"]
 
 
@@ -266,22 +123,22 @@ def test_submit_refuses_invalid_bodies_naming_the_field(
     env: Env, broker: Any, body: dict[str, Any], words: str
 ) -> None:
     response = env.client.post("/v1/workflow", headers=env.auth(), json=body)
-    assert words in _error(response, 400)
+    assert words in error(response, 400)
     assert broker("runner") == []
 
 
 def test_submit_refuses_a_workflow_file_that_is_not_json(env: Env) -> None:
-    response = env.client.post("/v1/workflow", headers=env.auth(), **_files(prompt=b"{nope"))
-    assert "the workflow_json file is not valid JSON" in _error(response, 400)
+    response = env.client.post("/v1/workflow", headers=env.auth(), **files(prompt=b"{nope"))
+    assert "the workflow_json file is not valid JSON" in error(response, 400)
 
 
 def test_submit_refuses_broken_json_and_other_media_types(env: Env) -> None:
     broken = env.client.post("/v1/workflow", headers={**env.auth(), "Content-Type":
                              "application/json"}, content=b'{"name": ')
-    assert "the body is not valid JSON" in _error(broken, 400)
+    assert "the body is not valid JSON" in error(broken, 400)
     text = env.client.post("/v1/workflow", headers={**env.auth(), "Content-Type": "text/plain"},
                            content=b"hello")
-    assert "multipart/form-data" in _error(text, 415)
+    assert "multipart/form-data" in error(text, 415)
 
 
 SMALL_LIMIT = 4000
@@ -291,7 +148,7 @@ SMALL_LIMIT = 4000
 def small_env(tmp_path: Path, broker: Any) -> Iterator[Env]:
     url = f"sqlite:///{tmp_path / 'api.db'}"
     upgrade(url)
-    yield from _make_env(url, max_workflow_bytes=SMALL_LIMIT)
+    yield from make_env(url, max_workflow_bytes=SMALL_LIMIT)
 
 
 def _prompt_of(size: int) -> dict[str, Any]:
@@ -306,17 +163,17 @@ def test_submit_refuses_a_workflow_over_the_size_limit_and_stores_nothing(
 ) -> None:
     env, auth = small_env, small_env.auth()
     assert len(json.dumps(_prompt_of(SMALL_LIMIT - 100))) == SMALL_LIMIT - 100
-    fits = env.client.post("/v1/workflow", headers=auth, **_files(prompt=_prompt_of(3900)))
+    fits = env.client.post("/v1/workflow", headers=auth, **files(prompt=_prompt_of(3900)))
     assert fits.status_code == 200, fits.text
     accepted = broker("runner")
     assert len(accepted) == 1
 
     too_big = _prompt_of(SMALL_LIMIT + 1)
-    as_form = env.client.post("/v1/workflow", headers=auth, **_files(prompt=too_big))
-    assert "COMFY_CANCEL_MAX_WORKFLOW_BYTES" in _error(as_form, 413)
+    as_form = env.client.post("/v1/workflow", headers=auth, **files(prompt=too_big))
+    assert "COMFY_CANCEL_MAX_WORKFLOW_BYTES" in error(as_form, 413)
     huge = {"name": "wf", "workflow_json": _prompt_of(200_000)}
     as_json = env.client.post("/v1/workflow", headers=auth, json=huge)
-    assert f"larger than this API accepts ({SMALL_LIMIT} bytes" in _error(as_json, 413)
+    assert f"larger than this API accepts ({SMALL_LIMIT} bytes" in error(as_json, 413)
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the size is counted as it comes
         raw = json.dumps(huge).encode()
@@ -326,7 +183,7 @@ def test_submit_refuses_a_workflow_over_the_size_limit_and_stores_nothing(
     chunked = env.client.post(
         "/v1/workflow", headers={**auth, "Content-Type": "application/json"}, content=chunks()
     )
-    assert "larger than this API accepts" in _error(chunked, 413)
+    assert "larger than this API accepts" in error(chunked, 413)
     listed = env.client.get("/v1/workflow", headers=auth).json()
     assert [w["id"] for w in listed["workflows"]] == [fits.json()["id"]]
     assert broker("runner") == []
@@ -335,8 +192,8 @@ def test_submit_refuses_a_workflow_over_the_size_limit_and_stores_nothing(
 def test_submit_with_the_broker_down_fails_the_workflow_and_says_so(
     env: Env, broker_down: None
 ) -> None:
-    response = env.client.post("/v1/workflow", headers=env.auth(), **_files("lost"))
-    message = _error(response, 500)
+    response = env.client.post("/v1/workflow", headers=env.auth(), **files("lost"))
+    message = error(response, 500)
     assert message.endswith("could not be handed to the runner queue; submit again")
     workflow_id = re.search(r"workflow (\S+) could not", message).group(1)  # type: ignore[union-attr]
     row = env.row(workflow_id)
@@ -356,8 +213,9 @@ def test_get_shows_the_whole_workflow(env: Env) -> None:
         "id", "user_id", "name", "status", "runner_id", "tags", "workflow_json", "prompt_id",
         "queue_number", "outputs", "progress", "error_node", "exception_type",
         "exception_message", "created_at", "updated_at", "started_at", "completed_at",
-        "cancel",
+        "cancel", "unreadable",
     }
+    assert body["unreadable"] is None
     assert body["status"] == "running"
     assert body["runner_id"] is not None
     for field in ("created_at", "updated_at", "started_at"):
@@ -378,7 +236,7 @@ def test_unknown_malformed_and_foreign_ids_are_the_same_404(env: Env) -> None:
     unknown = "7d1c3f6e-0000-4000-8000-000000000000"
     headers = env.auth()
     messages = {
-        wid: _error(env.client.get(f"/v1/workflow/{wid}", headers=headers), 404)
+        wid: error(env.client.get(f"/v1/workflow/{wid}", headers=headers), 404)
         for wid in (foreign, unknown, "not-a-uuid")
     }
     assert {m.replace(wid, "<id>") for wid, m in messages.items()} == {
@@ -422,7 +280,7 @@ def test_list_filters_by_status(env: Env) -> None:
     ],
 )
 def test_list_refuses_bad_paging_and_statuses(env: Env, query: str, words: str) -> None:
-    assert words in _error(env.client.get(f"/v1/workflow?{query}", headers=env.auth()), 400)
+    assert words in error(env.client.get(f"/v1/workflow?{query}", headers=env.auth()), 400)
 
 
 # --- cancel ---------------------------------------------------------------------------------
@@ -462,7 +320,7 @@ def test_cancel_without_a_body_is_fine(env: Env, broker: Any) -> None:
 def test_cancel_before_it_is_queued_is_400(env: Env, broker: Any, start: S) -> None:
     workflow_id = env.workflow(start)
     response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth())
-    assert _error(response, 400) == (
+    assert error(response, 400) == (
         f"workflow {workflow_id} is {start.value}: it can be cancelled once it is queued"
     )
     assert env.row(workflow_id).cancel_requested_at is None
@@ -475,7 +333,7 @@ def test_cancel_of_a_finished_workflow_is_400_naming_its_status(
 ) -> None:
     workflow_id = env.workflow(start)
     response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth())
-    assert f"workflow {workflow_id} is {start.value}" in _error(response, 400)
+    assert f"workflow {workflow_id} is {start.value}" in error(response, 400)
     assert broker("cancel") == []
 
 
@@ -484,7 +342,7 @@ def test_cancel_of_another_accounts_or_a_malformed_id_is_404(env: Env, broker: A
     headers = env.auth()
     for workflow_id in (foreign, "nope", "7d1c3f6e-0000-4000-8000-000000000000"):
         response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=headers)
-        assert _error(response, 404).startswith(f"no workflow {workflow_id}:")
+        assert error(response, 404).startswith(f"no workflow {workflow_id}:")
     assert env.row(foreign).cancel_requested_at is None
     assert broker("cancel") == []
 
@@ -492,10 +350,10 @@ def test_cancel_of_another_accounts_or_a_malformed_id_is_404(env: Env, broker: A
 def test_cancel_needs_a_valid_token(env: Env, broker: Any) -> None:
     workflow_id = env.workflow(S.QUEUED)
     url = f"/v1/workflow/{workflow_id}/cancel"
-    assert "Authorization: Bearer" in _error(env.client.post(url), 401)
+    assert "Authorization: Bearer" in error(env.client.post(url), 401)
     for headers in ({"Authorization": "Bearer cfc_unknown"}, env.auth(days=-1)):
         response = env.client.post(url, headers=headers, json={"reason": "x"})
-        assert "unknown or expired" in _error(response, 401)
+        assert "unknown or expired" in error(response, 401)
         assert response.headers["www-authenticate"] == "Bearer"
     assert env.row(workflow_id).cancel_requested_at is None
     assert broker("cancel") == []
@@ -507,7 +365,7 @@ def test_cancel_with_the_broker_down_is_500_and_the_intent_is_kept(
 ) -> None:
     workflow_id = env.workflow(S.RUNNING)
     response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth())
-    assert _error(response, 500) == PUBLISH_FAILED
+    assert error(response, 500) == PUBLISH_FAILED
     row = env.row(workflow_id)
     # The sweep re-publishes it intent_republish_seconds after the request was stamped.
     assert row.cancel_requested_at is not None
@@ -551,7 +409,7 @@ def test_cancel_refuses_an_overlong_reason(env: Env) -> None:
     workflow_id = env.workflow(S.QUEUED)
     response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth(),
                                json={"reason": "x" * 1001})
-    assert "reason: String should have at most 1000" in _error(response, 400)
+    assert "reason: String should have at most 1000" in error(response, 400)
     assert env.row(workflow_id).cancel_requested_at is None
 
 
@@ -560,9 +418,9 @@ def test_cancel_refuses_an_overlong_reason(env: Env) -> None:
 
 def test_an_unreachable_database_is_500_saying_a_retry_is_safe(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'missing-dir' / 'api.db'}"
-    for env in _make_env(url):
+    for env in make_env(url):
         response = env.client.get("/v1/workflow", headers={"Authorization": "Bearer cfc_x"})
-        assert "retrying in a moment is safe" in _error(response, 500)
+        assert "retrying in a moment is safe" in error(response, 500)
 
 
 def test_an_unexpected_error_is_a_generic_500_without_details(
@@ -573,13 +431,20 @@ def test_an_unexpected_error_is_a_generic_500_without_details(
 
     monkeypatch.setattr(manager, "list_workflows", explode)
     response = env.client.get("/v1/workflow", headers=env.auth())
-    message = _error(response, 500)
+    message = error(response, 500)
     assert "secret" not in message and "RuntimeError" not in message
 
 
 def test_unknown_routes_and_methods_get_the_error_body(env: Env) -> None:
-    assert "no route GET /v2/nothing" in _error(env.client.get("/v2/nothing"), 404)
-    assert "DELETE is not allowed" in _error(env.client.delete("/v1/workflow"), 405)
+    assert "no route GET /v2/nothing" in error(env.client.get("/v2/nothing"), 404)
+    # Under /v1 the token comes first: a route's existence is no one's business without one.
+    assert error(env.client.delete("/v1/workflow"), 401)
+    assert "DELETE is not allowed" in error(
+        env.client.delete("/v1/workflow", headers=env.auth()), 405
+    )
+    assert "no route GET /v1/nothing" in error(
+        env.client.get("/v1/nothing", headers=env.auth()), 404
+    )
 
 
 def test_openapi_is_served(env: Env) -> None:
@@ -647,7 +512,7 @@ INTERNAL_URLS = [
 
 @pytest.mark.parametrize("url", INTERNAL_URLS)
 def test_runner_urls_to_internal_addresses_are_400(env: Env, url: str) -> None:
-    message = _error(env.client.post("/v1/runner", headers=env.auth(),
+    message = error(env.client.post("/v1/runner", headers=env.auth(),
                                      json={"name": "r", "endpoint_url": url}), 400)
     assert message.startswith("invalid endpoint_url: ")
     assert "COMFY_CANCEL_RUNNER_ALLOWED_NETWORKS" in message
@@ -663,7 +528,7 @@ def test_runner_url_changed_to_an_internal_address_is_400(private_env: Env) -> N
     for url in ("http://127.0.0.1:6379", "http://169.254.169.254", "http://192.168.1.1"):
         response = env.client.put(f"/v1/runner/{runner_id}", headers=headers,
                                   json={"endpoint_url": url})
-        assert "COMFY_CANCEL_RUNNER_ALLOWED_NETWORKS" in _error(response, 400)
+        assert "COMFY_CANCEL_RUNNER_ALLOWED_NETWORKS" in error(response, 400)
     with env.db.transaction() as session:
         stored = manager.get_runner(session, runner_id)
         assert stored is not None and stored.endpoint_url == "http://10.1.2.3:8188"
@@ -686,17 +551,17 @@ def test_runner_url_secrets_are_masked_in_every_answer(private_env: Env) -> None
 def test_runner_headers_without_a_secret_key_are_refused(tmp_path: Path, broker: Any) -> None:
     url = f"sqlite:///{tmp_path / 'api.db'}"
     upgrade(url)
-    for env in _make_env(url, secret_key=None):
+    for env in make_env(url, secret_key=None):
         headers = env.auth()
         refused = env.client.post("/v1/runner", headers=headers, json={
             "name": "r", "endpoint_url": "http://h:1", "headers": {"Authorization": "Bearer x"}})
-        assert "COMFY_CANCEL_SECRET_KEY" in _error(refused, 400)
+        assert "COMFY_CANCEL_SECRET_KEY" in error(refused, 400)
         plain = env.client.post("/v1/runner", headers=headers,
                                 json={"name": "r", "endpoint_url": "http://h:1"})
         assert plain.status_code == 200, plain.text
         put = env.client.put(f"/v1/runner/{plain.json()['id']}", headers=headers,
                              json={"headers": {"Authorization": "Bearer x"}})
-        assert "COMFY_CANCEL_SECRET_KEY" in _error(put, 400)
+        assert "COMFY_CANCEL_SECRET_KEY" in error(put, 400)
         with env.db.transaction() as session:
             assert [r.sealed_headers for r in manager.list_runners(session, env.account_id())] \
                 == [None]
@@ -706,11 +571,11 @@ def test_runners_list_with_a_wrong_key(tmp_path: Path, broker: Any) -> None:
     """Listing needs no key (names are kept in clear): a wrong key breaks no read."""
     url = f"sqlite:///{tmp_path / 'api.db'}"
     upgrade(url)
-    for env in _make_env(url, secret_key=KEY):
+    for env in make_env(url, secret_key=KEY):
         created = env.client.post("/v1/runner", headers=env.auth(), json={
             "name": "r", "endpoint_url": "http://h:1", "headers": {"X-Key": "v"}})
         assert created.status_code == 200, created.text
-    for env in _make_env(url, secret_key=encryption.new_key()):
+    for env in make_env(url, secret_key=encryption.new_key()):
         listed = env.client.get("/v1/runner", headers=env.auth())
         assert listed.status_code == 200 and listed.json()[0]["headers"] == {"X-Key": "***"}
 
@@ -719,7 +584,7 @@ def test_runners_of_another_account_are_404(env: Env) -> None:
     other = env.runner_id(account="other")
     headers = env.auth()
     for call in (env.client.get, lambda url, **kw: env.client.put(url, json={"name": "x"}, **kw)):
-        assert _error(call(f"/v1/runner/{other}", headers=headers), 404).startswith(
+        assert error(call(f"/v1/runner/{other}", headers=headers), 404).startswith(
             f"no runner {other}:"
         )
     assert env.client.get("/v1/runner", headers=headers).json() == []
@@ -741,7 +606,7 @@ def test_runners_of_another_account_are_404(env: Env) -> None:
     ],
 )
 def test_runner_create_refuses_invalid_fields(env: Env, body: dict[str, Any], words: str) -> None:
-    assert words in _error(env.client.post("/v1/runner", headers=env.auth(), json=body), 400)
+    assert words in error(env.client.post("/v1/runner", headers=env.auth(), json=body), 400)
 
 
 def test_runner_update_refuses_nulls(env: Env) -> None:
@@ -749,7 +614,7 @@ def test_runner_update_refuses_nulls(env: Env) -> None:
     runner_id = env.client.post("/v1/runner", headers=headers, json={
         "name": "r", "endpoint_url": "http://h:1"}).json()["id"]
     response = env.client.put(f"/v1/runner/{runner_id}", headers=headers, json={"name": None})
-    assert "name cannot be null" in _error(response, 400)
+    assert "name cannot be null" in error(response, 400)
 
 
 # --- health ---------------------------------------------------------------------------------
@@ -774,7 +639,7 @@ def test_readyz_is_200_when_both_answer(env: Env) -> None:
 
 
 def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
-    for env in _make_env(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}"):
+    for env in make_env(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}"):
         env.app.state.redis = fakeredis.FakeRedis()
         response = env.client.get("/readyz")
         assert response.status_code == 503

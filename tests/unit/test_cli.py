@@ -112,6 +112,32 @@ def test_token_create_refuses_a_bad_expiry(
     assert_one_line_error(err, "--expires-in-days")
 
 
+@pytest.mark.parametrize(("given", "stored", "said"), [
+    (None, None, "default rate limit, 40 requests per 10 s"),
+    ("500", 500, "rate limit 500 requests per 10 s"),
+    ("0", 0, "no rate limit"),
+])
+def test_token_create_with_a_rate_limit(
+    migrated: str, capsys: pytest.CaptureFixture[str], given: str | None, stored: int | None,
+    said: str,
+) -> None:
+    extra = ["--rate-limit", given] if given is not None else []
+    code, out, err = run(capsys, "token", "create", "--account", "bench", *extra)
+    assert code == 0 and said in err
+    with Database.from_url(migrated).transaction() as session:
+        principal = manager.authenticate(session, out.strip())
+    assert principal is not None and principal.rate_limit == stored
+
+
+@pytest.mark.parametrize("limit", ["-1", "many", str(2**31)])
+def test_token_create_refuses_a_bad_rate_limit(
+    migrated: str, capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    code, out, err = run(capsys, "token", "create", "--account", "a", "--rate-limit", limit)
+    assert (code, out) == (2, "")
+    assert_one_line_error(err, "--rate-limit")
+
+
 # --- runners --------------------------------------------------------------------------------
 
 

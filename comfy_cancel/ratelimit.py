@@ -1,0 +1,72 @@
+"""Per-token rate limits of the HTTP API, counted in Redis so every API process shares them.
+
+Fixed windows: a token may make ``limit`` requests per window of ``window`` seconds
+(aligned to the clock, the same in every process); one pipelined ``INCR`` + ``EXPIRE``
+per request. A burst that straddles two windows can reach twice the limit within one
+window's length; that is the price of one round trip and an exact ``Retry-After``.
+
+When Redis cannot be reached the limiter fails open: requests are served unlimited, one
+warning is logged, and Redis is not asked again for a few seconds, so an outage costs no
+request more than one timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "comfy_cancel:ratelimit"
+# After Redis failed, requests go unlimited this long before it is tried again.
+RETRY_REDIS_AFTER_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    retry_after: int  # whole seconds until the window ends (0 when allowed)
+
+
+ALLOWED = Verdict(True, 0)
+
+
+class RateLimiter:
+    def __init__(self, client: redis.Redis, window_seconds: int) -> None:
+        self.client = client
+        self.window = window_seconds
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    def hit(self, token_id: int, limit: int) -> Verdict:
+        """Count one request of the token; refused once it made ``limit`` in this window.
+
+        ``limit`` 0 means unlimited (nothing is counted).
+        """
+        if limit <= 0 or time.monotonic() < self._down_until:
+            return ALLOWED
+        now = time.time()
+        window_index = int(now // self.window)
+        key = f"{KEY_PREFIX}:{token_id}:{window_index}"
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.expire(key, self.window + 1)
+            count, _ = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            with self._lock:
+                self._down_until = time.monotonic() + RETRY_REDIS_AFTER_SECONDS
+            log.warning(
+                "rate limits not enforced for %.0f s: Redis unreachable (%s)",
+                RETRY_REDIS_AFTER_SECONDS, type(exc).__name__,
+            )
+            return ALLOWED
+        if int(count) <= limit:
+            return ALLOWED
+        window_end = (window_index + 1) * self.window
+        return Verdict(False, max(1, math.ceil(window_end - now)))
