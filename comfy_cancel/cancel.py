@@ -28,6 +28,7 @@ from typing import Any
 from comfy_cancel import manager, signals, status, tasks
 from comfy_cancel.comfyui import ComfyUIError
 from comfy_cancel.context import Context
+from comfy_cancel.encryption import SecretKeyError
 from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor, CancelledQueued
 
@@ -226,12 +227,12 @@ def cancel_prompts(
         runner = runners.get(runner_id)
         if runner is None:
             continue
-        client = ctx.comfyui(runner.endpoint_url, runner.headers, timeout)
         try:
+            client = ctx.comfyui(runner.endpoint_url, runner.headers, timeout)
             client.cancel_many(prompt_ids)
-        except ComfyUIError as exc:
-            log.warning("could not cancel %d prompts on %s: %s", len(prompt_ids),
-                        client.shown_url, exc)
+        except (ComfyUIError, SecretKeyError) as exc:
+            log.warning("could not cancel %d prompts on runner %s: %s", len(prompt_ids),
+                        runner_id, exc)
 
 
 def _escalation_outcome(ctx: Context, workflow: Workflow) -> CancelOutcome:

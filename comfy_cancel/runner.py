@@ -39,6 +39,7 @@ from comfy_cancel.comfyui import (
     outputs_from_history,
 )
 from comfy_cancel.context import Context
+from comfy_cancel.encryption import SecretKeyError
 from comfy_cancel.models import CancelOutcome, Runner, Workflow, WorkflowStatus
 from comfy_cancel.signals import SignalKind, listener_for
 
@@ -135,7 +136,14 @@ def run(ctx: Context, workflow_id: str, task_id: str | None = None) -> str | Non
     if not isinstance(start, _Start):
         return start
 
-    client = ctx.comfyui(start.runner.endpoint_url, start.runner.headers)
+    try:
+        client = ctx.comfyui(start.runner.endpoint_url, start.runner.headers)
+    except SecretKeyError as exc:
+        # An operator's misconfiguration: the detail (which setting) is for the log; the
+        # workflow ends with a message that a customer can act on, instead of hanging queued.
+        log.error("workflow %s cannot run: %s", workflow_id, exc)
+        return _fail(ctx, workflow_id, "RunnerUnavailable",
+                     "the platform could not use this runner's credentials; contact support")
     handle = Run(workflow_id, client, ctx.settings.comfyui_retry_attempts, task_id)
     listener = listener_for(ctx.redis)
     try:

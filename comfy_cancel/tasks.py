@@ -10,7 +10,6 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from comfy_cancel.config import get_settings
 from comfy_cancel.status import Actor
 from comfy_cancel.worker import BULK_QUEUE, CANCEL_QUEUE, RUNNER_QUEUE, SWEEP_QUEUE, app
 
@@ -114,14 +113,3 @@ def redrive() -> dict[str, int]:
     from comfy_cancel.sweeps import redrive as redrive_once
 
     return redrive_once(context.current()).counts()
-
-
-def _schedule_redrive() -> None:
-    """The re-drive pass gets its own beat entry, beside the full sweep's (worker.py):
-    often, on the sweep queue, and expiring so that passes never pile up."""
-    interval = get_settings().redrive_interval_seconds
-    app.add_periodic_task(interval, redrive.s(), name="redrive",
-                          queue=SWEEP_QUEUE, expires=interval)
-
-
-_schedule_redrive()

@@ -141,6 +141,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"queue": SWEEP_QUEUE, "expires": settings.sweep_interval_seconds},
             },
+            # Often and cheap: hands on the cancels nobody took and re-dispatches orphaned
+            # runs; expiring, so passes never pile up behind a stopped worker.
+            "redrive": {
+                "task": "comfy_cancel.redrive",
+                "schedule": settings.redrive_interval_seconds,
+                "options": {"queue": SWEEP_QUEUE, "expires": settings.redrive_interval_seconds},
+            },
         },
     }
 

@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from comfy_cancel import context, encryption, manager
+from comfy_cancel import context, encryption, manager, runner
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.db import Database, engine_for, make_engine
 from comfy_cancel.migrations import upgrade
-from comfy_cancel.models import Runner
-from tests.helpers import migrated
+from comfy_cancel.models import Runner, WorkflowStatus
+from tests.helpers import migrated, seed_workflow
 
 KEY = encryption.new_key()
 
@@ -137,3 +137,33 @@ def test_failing_statements_never_carry_their_parameters(
     finally:
         db.engine.dispose()
         engine_for.cache_clear()
+
+
+def test_a_runner_worker_with_the_wrong_key_fails_the_workflow_clearly(
+    tmp_path: Path, secret_key: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker that cannot open a runner's headers ends the workflow (never leaves it
+    queued), tells the customer nothing about keys, and tells the operator which setting."""
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    db = migrated(url)
+    with db.transaction() as session:
+        account = manager.get_or_create_account(session, "acme")
+        runner_id = manager.add_runner(session, account.id, name="r", endpoint_url="http://h:1",
+                                       headers={"X-Key": "v"}).id
+    workflow_id = seed_workflow(db, account.id, runner_id, WorkflowStatus.QUEUED)
+    monkeypatch.setenv("COMFY_CANCEL_DATABASE_URL", url)
+    monkeypatch.setenv("COMFY_CANCEL_SECRET_KEY", encryption.new_key())
+    get_settings.cache_clear()
+    context.reset()
+    with caplog.at_level(logging.ERROR, logger="comfy_cancel.runner"):
+        assert runner.run(context.current(), workflow_id) == WorkflowStatus.FAILED.value
+    with db.transaction() as session:
+        workflow = manager.get_workflow(session, workflow_id)
+        assert workflow is not None and workflow.status == WorkflowStatus.FAILED.value
+        assert workflow.exception_type == "RunnerUnavailable"
+        assert "contact support" in (workflow.exception_message or "")
+        assert "SECRET_KEY" not in (workflow.exception_message or "")
+    assert "COMFY_CANCEL_SECRET_KEY" in caplog.text
+    db.engine.dispose()
+    engine_for.cache_clear()
