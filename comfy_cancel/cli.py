@@ -337,9 +337,11 @@ def _add_process_commands(commands: Commands) -> None:
     api.add_argument("--port", type=_positive_int, help="default: COMFY_CANCEL_API_PORT")
     api.set_defaults(run=cmd_api)
 
-    worker = commands.add_parser("worker", help="run a Celery worker (cancel and runner tasks)")
-    worker.add_argument("--queues", default="cancel,cancel.bulk,cancel.sweep,runner",
-                        help="comma-separated (default: %(default)s)")
+    worker = commands.add_parser("worker", help="run a Celery worker (cancel or runner tasks)")
+    # The cancel queues only: an operator starting "a cancel worker" must not get a runner.
+    worker.add_argument("--queues", default="cancel,cancel.bulk,cancel.sweep",
+                        help="comma-separated (default: %(default)s, a cancel worker; "
+                        "'runner' for a runner worker)")
     worker.add_argument("--concurrency", type=_positive_int, metavar="N",
                         help="threads (default: COMFY_CANCEL_RUNNER_CONCURRENCY)")
     worker.add_argument("--loglevel", help="default: COMFY_CANCEL_LOG_LEVEL")

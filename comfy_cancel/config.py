@@ -47,6 +47,14 @@ class Settings(BaseSettings):
         description="How long a running workflow's runner has to acknowledge a cancel "
         "before the cancel worker escalates and writes outcome 'forced'.",
     )
+    cancel_visibility_timeout_seconds: float | None = Field(
+        None,
+        description="Seconds a message on the cancel queues may stay unacknowledged before "
+        "Redis hands it to another cancel worker (a killed worker's cancels land after about "
+        "this long). It must outlast the longest cancel-side task, deadline checks included "
+        "(held until their ETA): unset means COMFY_CANCEL_CANCEL_GRACE_SECONDS + 20.",
+        gt=0,
+    )
     heartbeat_interval_seconds: float = Field(
         2.0, description="How often a runner task writes its heartbeat while it drives a workflow."
     )

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import shlex
 import signal
 import site
@@ -53,6 +54,7 @@ READY_TIMEOUT = 90.0  # five Python processes importing Celery at once on a 2-co
 STOP_GRACE = 10.0
 CANCEL_QUEUES = "cancel,cancel.bulk,cancel.sweep"
 TOKEN_FILE = "token"
+REDIS_PASSWORD_FILE = "redis-password"
 LOCK_FILE = "stack.lock"
 EXAMPLE_WORKFLOW_FILE = "example-workflow.json"
 
@@ -279,6 +281,11 @@ class EmbeddedStack:
         return self._redis is not None
 
     @property
+    def redis_password_path(self) -> Path:
+        """Where the embedded Redis's password is (owner-only), while the stack runs."""
+        return self.data_dir / REDIS_PASSWORD_FILE
+
+    @property
     def example_workflow_path(self) -> Path:
         return self.data_dir / EXAMPLE_WORKFLOW_FILE
 
@@ -373,15 +380,21 @@ class EmbeddedStack:
             self._check_redis(self._redis_url)
             self._echo(f"redis: {mask_password(self._redis_url)} ({ENV_PREFIX}REDIS_URL)")
             return self._redis_url
+        # A fresh password per start, for this stack's processes only (in their environment);
+        # a person finds it in an owner-only file.
+        password = secrets.token_hex(24)
+        self._write_private(self.redis_password_path, password)
         try:
-            self._redis = services.start_redis(data_dir=self.data_dir / "redis", appendonly=True)
+            self._redis = services.start_redis(data_dir=self.data_dir / "redis", appendonly=True,
+                                               password=password)
         except services.ServiceError as exc:
             raise StackError(
                 f"{exc} Or point {ENV_PREFIX}REDIS_URL at a running Redis."
             ) from exc
         self._echo(
             f"redis: embedded redis-server {self._redis.version} on port {self._redis.port} "
-            f"(append-only file in {self._redis.data_dir})"
+            f"(append-only file in {self._redis.data_dir}; password in "
+            f"{self.redis_password_path})"
         )
         return self._redis.url
 
@@ -454,10 +467,14 @@ class EmbeddedStack:
         finally:
             db.engine.dispose()
         if self._token is not None and self._token != saved:
-            # Owner-only: it is a bearer credential.
-            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as file:
-                file.write(self._token + "\n")
+            self._write_private(token_path, self._token)
+
+    @staticmethod
+    def _write_private(path: Path, secret: str) -> None:
+        """Owner-only: a bearer token or a password."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secret + "\n")
 
     def _write_example_workflow(self) -> None:
         from comfy_cancel.sim_comfyui import blur_workflow
@@ -677,7 +694,8 @@ def banner(stack: EmbeddedStack, heading: str) -> str:
     """What a person needs to use the running stack: URLs, the token, curl to try it."""
     auth = '-H "Authorization: Bearer $TOKEN"'
     workflow = shlex.quote(str(stack.example_workflow_path))
-    redis_kind = "embedded" if stack.embedded_redis else f"from {ENV_PREFIX}REDIS_URL"
+    redis_kind = (f"embedded; password: cat {shlex.quote(str(stack.redis_password_path))}"
+                  if stack.embedded_redis else f"from {ENV_PREFIX}REDIS_URL")
     return "\n".join([
         "",
         heading,

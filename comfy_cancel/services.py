@@ -295,7 +295,7 @@ def _redis_binaries(binary: str | None) -> list[str]:
     return found
 
 
-def _redis_identity(port: int) -> tuple[int, str] | None:
+def _redis_identity(port: int, password: str | None = None) -> tuple[int, str] | None:
     """(process_id, redis_version) of whatever answers on ``port``, or None."""
     import redis
     from redis.backoff import NoBackoff
@@ -303,7 +303,7 @@ def _redis_identity(port: int) -> tuple[int, str] | None:
 
     # One quick try per poll: redis-py's default retries would outlast the startup deadline.
     client = redis.Redis(
-        host=HOST, port=port, socket_connect_timeout=0.5, socket_timeout=1,
+        host=HOST, port=port, password=password, socket_connect_timeout=0.5, socket_timeout=1,
         retry=Retry(NoBackoff(), 0),
     )
     try:
@@ -321,11 +321,14 @@ def start_redis(
     data_dir: Path | None = None,
     binary: str | None = None,
     appendonly: bool = False,
+    password: str | None = None,
 ) -> RedisServer:
     """Start a redis-server on 127.0.0.1 and wait until it answers PING.
 
     No RDB snapshots (``save ""``) and ``maxmemory-policy noeviction``: a broker must never
     drop a message silently. ``appendonly=True`` turns on the AOF in ``data_dir``.
+    ``password``: clients must AUTH with it (``requirepass``); the URL carries it. Start the
+    server again with the same ``port``, ``data_dir`` and ``password`` to restart it.
     """
     binaries = _redis_binaries(binary)
     if not binaries:
@@ -344,7 +347,7 @@ def start_redis(
         for exe in binaries:
             for _attempt in range(3):
                 chosen = port or free_port()
-                server = _try_start_redis(exe, chosen, directory, appendonly, owns)
+                server = _try_start_redis(exe, chosen, directory, appendonly, owns, password)
                 if isinstance(server, RedisServer):
                     return server
                 failures.append(f"{exe}: {server}")
@@ -363,7 +366,8 @@ def start_redis(
 
 
 def _try_start_redis(
-    exe: str, port: int, directory: Path, appendonly: bool, owns: bool
+    exe: str, port: int, directory: Path, appendonly: bool, owns: bool,
+    password: str | None = None,
 ) -> RedisServer | str:
     log_path = directory / "redis.log"
     argv = [
@@ -377,6 +381,13 @@ def _try_start_redis(
         "--daemonize", "no",
         "--logfile", "",
     ]
+    if password:
+        # In an owner-only config file: a command line is readable by every user (ps).
+        conf = directory / "redis-auth.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(f'requirepass "{password}"\n')
+        argv.insert(1, str(conf))
     started = time.monotonic()
     try:
         proc = _spawn(
@@ -386,7 +397,7 @@ def _try_start_redis(
         return f"cannot execute: {exc}"
 
     def probe() -> tuple[str | None, str] | None:
-        identity = _redis_identity(port)
+        identity = _redis_identity(port, password)
         if identity is None:
             return None
         pid, version = identity
@@ -399,7 +410,8 @@ def _try_start_redis(
     if version is None:
         return why
     server = RedisServer(
-        url=f"redis://{HOST}:{port}/0", port=port, process=proc, data_dir=directory,
+        url=f"redis://{':' + quote(password, safe='') + '@' if password else ''}{HOST}:{port}/0",
+        port=port, process=proc, data_dir=directory,
         binary=exe, version=version, _owns_data_dir=owns,
     )
     _remember(server)

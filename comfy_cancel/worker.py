@@ -8,22 +8,98 @@ Queues:
 - ``cancel.bulk``: operators' bulk cancels;
 - ``cancel.sweep``: the periodic sweeps and the cancels they issue;
 - ``runner``: one long task per workflow, driving it on its ComfyUI server.
+
+Two kinds of worker, told apart by the queues they consume (:func:`kind_of`): a worker that
+consumes only cancel queues is a *cancel* worker, any other (``runner``, or all queues) a
+*runner* worker. Redis redelivers a message left unacknowledged for a visibility timeout, and
+kombu keeps unacknowledged messages in one hash per set of keys, restored by *any* consumer
+using those keys once older than *its* timeout. So each kind has its own keys and timeout
+(:func:`transport_options`): short for cancel workers (a killed worker's cancels come back
+within seconds), longer than the longest run for runner workers (a long workflow is never
+started twice). Processes that only publish (API, beat) use the runner's options: they
+restore nothing early.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Iterable
+from enum import StrEnum
 from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_init
+from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Exchange, Queue
 
+from comfy_cancel import broker
 from comfy_cancel.config import Settings, get_settings
 
 CANCEL_QUEUE = "cancel"
 BULK_QUEUE = "cancel.bulk"
 SWEEP_QUEUE = "cancel.sweep"
 RUNNER_QUEUE = "runner"
-ALL_QUEUES = (CANCEL_QUEUE, BULK_QUEUE, SWEEP_QUEUE, RUNNER_QUEUE)
+CANCEL_QUEUES = (CANCEL_QUEUE, BULK_QUEUE, SWEEP_QUEUE)
+ALL_QUEUES = (*CANCEL_QUEUES, RUNNER_QUEUE)
+
+# Margin of the cancel queues' visibility timeout over the grace period: a deadline check
+# is held unacknowledged until its ETA (the grace period), then runs for a moment.
+CANCEL_VISIBILITY_MARGIN_SECONDS = 20.0
+# How often a cancel worker looks for messages past their visibility timeout.
+CANCEL_RESTORE_INTERVAL_SECONDS = 1
+
+
+# Between reconnection attempts after the broker went away: Celery's consumer uses kombu's
+# defaults (2 s, growing by 2 s to 30 s), so a worker would come back up to 12 s after a
+# 3-second Redis restart.
+RECONNECT_INTERVAL_START = 0.5
+RECONNECT_INTERVAL_STEP = 0.5
+RECONNECT_INTERVAL_MAX = 1.0
+
+
+class WorkerKind(StrEnum):
+    CANCEL = "cancel"
+    RUNNER = "runner"
+
+
+def kind_of(queues: Iterable[str] | None) -> WorkerKind:
+    """A worker consuming only cancel queues is a cancel worker; any other (the runner
+    queue, or every queue when none is named) gets the runner's long timeout."""
+    names = set(queues or ())
+    return WorkerKind.CANCEL if names and names <= set(CANCEL_QUEUES) else WorkerKind.RUNNER
+
+
+def cancel_visibility_timeout(settings: Settings) -> float:
+    if settings.cancel_visibility_timeout_seconds is not None:
+        return settings.cancel_visibility_timeout_seconds
+    return settings.cancel_grace_seconds + CANCEL_VISIBILITY_MARGIN_SECONDS
+
+
+def transport_options(settings: Settings, kind: WorkerKind) -> dict[str, Any]:
+    """kombu Redis transport options of a worker of ``kind``: its own unacked keys, its
+    visibility timeout and how promptly it restores what is past it."""
+    prefix = f"comfy_cancel:{kind.value}:"
+    options: dict[str, Any] = {
+        "unacked_key": prefix + "unacked",
+        "unacked_index_key": prefix + "unacked_index",
+        "unacked_mutex_key": prefix + "unacked_mutex",
+    }
+    if kind is WorkerKind.CANCEL:
+        timeout = cancel_visibility_timeout(settings)
+        options.update({
+            "visibility_timeout": timeout,
+            # A scan every second (the throttle of 1 makes the interval the only control):
+            # a killed worker's messages are back within the timeout plus a second.
+            "unacked_restore_interval": CANCEL_RESTORE_INTERVAL_SECONDS,
+            "unacked_restore_throttle": 1,
+            # Held by the worker restoring; it must not outlive a short timeout by much.
+            "unacked_mutex_expire": max(1, int(timeout)),
+        })
+    else:
+        # It must outlast the longest run, or a long workflow would be started twice.
+        options["visibility_timeout"] = int(settings.max_run_seconds) + 3600
+    return options
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -41,11 +117,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        # Redis redelivers an unacknowledged message after the visibility timeout: it must
-        # outlast the longest run, or a long workflow would be started twice.
-        "broker_transport_options": {
-            "visibility_timeout": int(settings.max_run_seconds) + 3600,
-        },
+        # A cancel worker switches to its own options when it starts (on_worker_init).
+        "broker_transport_options": transport_options(settings, WorkerKind.RUNNER),
+        "worker_consumer": "comfy_cancel.worker:Consumer",
         # Each queue on its own exchange and key: a bare Queue(name) would bind every queue
         # to the default exchange with the default key, and one message would reach all.
         "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in ALL_QUEUES],
@@ -69,6 +143,56 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             },
         },
     }
+
+
+class RevokeWithoutBackendFilter(logging.Filter):
+    """Drops Celery's "Failed to mark task ... as revoked in backend: No result backend is
+    configured", logged on every revoke when there is no result backend (by design here: the
+    database keeps the outcomes). Any other failure to mark a revoke still gets through."""
+
+    MESSAGE = "Failed to mark task %s as revoked in backend: %s"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE or not isinstance(record.args, tuple):
+            return True
+        error = record.args[-1] if record.args else None
+        return not (isinstance(error, NotImplementedError)
+                    and "No result backend is configured" in str(error))
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer, reconnecting to the broker about once a second."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        # Celery passes no intervals to ensure_connection and has no setting for them.
+        conn.ensure_connection = functools.partial(
+            conn.ensure_connection,
+            interval_start=RECONNECT_INTERVAL_START,
+            interval_step=RECONNECT_INTERVAL_STEP,
+            interval_max=RECONNECT_INTERVAL_MAX,
+        )
+        return super().ensure_connected(conn)
+
+
+REVOKE_LOGGER = "celery.worker.control"
+_revoke_filter = RevokeWithoutBackendFilter()
+
+
+@celeryd_init.connect
+def on_worker_init(conf: Any, options: dict[str, Any], **_: Any) -> None:
+    """Before the worker connects: the transport options of its kind, and no revoke noise."""
+    settings = get_settings()
+    queues = options.get("queues")
+    if isinstance(queues, str):
+        queues = [q.strip() for q in queues.split(",") if q.strip()]
+    kind = kind_of(queues)
+    conf.broker_transport_options = transport_options(settings, kind)
+    if conf.result_backend is None:
+        logging.getLogger(REVOKE_LOGGER).addFilter(_revoke_filter)
+
+
+# kombu's Redis transport with our repairs, for every redis:// URL of this process.
+broker.register()
 
 
 def create_app(settings: Settings | None = None) -> Celery:

@@ -123,7 +123,9 @@ def test_the_app_talks_to_the_compose_redis_and_postgres(
         env = environment(services[name])
         assert env[f"{ENV_PREFIX}DATABASE_URL"].startswith("postgresql+psycopg://"), name
         assert "@postgres:5432/" in env[f"{ENV_PREFIX}DATABASE_URL"], name
-        assert env[f"{ENV_PREFIX}REDIS_URL"].startswith("redis://redis:6379"), name
+        assert env[f"{ENV_PREFIX}REDIS_URL"].startswith(
+            "redis://:${REDIS_PASSWORD:?"), name
+        assert env[f"{ENV_PREFIX}REDIS_URL"].endswith("@redis:6379/0"), name
     assert environment(services["api"])[f"{ENV_PREFIX}API_HOST"] == "0.0.0.0"
 
 
@@ -178,3 +180,29 @@ def test_the_image_is_python_3_11_or_newer_and_not_root() -> None:
     users = [ln.split(None, 1)[1] for ln in lines if ln.upper().startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), "the image must not run as root"
     assert any(re.search(r"pip install\b.*\s\.(\s|$)", ln) for ln in lines), "installs the package"
+
+
+def test_no_password_has_a_default_and_redis_requires_one(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    text = COMPOSE.read_text()
+    # ${VAR:?message} refuses to start without VAR; ${VAR:-word} would be a default password.
+    for variable in ("POSTGRES_PASSWORD", "REDIS_PASSWORD"):
+        assert f"${{{variable}:?" in text, variable
+        assert not re.search(rf"\$\{{{variable}(:?-|-)", text), f"{variable} has a default"
+    assert environment(services["postgres"])["POSTGRES_PASSWORD"].startswith(
+        "${POSTGRES_PASSWORD:?")
+    redis = services["redis"]
+    assert environment(redis)["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+    command = " ".join(argv(redis["command"]))
+    assert '--requirepass "$$REDISCLI_AUTH"' in command  # $$: compose's escape for $
+    # The health check authenticates through REDISCLI_AUTH, not an argument.
+    assert healthcheck_argv(redis) == ["redis-cli", "ping"]
+
+
+def test_the_cancel_worker_service_is_what_the_cli_default_starts(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    args = cli.build_parser().parse_args(argv(services["worker"]["command"])[1:])
+    default = cli.build_parser().parse_args(["worker"])
+    assert args.queues == default.queues == ",".join(worker.CANCEL_QUEUES)
