@@ -8,6 +8,11 @@
 - deadline passed, still running: escalate and write ``cancelled`` with outcome
   ``forced`` (or ``runner_lost`` when the runner's heartbeat is gone).
 
+The worker stamps ``cancel_taken_at`` when it takes a running cancel. The deadline is
+``cancel_taken_at + cancel_grace_seconds``, kept by the database: the countdown task is
+the fast path, and a request handed on again by the re-drive pass (sweeps.py) after its
+deadline escalates at once instead of signalling again.
+
 Every decision re-reads the database, and every write is a compare-and-set, so a
 cancel racing the runner's completion ends in exactly one terminal status.
 """
@@ -46,10 +51,13 @@ def handle_many(
 
     The queued ones are cancelled by one compare-and-set first (no read needed); only what
     it did not change is read: terminal ones get their outcome, running ones (including
-    queued ones that just started) are signalled in one batch.
+    queued ones that just started) are signalled in one batch, and stamped as taken in the
+    same transaction; those whose deadline already passed (a request handed on again) are
+    escalated instead.
     """
     running: list[Workflow] = []
-    with ctx.db.transaction() as session:  # one transaction: the CAS, then the read
+    overdue: list[Workflow] = []
+    with ctx.db.transaction() as session:  # one transaction: the CAS, the read, the stamp
         cancelled = status.cancel_queued_many(session, workflow_ids, by)
         outcomes: dict[str, CancelOutcome | None] = {
             c.id: CancelOutcome.CANCELLED for c in cancelled
@@ -58,12 +66,23 @@ def handle_many(
         for workflow in manager.workflows_by_ids(session, rest) if rest else []:
             outcomes[workflow.id] = _terminal_outcome(session, workflow, by)
             if workflow.status == S.RUNNING.value:
-                running.append(workflow)
+                (overdue if _deadline_passed(ctx, workflow) else running).append(workflow)
             elif workflow.status not in _TERMINAL:
                 log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status)
+        status.mark_cancel_taken(session, [w.id for w in running])
     _after_queued_cancelled(ctx, cancelled)
+    if overdue:
+        outcomes.update(escalate(ctx, overdue, by))
     outcomes.update(signal_running(ctx, running, by))
     return outcomes
+
+
+def _deadline_passed(ctx: Context, workflow: Workflow) -> bool:
+    """Taken before, and its runner's grace period is over: signalling again would only
+    give it another one."""
+    taken = workflow.cancel_taken_at
+    grace = timedelta(seconds=ctx.settings.cancel_grace_seconds)
+    return taken is not None and utcnow() - taken >= grace
 
 
 def cancel_queued(ctx: Context, workflow_ids: Sequence[str], by: Actor) -> set[str]:
@@ -96,7 +115,7 @@ def _after_queued_cancelled(ctx: Context, cancelled: Sequence[CancelledQueued]) 
     for row in with_prompt:
         if row.runner_id and row.prompt_id:
             prompts[row.runner_id].append(row.prompt_id)
-    _cancel_prompts(ctx, prompts)
+    cancel_prompts(ctx, prompts)
 
 
 def enforce_deadline(
@@ -187,11 +206,11 @@ def escalate(
     prompts: dict[str, list[str]] = defaultdict(list)
     for workflow in with_prompt:
         prompts[str(workflow.runner_id)].append(str(workflow.prompt_id))
-    _cancel_prompts(ctx, prompts, ESCALATION_TIMEOUT_SECONDS)
+    cancel_prompts(ctx, prompts, ESCALATION_TIMEOUT_SECONDS)
     return outcomes
 
 
-def _cancel_prompts(
+def cancel_prompts(
     ctx: Context,
     prompts: Mapping[str, list[str]],
     timeout: float | None = None,

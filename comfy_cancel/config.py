@@ -89,13 +89,32 @@ class Settings(BaseSettings):
         "'cancel' or 'redispatch'.",
         pattern="^(cancel|redispatch)$",
     )
-    intent_republish_seconds: float = Field(
-        30.0,
-        description="A cancel request still open after this long is published again by the "
-        "sweep (a message lost with Redis loses no cancel).",
-    )
     sweep_interval_seconds: float = Field(
         15.0, description="How often Celery beat runs the sweeps."
+    )
+    redrive_interval_seconds: float = Field(
+        2.0,
+        description="How often Celery beat runs the re-drive pass: open cancels nobody took, "
+        "and orphaned runner work, handed on again (cheap: it reads only through indexes).",
+    )
+    redrive_after_seconds: float = Field(
+        3.0,
+        description="A cancel request no cancel worker took this long after it was published "
+        "is published again; one taken but still open this long past its deadline "
+        "(taken + cancel_grace_seconds) too, and its handler then escalates at once.",
+    )
+    orphan_timeout_seconds: float = Field(
+        15.0,
+        description="A queued workflow whose runner task wrote no heartbeat for this long, or "
+        "an accepted one no runner task claimed for this long (with the runner queue empty), "
+        "is re-dispatched under a new runner task. Longer than one ComfyUI call "
+        "(comfyui_timeout_seconds) plus a heartbeat interval; counted only while the "
+        "database has been reachable (a database outage does not make runners orphans).",
+    )
+    max_redispatches: int = Field(
+        3,
+        description="Re-dispatches of one workflow whose runner task was lost before it is "
+        "failed (exception_type 'RunnerTaskLost') instead.",
     )
     sweep_batch_size: int = Field(
         500, description="The most rows one sweep pass handles per kind of stuck work."

@@ -297,16 +297,18 @@ def claim_prompt(session: Session, workflow_id: str, prompt_id: str) -> bool:
 
     False when the workflow is no longer queued (cancelled first) or another runner task
     already claimed it (a re-dispatch racing the original): then nothing may be submitted.
+    Claiming the same id again is True (a retry whose first commit landed unseen).
     """
+    now = utcnow()
     return (
         session.execute(
             update(Workflow)
             .where(
                 Workflow.id == workflow_id,
                 Workflow.status == S.QUEUED.value,
-                Workflow.prompt_id.is_(None),
+                Workflow.prompt_id.is_(None) | (Workflow.prompt_id == prompt_id),
             )
-            .values(prompt_id=prompt_id, updated_at=utcnow())
+            .values(prompt_id=prompt_id, updated_at=now, heartbeat_at=now)
             .returning(Workflow.id)
         ).first()
         is not None
@@ -317,16 +319,18 @@ def record_submission(
     session: Session, workflow_id: str, claimed_prompt_id: str, prompt_id: str, queue_number: int
 ) -> bool:
     """Note what ComfyUI answered to a submission (a server that ignores the requested
-    prompt id picks its own); False when the workflow was cancelled first."""
+    prompt id picks its own); False when the workflow was cancelled first. Idempotent."""
+    now = utcnow()
     return (
         session.execute(
             update(Workflow)
             .where(
                 Workflow.id == workflow_id,
                 Workflow.status == S.QUEUED.value,
-                Workflow.prompt_id == claimed_prompt_id,
+                Workflow.prompt_id.in_([claimed_prompt_id, prompt_id]),
             )
-            .values(prompt_id=prompt_id, queue_number=queue_number, updated_at=utcnow())
+            .values(prompt_id=prompt_id, queue_number=queue_number, updated_at=now,
+                    heartbeat_at=now)
             .returning(Workflow.id)
         ).first()
         is not None
@@ -334,20 +338,25 @@ def record_submission(
 
 
 def heartbeat(
-    session: Session, workflow_id: str, progress: Mapping[str, Any] | None = None
+    session: Session,
+    workflow_id: str,
+    progress: Mapping[str, Any] | None = None,
+    task_id: str | None = None,
 ) -> bool:
-    """Note that the runner is alive; False when the workflow is no longer queued or running."""
+    """Note that the runner is alive; False when the workflow is no longer queued or running,
+    or (given ``task_id``) another runner task owns it now (a re-dispatch)."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if progress is not None:
         values["progress"] = dict(progress)
+    query = update(Workflow).where(
+        Workflow.id == workflow_id,
+        Workflow.status.in_([S.QUEUED.value, S.RUNNING.value]),
+    )
+    if task_id is not None:
+        query = query.where(Workflow.runner_task_id == task_id)
     return (
         session.execute(
-            update(Workflow)
-            .where(
-                Workflow.id == workflow_id,
-                Workflow.status.in_([S.QUEUED.value, S.RUNNING.value]),
-            )
-            .values(**values)
+            query.values(**values)
             .returning(Workflow.id)
         ).first()
         is not None
@@ -465,37 +474,51 @@ def runner_endpoints(session: Session, runner_ids: Sequence[str]) -> dict[str, R
 # --- sweeps: each finds its rows through an index, so its cost follows what it finds ------
 
 
-def open_intents(session: Session, cutoff: datetime, limit: int) -> list[str]:
-    """Cancel requests older than ``cutoff`` with no outcome and no publish since then."""
+def _redrive_due(published_before: datetime, taken_before: datetime) -> list[Any]:
+    """An open cancel intent to hand on again: published (or requested) before
+    ``published_before``, and either taken by no cancel worker, or taken before
+    ``taken_before`` (its deadline passed with no outcome: the deadline check was lost)."""
+    return [
+        Workflow.cancel_requested_at.is_not(None),
+        Workflow.cancel_outcome.is_(None),
+        # Implied by the next clause (a publish follows its request); it bounds the range
+        # scan of the partial index.
+        Workflow.cancel_requested_at < published_before,
+        func.coalesce(Workflow.cancel_published_at, Workflow.cancel_requested_at)
+        < published_before,
+        Workflow.cancel_taken_at.is_(None) | (Workflow.cancel_taken_at < taken_before),
+    ]
+
+
+def intents_to_redrive(
+    session: Session, published_before: datetime, taken_before: datetime, limit: int
+) -> list[str]:
+    """Open cancel intents due to be handed on again (``_redrive_due``), oldest first,
+    read through the partial index of open intents (``ix_workflows_open_cancel``)."""
     return list(
         session.execute(
             select(Workflow.id)
-            .where(
-                Workflow.cancel_requested_at.is_not(None),
-                Workflow.cancel_outcome.is_(None),
-                Workflow.cancel_requested_at < cutoff,
-                (Workflow.cancel_published_at.is_(None)) | (Workflow.cancel_published_at < cutoff),
-            )
+            .where(*_redrive_due(published_before, taken_before))
             .order_by(Workflow.cancel_requested_at)
             .limit(limit)
         ).scalars()
     )
 
 
-def claim_republish(
-    session: Session, workflow_ids: Sequence[str], cutoff: datetime
+def claim_redrive(
+    session: Session,
+    workflow_ids: Sequence[str],
+    published_before: datetime,
+    taken_before: datetime,
 ) -> list[tuple[str, str | None, str | None, str | None]]:
-    """Mark intents as published now, unless another sweep just did; returns the claimed
-    (id, source, actor, reason)."""
+    """Stamp intents as published now if they are still due, so two schedulers hand each
+    on once; returns the claimed (id, source, actor, reason)."""
     if not workflow_ids:
         return []
     rows = session.execute(
         update(Workflow)
-        .where(
-            Workflow.id.in_(list(workflow_ids)),
-            Workflow.cancel_outcome.is_(None),
-            (Workflow.cancel_published_at.is_(None)) | (Workflow.cancel_published_at < cutoff),
-        )
+        .where(Workflow.id.in_(list(workflow_ids)),
+               *_redrive_due(published_before, taken_before))
         .values(cancel_published_at=utcnow())
         .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_actor,
                    Workflow.cancel_reason)
@@ -547,23 +570,77 @@ def queued_since_before(session: Session, cutoff: datetime, limit: int) -> list[
     )
 
 
-def claim_redispatch(session: Session, workflow_id: str, old_task_id: str | None) -> str | None:
-    """Give a queued workflow whose prompt was never submitted a new runner task id.
+def queued_without_heartbeat(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:
+    """Queued workflows whose runner task wrote no heartbeat since ``cutoff`` (nor claimed
+    them since: the claim stamps one) and that nobody asked to cancel."""
+    return list(
+        session.execute(
+            select(Workflow)
+            .options(defer(Workflow.workflow_json), defer(Workflow.outputs))
+            .where(
+                Workflow.status == S.QUEUED.value,
+                Workflow.heartbeat_at < cutoff,
+                Workflow.cancel_requested_at.is_(None),
+            )
+            .order_by(Workflow.heartbeat_at)
+            .limit(limit)
+        ).scalars()
+    )
 
-    Returns the new id, or None when another sweep (or the runner) got there first.
+
+def never_claimed(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:
+    """Accepted (or uploaded) workflows no runner task moved on since ``cutoff``."""
+    return list(
+        session.execute(
+            select(Workflow)
+            .options(defer(Workflow.workflow_json), defer(Workflow.outputs))
+            .where(
+                Workflow.status.in_([S.ACCEPTED.value, S.UPLOADED.value]),
+                Workflow.updated_at < cutoff,
+            )
+            .order_by(Workflow.updated_at)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+@dataclass(frozen=True)
+class Redispatch:
+    """A claimed re-dispatch: the workflow's new runner task id and how many it has had."""
+
+    task_id: str
+    count: int
+
+
+def claim_redispatch(
+    session: Session, workflow: Workflow, *, stale_before: datetime | None = None
+) -> Redispatch | None:
+    """Give a workflow that is not running yet a new runner task id, if it is still as the
+    caller read it (same status, runner task and prompt id; with ``stale_before``, still no
+    heartbeat since then). The old task finds itself superseded and leaves; the new one
+    adopts a prompt ComfyUI still has, or submits it.
+
+    None when another sweep (or the runner) got there first.
     """
     new_task_id = new_id()
-    claimed = session.execute(
-        update(Workflow)
-        .where(
-            Workflow.id == workflow_id,
-            Workflow.status == S.QUEUED.value,
-            Workflow.prompt_id.is_(None),
-            Workflow.runner_task_id == old_task_id
-            if old_task_id is not None
-            else Workflow.runner_task_id.is_(None),
-        )
-        .values(runner_task_id=new_task_id, updated_at=utcnow())
-        .returning(Workflow.id)
-    ).first()
-    return new_task_id if claimed else None
+    now = utcnow()
+    query = update(Workflow).where(
+        Workflow.id == workflow.id,
+        Workflow.status == workflow.status,
+        Workflow.status.in_([S.ACCEPTED.value, S.UPLOADED.value, S.QUEUED.value]),
+        Workflow.runner_task_id == workflow.runner_task_id
+        if workflow.runner_task_id is not None
+        else Workflow.runner_task_id.is_(None),
+        Workflow.prompt_id == workflow.prompt_id
+        if workflow.prompt_id is not None
+        else Workflow.prompt_id.is_(None),
+    )
+    if stale_before is not None:
+        query = query.where(Workflow.heartbeat_at < stale_before)
+    # The new task gets a whole orphan timeout (heartbeat_at, updated_at) to show up.
+    count = session.execute(
+        query.values(runner_task_id=new_task_id, updated_at=now, heartbeat_at=now,
+                     redispatch_count=Workflow.redispatch_count + 1)
+        .returning(Workflow.redispatch_count)
+    ).scalar_one_or_none()
+    return None if count is None else Redispatch(new_task_id, int(count))

@@ -149,6 +149,8 @@ class Workflow(Base):
     exception_type: Mapped[str | None] = mapped_column(String(200), nullable=True)
     exception_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     runner_task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # New runner tasks the orphan sweep gave it (a lost task); bounded by max_redispatches.
+    redispatch_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

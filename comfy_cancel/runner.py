@@ -8,6 +8,12 @@ threads (see worker.py); signals reach them through the process's one
 The database decides: every step is a compare-and-set through ``status``, and a
 step that finds the workflow cancelled first makes sure the prompt is gone from
 ComfyUI and leaves quietly.
+
+A database outage does not end a run: each step's transaction is retried with backoff
+(``retries``) while the prompt is still watched, a heartbeat that fails is written at
+the next beat, and only a heartbeat gone for ``heartbeat_timeout_seconds`` means lost.
+A task that finds another runner task owns its workflow now (the orphan sweep
+re-dispatched it) leaves without touching the prompt: its successor follows it.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from comfy_cancel import manager, status
+from sqlalchemy.orm import Session
+
+from comfy_cancel import manager, retries, status
 from comfy_cancel.comfyui import (
     ComfyUIClient,
     ComfyUIError,
@@ -36,6 +44,8 @@ from comfy_cancel.signals import SignalKind, listener_for
 
 log = logging.getLogger(__name__)
 S = WorkflowStatus
+T = TypeVar("T")
+ACTIVE = frozenset({S.QUEUED.value, S.RUNNING.value})
 
 # After ComfyUI reported success, the history entry is written just before the final
 # `executing` event; a few short retries cover a server that is slower to show it.
@@ -50,6 +60,7 @@ class Run:
     workflow_id: str
     client: ComfyUIClient
     retry_attempts: int
+    task_id: str | None = None  # None: driven outside Celery (tests), owns it regardless
     prompt_id: str | None = None
     stream: EventStream | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
@@ -78,21 +89,19 @@ class Run:
 
     def cancel_prompt(self, prompt_id: str) -> bool:
         """Cancel our own prompt on ComfyUI (never another's), retrying with backoff."""
-        delay = 0.2
-        for attempt in range(1, self.retry_attempts + 1):
-            try:
-                self.client.cancel(prompt_id)
-                self.cancel_delivered_at = time.monotonic()
-                return True
-            except ComfyUIError as exc:
-                log.warning(
-                    "cancel of prompt %s failed (attempt %d/%d): %s",
-                    prompt_id, attempt, self.retry_attempts, exc,
-                )
-                if attempt < self.retry_attempts:
-                    time.sleep(delay)
-                    delay *= 2
-        return False
+        try:
+            for attempt in retries.comfyui_retrying(self.retry_attempts):
+                with attempt:
+                    try:
+                        self.client.cancel(prompt_id)
+                    except ComfyUIError as exc:
+                        log.warning("cancel of prompt %s failed (attempt %d/%d): %s", prompt_id,
+                                    attempt.retry_state.attempt_number, self.retry_attempts, exc)
+                        raise
+        except ComfyUIError:
+            return False
+        self.cancel_delivered_at = time.monotonic()
+        return True
 
     def set_prompt(self, prompt_id: str) -> None:
         with self._lock:
@@ -102,38 +111,62 @@ class Run:
             self.cancel_prompt(prompt_id)
 
 
+def _db(ctx: Context, what: str, work: Callable[[Session], T]) -> T:
+    """One unit of the run's database work, retried through a database outage (for as
+    long as a run may last: the sweeps end the workflow meanwhile if it is really lost,
+    and the retried compare-and-set then changes nothing)."""
+    return retries.in_transaction(
+        ctx.db, work, what=what, give_up_after=ctx.settings.max_run_seconds
+    )
+
+
+@dataclass
+class _Start:
+    """What a run needs once it has claimed its workflow."""
+
+    runner: Runner
+    prompt: Mapping[str, Any]
+    prompt_id: str | None
+
+
 def run(ctx: Context, workflow_id: str, task_id: str | None = None) -> str | None:
     """Drive a workflow to a terminal status; returns the status it ended in, if it ran."""
-    db = ctx.db
-    with db.transaction() as session:
-        workflow = manager.get_workflow(session, workflow_id)
-        if workflow is None:
-            log.warning("run of unknown workflow %s ignored", workflow_id)
-            return None
-        if workflow.status in {s.value for s in (S.COMPLETED, S.FAILED, S.CANCELLED)}:
-            return workflow.status  # cancelled (or swept) before it started: nothing to do
-        if task_id is not None and workflow.runner_task_id not in (None, task_id):
-            # A sweep re-dispatched it under a new task id: that task owns it now.
-            log.info("runner task %s of %s superseded; leaving", task_id, workflow_id)
-            return None
-        runner = _claim(session, workflow)
-        if runner is None:
-            return S.FAILED.value
-        if workflow.status == S.RUNNING.value:
-            # A redelivered task whose prompt is already running: adopt it, don't resubmit.
-            log.info("workflow %s redelivered while running; following its prompt", workflow_id)
-        prompt = workflow.workflow_json
-        existing_prompt_id = workflow.prompt_id
+    start = _db(ctx, f"claim of {workflow_id}", lambda s: _start(s, workflow_id, task_id))
+    if not isinstance(start, _Start):
+        return start
 
-    client = ctx.comfyui(runner.endpoint_url, runner.headers)
-    handle = Run(workflow_id, client, ctx.settings.comfyui_retry_attempts)
+    client = ctx.comfyui(start.runner.endpoint_url, start.runner.headers)
+    handle = Run(workflow_id, client, ctx.settings.comfyui_retry_attempts, task_id)
     listener = listener_for(ctx.redis)
     try:
-        return _drive(ctx, handle, prompt, existing_prompt_id, listener)
+        return _drive(ctx, handle, start.prompt, start.prompt_id, listener)
     finally:
-        listener.unregister(workflow_id)
+        listener.unregister(workflow_id, handle.on_signal)
         if handle.stream is not None:
             handle.stream.close()
+
+
+def _start(session: Session, workflow_id: str, task_id: str | None) -> _Start | str | None:
+    """Claim the workflow for this task: a ``_Start``, or the status to return at once."""
+    workflow = manager.get_workflow(session, workflow_id)
+    if workflow is None:
+        log.warning("run of unknown workflow %s ignored", workflow_id)
+        return None
+    if workflow.status in {s.value for s in (S.COMPLETED, S.FAILED, S.CANCELLED)}:
+        return workflow.status  # cancelled (or swept) before it started: nothing to do
+    if task_id is not None and workflow.runner_task_id not in (None, task_id):
+        # A sweep re-dispatched it under a new task id: that task owns it now.
+        log.info("runner task %s of %s superseded; leaving", task_id, workflow_id)
+        return None
+    runner = _claim(session, workflow)
+    if runner is None:
+        return S.FAILED.value
+    if workflow.status == S.RUNNING.value:
+        # A redelivered task whose prompt is already running: adopt it, don't resubmit.
+        log.info("workflow %s redelivered while running; following its prompt", workflow_id)
+    # The first heartbeat of this task (a re-dispatched one finds its workflow queued).
+    manager.heartbeat(session, workflow_id)
+    return _Start(runner, workflow.workflow_json, workflow.prompt_id)
 
 
 def _claim(session: Any, workflow: Workflow) -> Runner | None:
@@ -173,7 +206,7 @@ def _drive(
     existing_prompt_id: str | None,
     listener: Any,
 ) -> str | None:
-    db, settings, workflow_id = ctx.db, ctx.settings, handle.workflow_id
+    settings, workflow_id = ctx.settings, handle.workflow_id
     client_id = f"comfy-cancel-{workflow_id}"
     # Subscribe before anything can be submitted, so no signal falls in a gap.
     listener.register(workflow_id, handle.on_signal)
@@ -186,9 +219,9 @@ def _drive(
         prompt_id = str(uuid.uuid4())
         # Claim the prompt id before submitting: a cancel that lands now can always find
         # and remove it, and a cancel that landed already makes this write fail.
-        with db.transaction() as session:
-            if not manager.claim_prompt(session, workflow_id, prompt_id):
-                return _status(ctx, workflow_id)
+        if not _db(ctx, f"prompt claim of {workflow_id}",
+                   lambda s: manager.claim_prompt(s, workflow_id, prompt_id)):
+            return _status(ctx, workflow_id)
         ended = _submit(ctx, handle, prompt, client_id, prompt_id)
     elif _known_to_comfyui(handle, existing_prompt_id):
         # A redelivered task: adopt the prompt ComfyUI already has instead of resubmitting.
@@ -210,18 +243,45 @@ def _drive(
             return _fail(ctx, workflow_id, "RunnerUnavailable", str(exc))
         if time.monotonic() - last_beat >= settings.heartbeat_interval_seconds:
             last_beat = time.monotonic()
-            with db.transaction() as session:
-                alive = manager.heartbeat(session, workflow_id, handle.progress)
-            if not alive:
-                # Ended elsewhere (a forced cancel, a sweep): make sure ComfyUI stops too.
-                if handle.prompt_id is not None:
-                    handle.cancel_prompt(handle.prompt_id)
-                return _status(ctx, workflow_id)
+            alive = _heartbeat(ctx, handle)
+            if alive is False:
+                return _left(ctx, handle)
         if event is None:
             continue
         result = _on_event(ctx, handle, event)
         if result is not None:
             return result
+
+
+def _heartbeat(ctx: Context, handle: Run) -> bool | None:
+    """One attempt: True written, False the workflow is not ours to drive any more, None
+    the database did not answer (the next beat tries again; the prompt is still watched)."""
+    try:
+        with ctx.db.transaction() as session:
+            return manager.heartbeat(session, handle.workflow_id, handle.progress,
+                                     task_id=handle.task_id)
+    except Exception as exc:
+        if not retries.is_transient_database_error(exc):
+            raise
+        log.warning("heartbeat of %s not written (database unavailable: %s); next beat tries "
+                    "again", handle.workflow_id, type(exc).__name__)
+        return None
+
+
+def _left(ctx: Context, handle: Run) -> str | None:
+    """The heartbeat found the workflow gone from this task: ended elsewhere (a forced
+    cancel, a sweep), so make sure ComfyUI stops too; or owned by a newer runner task,
+    which follows the prompt, so leave it be."""
+    workflow_id = handle.workflow_id
+    row = _db(ctx, f"read of {workflow_id}",
+              lambda s: manager.get_workflow(s, workflow_id))
+    if row is not None and row.status in ACTIVE and row.runner_task_id != handle.task_id:
+        log.info("runner task %s of %s superseded by %s; leaving its prompt to it",
+                 handle.task_id, workflow_id, row.runner_task_id)
+        return None
+    if handle.prompt_id is not None:
+        handle.cancel_prompt(handle.prompt_id)
+    return row.status if row is not None else None
 
 
 def _submit(
@@ -238,10 +298,9 @@ def _submit(
     except ComfyUIError as exc:
         return _fail(ctx, workflow_id, "RunnerUnavailable", str(exc))
     handle.set_prompt(submitted.prompt_id)
-    with ctx.db.transaction() as session:
-        still_queued = manager.record_submission(
-            session, workflow_id, prompt_id, submitted.prompt_id, submitted.number
-        )
+    still_queued = _db(ctx, f"submission of {workflow_id}", lambda s: manager.record_submission(
+        s, workflow_id, prompt_id, submitted.prompt_id, submitted.number
+    ))
     if not still_queued:
         handle.cancel_prompt(submitted.prompt_id)  # cancelled while we submitted
         return _status(ctx, workflow_id)
@@ -265,8 +324,8 @@ def _on_event(ctx: Context, handle: Run, event: Event) -> str | None:
     if event.prompt_id != handle.prompt_id:
         return None
     if event.type == "execution_start":
-        with ctx.db.transaction() as session:
-            change = status.mark_running(session, workflow_id)
+        change = _db(ctx, f"start of {workflow_id}",
+                     lambda s: status.mark_running(s, workflow_id))
         if not change.changed and change.status == S.CANCELLED.value:
             handle.cancel_prompt(handle.prompt_id or "")  # cancelled while it was pending
             return change.status
@@ -299,11 +358,13 @@ def _on_event(ctx: Context, handle: Run, event: Event) -> str | None:
 def _interrupted(ctx: Context, handle: Run) -> str | None:
     """ComfyUI acknowledged an interrupt: write the cancel, or a failure if nobody asked."""
     workflow_id = handle.workflow_id
-    with ctx.db.transaction() as session:
+    asked = handle.cancel_requested.is_set()
+
+    def write(session: Session) -> str | None:
         workflow = manager.get_workflow(session, workflow_id)
         if workflow is None:
             return None
-        if workflow.cancel_requested_at is None and not handle.cancel_requested.is_set():
+        if workflow.cancel_requested_at is None and not asked:
             # Someone interrupted ComfyUI directly: not a cancel of ours.
             return status.fail(
                 session, workflow_id,
@@ -317,6 +378,8 @@ def _interrupted(ctx: Context, handle: Run) -> str | None:
             session, workflow_id, by, CancelOutcome.CANCELLED, workflow.cancel_timing()
         )
         return change.status
+
+    return _db(ctx, f"cancel acknowledgement of {workflow_id}", write)
 
 
 def _finish_from_history(ctx: Context, handle: Run) -> str | None:
@@ -353,12 +416,16 @@ def _settle(ctx: Context, handle: Run, entry: Mapping[str, Any]) -> str | None:
             error_node=error.get("error_node"),
         )
     outputs = outputs_from_history(entry)
-    with ctx.db.transaction() as session:
+
+    def complete(session: Session) -> status.Change:
         change = status.complete_if_running(session, workflow_id, outputs)
         if not change.changed and change.status == S.QUEUED.value:
             # We missed execution_start (a reconnect): it did run, so record both steps.
             status.mark_running(session, workflow_id)
             change = status.complete_if_running(session, workflow_id, outputs)
+        return change
+
+    change = _db(ctx, f"completion of {workflow_id}", complete)
     if not change.changed and change.status == S.CANCELLED.value:
         # Cancelled first: the outputs ComfyUI wrote are partial by our contract and are not
         # attached to the workflow (README, "Partial outputs").
@@ -379,8 +446,8 @@ def _reconcile(ctx: Context, handle: Run) -> str | None:
     except ComfyUIError as exc:
         return _fail(ctx, handle.workflow_id, "RunnerUnavailable", str(exc))
     if prompt_id in queue.running:
-        with ctx.db.transaction() as session:
-            status.mark_running(session, handle.workflow_id)
+        _db(ctx, f"start of {handle.workflow_id}",
+            lambda s: status.mark_running(s, handle.workflow_id))
         return None
     if prompt_id in queue.pending:
         return None
@@ -405,13 +472,12 @@ def _fail(
     *,
     error_node: str | None = None,
 ) -> str | None:
-    with ctx.db.transaction() as session:
-        return status.fail(
-            session, workflow_id,
-            exception_type=exception_type,
-            exception_message=exception_message,
-            error_node=error_node,
-        ).status
+    return _db(ctx, f"failure of {workflow_id}", lambda s: status.fail(
+        s, workflow_id,
+        exception_type=exception_type,
+        exception_message=exception_message,
+        error_node=error_node,
+    ).status)
 
 
 def _fail_rejected(ctx: Context, workflow_id: str, exc: PromptRejected) -> str | None:
@@ -426,9 +492,11 @@ def _fail_rejected(ctx: Context, workflow_id: str, exc: PromptRejected) -> str |
 
 
 def _status(ctx: Context, workflow_id: str) -> str | None:
-    with ctx.db.transaction() as session:
+    def read(session: Session) -> str | None:
         workflow = manager.get_workflow(session, workflow_id)
         return workflow.status if workflow else None
+
+    return _db(ctx, f"read of {workflow_id}", read)
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -91,9 +91,12 @@ class SignalListener:
         if left is not None:
             handler(left)
 
-    def unregister(self, workflow_id: str) -> None:
+    def unregister(self, workflow_id: str, handler: Handler | None = None) -> None:
+        """Stop routing this workflow's signals; with ``handler``, only if it is still the
+        one registered (a superseded runner task must not unhook its successor)."""
         with self._lock:
-            self._handlers.pop(workflow_id, None)
+            if handler is None or self._handlers.get(workflow_id) == handler:
+                self._handlers.pop(workflow_id, None)
 
     def start(self, timeout: float = 10.0) -> None:
         with self._lock:

@@ -149,7 +149,10 @@ def mark_uploaded(session: Session, workflow_id: str, runner_id: str) -> Change:
 
 
 def mark_queued(session: Session, workflow_id: str) -> Change:
-    return transition(session, workflow_id, S.QUEUED, from_=[S.UPLOADED])
+    # The claim is the runner task's first heartbeat: from here the orphan sweep watches it.
+    return transition(
+        session, workflow_id, S.QUEUED, from_=[S.UPLOADED], values={"heartbeat_at": utcnow()}
+    )
 
 
 def mark_running(session: Session, workflow_id: str) -> Change:
@@ -310,7 +313,7 @@ def request_cancel(
     A repeat while the first request is open keeps the first request's fields (the
     request is idempotent) but is still audited. ``publishing`` also stamps
     ``cancel_published_at``, for a caller that publishes right after the commit: the
-    re-publish sweep waits ``intent_republish_seconds`` from that stamp either way, so a
+    re-drive pass waits ``redrive_after_seconds`` from that stamp either way, so a
     publish that then fails costs no extra write. With ``account_id`` only that
     account's workflow is touched.
     """
@@ -402,6 +405,18 @@ def mark_cancel_published(session: Session, workflow_ids: Sequence[str]) -> None
             update(Workflow)
             .where(Workflow.id.in_(list(workflow_ids)))
             .values(cancel_published_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+
+def mark_cancel_taken(session: Session, workflow_ids: Sequence[str]) -> None:
+    """A cancel worker took these open requests (it signals their runners now): the first
+    take is kept, since the grace period, and so the deadline, runs from it."""
+    if workflow_ids:
+        session.execute(
+            update(Workflow)
+            .where(Workflow.id.in_(list(workflow_ids)), Workflow.cancel_outcome.is_(None))
+            .values(cancel_taken_at=func.coalesce(Workflow.cancel_taken_at, utcnow()))
             .execution_options(synchronize_session=False)
         )
 

@@ -1,32 +1,53 @@
-"""The periodic sweeps for stuck work (Celery beat runs :func:`sweep`).
+"""The periodic sweeps for stuck work.
 
-Each kind finds its rows through an index (its cost follows what it finds, not the
-table) and claims them with a conditional write before acting, so two schedulers
-running at once do the work once:
+Celery beat runs two passes. The re-drive pass (:func:`redrive`, every
+``redrive_interval_seconds``) hands on work whose handler is gone:
 
-- open cancel intents older than ``intent_republish_seconds``: published again
-  (a message lost with Redis loses no cancel);
+- open cancel intents nobody took ``redrive_after_seconds`` after their last publish,
+  or taken but still open ``redrive_after_seconds`` past their deadline (taken +
+  ``cancel_grace_seconds``: the deadline check was lost with a worker or Redis): published
+  again; the handler escalates one whose deadline passed at once;
+- orphaned runner work: ``queued`` with no heartbeat for ``orphan_timeout_seconds`` (the
+  runner task died), or ``accepted`` that no runner task claimed for as long while the
+  runner queue is empty (its message was lost): re-dispatched under a new runner task id,
+  which adopts the prompt ComfyUI still has or submits it; after ``max_redispatches`` the
+  workflow is failed instead.
+
+The full pass (:func:`sweep`, every ``sweep_interval_seconds``) runs the re-drive kinds
+and these:
+
 - ``running`` with no heartbeat for ``heartbeat_timeout_seconds``: cancelled at
   once, outcome ``runner_lost`` (there is no runner to ask);
 - ``running`` longer than ``max_run_seconds``: a cancel request from the sweep,
   handled like any other (the runner is alive and interrupts its prompt);
 - ``queued`` longer than ``queued_timeout_seconds``: cancelled, or re-dispatched
   when its prompt was never submitted, as ``queued_timeout_policy`` says.
+
+Each kind finds its rows through an index (its cost follows what it finds, not the
+table) and claims them with a conditional write before acting, so two schedulers
+running at once do the work once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
+import redis
+
 from comfy_cancel import cancel, manager, status, tasks
 from comfy_cancel.context import Context
-from comfy_cancel.models import CancelOutcome, Workflow, utcnow
+from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor
 
 log = logging.getLogger(__name__)
+S = WorkflowStatus
+
+# Since when the sweeps have reached the database without a gap (see _database_up_for).
+DATABASE_UP_KEY = "comfy-cancel:sweeps:database-up-since"
 
 
 @dataclass
@@ -39,6 +60,8 @@ class SweepReport:
     overdue: list[str] = field(default_factory=list)
     queued_cancelled: list[str] = field(default_factory=list)
     redispatched: list[str] = field(default_factory=list)
+    orphans_redispatched: list[str] = field(default_factory=list)
+    orphans_failed: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {name: len(ids) for name, ids in asdict(self).items() if isinstance(ids, list)}
@@ -46,30 +69,142 @@ class SweepReport:
 
 def sweep(ctx: Context, *, dry_run: bool = False) -> SweepReport:
     report = SweepReport(dry_run=dry_run)
-    _republish_open_intents(ctx, report)
+    _redrive(ctx, report)
     _cancel_lost_runners(ctx, report)
     _cancel_overdue(ctx, report)
     _handle_stale_queued(ctx, report)
-    if any(report.counts().values()):
-        log.info("sweep%s: %s", " (dry run)" if dry_run else "", report.counts())
+    _log(report, "sweep")
     return report
+
+
+def redrive(ctx: Context, *, dry_run: bool = False) -> SweepReport:
+    """The frequent, cheap pass: open cancels and orphaned runner work handed on again."""
+    report = SweepReport(dry_run=dry_run)
+    _redrive(ctx, report)
+    _log(report, "re-drive")
+    return report
+
+
+def _log(report: SweepReport, name: str) -> None:
+    if any(report.counts().values()):
+        log.info("%s%s: %s", name, " (dry run)" if report.dry_run else "",
+                 {kind: n for kind, n in report.counts().items() if n})
+
+
+def _redrive(ctx: Context, report: SweepReport) -> None:
+    _republish_open_intents(ctx, report)
+    _redispatch_orphans(ctx, report)
 
 
 def _republish_open_intents(ctx: Context, report: SweepReport) -> None:
     settings = ctx.settings
-    cutoff = utcnow() - timedelta(seconds=settings.intent_republish_seconds)
+    now = utcnow()
+    wait = timedelta(seconds=settings.redrive_after_seconds)
+    published_before = now - wait
+    taken_before = now - wait - timedelta(seconds=settings.cancel_grace_seconds)
     with ctx.db.transaction() as session:
-        found = manager.open_intents(session, cutoff, settings.sweep_batch_size)
+        found = manager.intents_to_redrive(
+            session, published_before, taken_before, settings.sweep_batch_size
+        )
         if report.dry_run:
             report.republished = found
             return
-        claimed = manager.claim_republish(session, found, cutoff)
+        claimed = manager.claim_redrive(session, found, published_before, taken_before)
     by_requester: dict[Actor, list[str]] = defaultdict(list)
     for workflow_id, source, actor, reason in claimed:
         by_requester[Actor(source or "sweep", actor, reason)].append(workflow_id)
     for by, ids in by_requester.items():
         _publish(ids, by)
         report.republished.extend(ids)
+
+
+def _redispatch_orphans(ctx: Context, report: SweepReport) -> None:
+    """Queued work whose runner task stopped beating, and accepted work no task claimed.
+
+    Counted only once the sweeps have reached the database for a whole orphan timeout: a
+    runner rides out a database outage and beats again when it is back, so heartbeats
+    that are old because the database was away do not make orphans.
+    """
+    settings = ctx.settings
+    timeout = settings.orphan_timeout_seconds
+    if not report.dry_run and not _database_up_for(ctx, timeout):
+        return
+    cutoff = utcnow() - timedelta(seconds=timeout)
+    with ctx.db.transaction() as session:
+        silent = manager.queued_without_heartbeat(session, cutoff, settings.sweep_batch_size)
+        unclaimed = manager.never_claimed(session, cutoff, settings.sweep_batch_size)
+    if unclaimed and not report.dry_run and not _runner_queue_empty():
+        # Waiting behind others in the broker (a backlog), not lost: a new message would
+        # only queue behind its own first one.
+        unclaimed = []
+    for workflow in [*silent, *unclaimed]:
+        if report.dry_run:
+            report.orphans_redispatched.append(workflow.id)
+            continue
+        stale_before = cutoff if workflow.status == S.QUEUED.value else None
+        with ctx.db.transaction() as session:
+            claim = manager.claim_redispatch(session, workflow, stale_before=stale_before)
+        if claim is None:
+            continue  # another scheduler, or its runner task, got there first
+        if claim.count > settings.max_redispatches:
+            _fail_orphan(ctx, workflow, claim.count - 1)
+            report.orphans_failed.append(workflow.id)
+            continue
+        log.info("workflow %s (%s) lost its runner task %s; re-dispatched as %s",
+                 workflow.id, workflow.status, workflow.runner_task_id, claim.task_id)
+        try:
+            tasks.publish_run(workflow.id, claim.task_id)
+        except Exception as exc:  # kombu and redis raise several types for "broker down"
+            log.warning("could not re-dispatch %s (%s); a later pass will", workflow.id, exc)
+            continue
+        report.orphans_redispatched.append(workflow.id)
+
+
+def _fail_orphan(ctx: Context, workflow: Workflow, redispatches: int) -> None:
+    """Give up on a workflow whose runner tasks keep getting lost, and free ComfyUI."""
+    with ctx.db.transaction() as session:
+        change = status.fail(
+            session, workflow.id,
+            exception_type="RunnerTaskLost",
+            exception_message=(
+                f"the runner task driving this workflow was lost {redispatches + 1} times "
+                f"(re-dispatched {redispatches} times); submit it again"
+            ),
+            by=Actor("sweep", "sweep"),
+        )
+    if change.changed and workflow.prompt_id and workflow.runner_id:
+        cancel.cancel_prompts(ctx, {workflow.runner_id: [workflow.prompt_id]})
+
+
+def _database_up_for(ctx: Context, seconds: float) -> bool:
+    """Whether the sweeps have reached the database for ``seconds`` without a gap.
+
+    Each pass that got here (it read the database) refreshes a Redis key holding the time
+    the streak began; a gap in the passes longer than the key's lifetime (the database, or
+    the workers running the sweeps, were away) starts a new streak. Unknown (Redis away)
+    counts as no.
+    """
+    settings = ctx.settings
+    ttl = max(seconds / 2, 2 * settings.redrive_interval_seconds + 1)
+    now = time.time()
+    try:
+        pipe = ctx.redis.pipeline()
+        pipe.set(DATABASE_UP_KEY, now, nx=True, px=int(ttl * 1000))
+        pipe.pexpire(DATABASE_UP_KEY, int(ttl * 1000))
+        pipe.get(DATABASE_UP_KEY)
+        since = pipe.execute()[-1]
+    except redis.RedisError as exc:
+        log.warning("re-drive: Redis unavailable (%s); orphaned work waits", exc)
+        return False
+    return since is not None and now - float(since) >= seconds
+
+
+def _runner_queue_empty() -> bool:
+    try:
+        return tasks.runner_backlog() == 0
+    except Exception as exc:  # kombu and redis raise several types for "broker down"
+        log.warning("re-drive: runner queue unreadable (%s); unclaimed work waits", exc)
+        return False
 
 
 def _cancel_lost_runners(ctx: Context, report: SweepReport) -> None:
@@ -127,15 +262,15 @@ def _redispatch(ctx: Context, report: SweepReport, workflows: list[Workflow]) ->
             report.redispatched.append(workflow.id)
             continue
         with ctx.db.transaction() as session:
-            task_id = manager.claim_redispatch(session, workflow.id, workflow.runner_task_id)
-        if task_id is not None:
-            tasks.publish_run(workflow.id, task_id)
+            claim = manager.claim_redispatch(session, workflow)
+        if claim is not None:
+            tasks.publish_run(workflow.id, claim.task_id)
             report.redispatched.append(workflow.id)
 
 
 def _publish(workflow_ids: list[str], by: Actor) -> None:
-    """Hand claimed cancels on; if the broker is down, the intents are recorded and the
-    re-publish pass of a later sweep hands them on."""
+    """Hand claimed cancels on; if the broker is down, the intents are recorded and a
+    later re-drive pass hands them on."""
     if not workflow_ids:
         return
     try:

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from comfy_cancel.config import get_settings
 from comfy_cancel.status import Actor
 from comfy_cancel.worker import BULK_QUEUE, CANCEL_QUEUE, RUNNER_QUEUE, SWEEP_QUEUE, app
 
@@ -29,6 +30,12 @@ RETRY_ON_DATABASE_ERRORS: dict[str, Any] = {
 def publish_run(workflow_id: str, task_id: str) -> None:
     """Hand a workflow to the runner side; raises kombu/redis errors when the broker is down."""
     run_workflow.apply_async(args=[workflow_id], task_id=task_id, queue=RUNNER_QUEUE)
+
+
+def runner_backlog() -> int:
+    """Messages waiting in the runner queue (not yet taken by a runner worker)."""
+    with app.connection_for_read() as connection:
+        return int(connection.default_channel.queue_declare(queue=RUNNER_QUEUE).message_count)
 
 
 def publish_cancels(workflow_ids: Sequence[str], by: Actor, chunk_size: int = 1000) -> None:
@@ -99,3 +106,22 @@ def sweep() -> dict[str, int]:
     from comfy_cancel.sweeps import sweep as sweep_once
 
     return sweep_once(context.current()).counts()
+
+
+@app.task(name="comfy_cancel.redrive")
+def redrive() -> dict[str, int]:
+    from comfy_cancel import context
+    from comfy_cancel.sweeps import redrive as redrive_once
+
+    return redrive_once(context.current()).counts()
+
+
+def _schedule_redrive() -> None:
+    """The re-drive pass gets its own beat entry, beside the full sweep's (worker.py):
+    often, on the sweep queue, and expiring so that passes never pile up."""
+    interval = get_settings().redrive_interval_seconds
+    app.add_periodic_task(interval, redrive.s(), name="redrive",
+                          queue=SWEEP_QUEUE, expires=interval)
+
+
+_schedule_redrive()

@@ -26,7 +26,7 @@ TERMINAL = {"completed", "failed", "cancelled"}
 @pytest.fixture
 def stack(pg_database_url: str, redis_db_url: str, tmp_path: Path) -> Iterator[Stack]:
     with running_stack(pg_database_url, redis_db_url, tmp_path,
-                       intent_republish_seconds=1.0) as s:
+                       redrive_after_seconds=1.0) as s:
         yield s
 
 

@@ -33,7 +33,7 @@ def ctx(pg_database_url: str, redis_db_url: str) -> Iterator[Context]:
         heartbeat_timeout_seconds=60,
         max_run_seconds=3600,
         queued_timeout_seconds=1800,
-        intent_republish_seconds=30,
+        redrive_after_seconds=30,
     )
     migrated(pg_database_url)
     worker.configure(settings)

@@ -497,7 +497,7 @@ def test_cancel_with_the_broker_down_is_500_and_the_intent_is_kept(
     response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=env.auth())
     assert _error(response, 500) == PUBLISH_FAILED
     row = env.row(workflow_id)
-    # The sweep re-publishes it intent_republish_seconds after the request was stamped.
+    # The re-drive pass publishes it again redrive_after_seconds after that stamp.
     assert row.cancel_requested_at is not None
     assert row.cancel_published_at == row.cancel_requested_at
 
