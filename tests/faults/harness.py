@@ -115,7 +115,7 @@ class Row:
 RESULTS: list[Row] = []
 
 HEADER = ("fault", "workflows", "cancels (200)", "landed", "of which too_late",
-          "max s to land after fault end", "lost", "healthy cancelled", "not terminal",
+          "max s to land after fault end", "lost", "healthy cancelled or failed", "not terminal",
           "s until all terminal", "result")
 
 
@@ -288,16 +288,18 @@ class Harness:
             self.stop_role(role)
         self.start_role(role)
         if role in ("cancel", "runner"):
-            self.wait_workers_ready()
+            self.wait_workers_ready([role])
 
     def control(self) -> Celery:
         if self._control is None:
             self._control = worker.create_app(self.settings)
         return self._control
 
-    def wait_workers_ready(self, timeout: float = 60.0) -> None:
-        """Both workers answer a ping (a restarted one has a new node name)."""
-        wanted = {f"{self._log_stem('cancel')}@", f"{self._log_stem('runner')}@"}
+    def wait_workers_ready(
+        self, roles: Iterable[str] = ("cancel", "runner"), timeout: float = 60.0
+    ) -> None:
+        """The workers answer a ping (a restarted one has a new node name)."""
+        wanted = {f"{self._log_stem(role)}@" for role in roles}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -449,6 +451,16 @@ class Harness:
             found[workflow_id].append(str(to_status))
         return found
 
+    def trails(self, ids: Iterable[str]) -> dict[str, list[str]]:
+        """The audit trail of each workflow, one short line an event (for failure reports)."""
+        with self.db.transaction() as session:
+            return {
+                i: [f"{e.at:%H:%M:%S.%f} {e.kind} {e.from_status}->{e.to_status} "
+                    f"by {e.source} {e.outcome or ''}".rstrip()
+                    for e in manager.events_of(session, i)]
+                for i in ids
+            }
+
     def count_workflows(self) -> int:
         with self.db.transaction() as session:
             return int(session.execute(select(func.count()).select_from(Workflow)).scalar_one())
@@ -482,6 +494,20 @@ class Fleet:
     @property
     def all(self) -> list[str]:
         return self.running + self.queued
+
+    def pending_behind(self, parity: int, keep: int = 1) -> list[str]:
+        """Pending workflows of the even (0) or odd (1) servers, all but the last ``keep``
+        of each server. Behind an odd server's healthy running workflow they stay pending
+        through a fault; behind an even server's cancelled one they run soon."""
+        chosen = []
+        for index, sim in enumerate(self.sims):
+            if index % 2 == parity:
+                mine = [w for w in self.queued if self.on[w] is sim]
+                chosen += mine[: len(mine) - keep]
+        return chosen
+
+    def running_on(self, parity: int) -> list[str]:
+        return [w for i, w in enumerate(self.running) if i % 2 == parity]
 
 
 class Scenario:
@@ -591,9 +617,13 @@ class Scenario:
 
     # ---------------------------------------------------------------- the checks
 
-    def finish(self, *, max_terminal_transitions: int = 1) -> Row:
+    def finish(self, *, healthy_complete: bool = True) -> Row:
         """Wait for the cancels to land and the rest to end, check the promise, record a row
-        for the table and fail with every broken invariant at once."""
+        for the table and fail with every broken invariant at once.
+
+        ``healthy_complete``: workflows nobody asked to cancel must complete (the fault must
+        not throw healthy work away); False where the fault itself ends them (a dead
+        ComfyUI server fails its work)."""
         assert self.fault_end is not None, "fault_ended() was not called"
         h = self.h
         end = self.fault_end
@@ -634,6 +664,9 @@ class Scenario:
         healthy_cancelled = [w for w, r in rows.items()
                              if r.status == "cancelled" and w not in self.requested]
         stuck = {w: r.status for w, r in rows.items() if r.status not in TERMINAL}
+        healthy_failed = {w: (r.exception_type, (r.exception_message or "")[:120])
+                          for w, r in rows.items()
+                          if healthy_complete and r.status == "failed" and w not in self.requested}
         wrong_end = {w: (rows[w].status, rows[w].cancel_outcome) for w in landed_at
                      if rows[w].status != "cancelled" and rows[w].cancel_outcome != "too_late"}
         transition_problems = {
@@ -642,7 +675,8 @@ class Scenario:
         }
         if lost:
             self.problems.append(f"{len(lost)} accepted cancels never landed: "
-                                 f"{ {w: (rows[w].status, rows[w].cancel_outcome) for w in lost} }")
+                                 f"{ {w: (rows[w].status, rows[w].cancel_outcome) for w in lost} }"
+                                 f"; their audit trails: {h.trails(lost[:3])}")
         if late:
             self.problems.append(f"{len(late)} cancels landed later than "
                                  f"{LAND_BUDGET_SECONDS:g}s after the fault's end: {late}")
@@ -651,6 +685,8 @@ class Scenario:
                 "workflows nobody asked to cancel ended cancelled: "
                 f"{ {w: (rows[w].cancel_source, rows[w].cancel_outcome, rows[w].cancel_reason) for w in healthy_cancelled} }"  # noqa: E501
             )
+        if healthy_failed:
+            self.problems.append(f"workflows nobody asked to cancel failed: {healthy_failed}")
         if stuck:
             self.problems.append(f"not terminal {drain_waited:.0f}s later: {stuck}")
         if wrong_end:
@@ -669,7 +705,7 @@ class Scenario:
             too_late=sum(1 for w in landed_at if rows[w].cancel_outcome == "too_late"),
             max_land_seconds=max(landed_at.values()) if landed_at else None,
             lost=len(lost),
-            healthy_cancelled=len(healthy_cancelled),
+            healthy_cancelled=len(healthy_cancelled) + len(healthy_failed),
             stuck=len(stuck),
             drained_seconds=drained_at[0] if drained_at else None,
             problems=list(self.problems),

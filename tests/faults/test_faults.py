@@ -21,6 +21,7 @@ from tests.faults.harness import (
     POSTGRES_DOWN_SECONDS,
     REDIS_DOWN_SECONDS,
     SHORT_PROMPT,
+    Fleet,
     Harness,
     Scenario,
     deaf_prompt,
@@ -45,6 +46,15 @@ def canary(sc: Scenario, h: Harness) -> None:
 def assert_all_accepted(codes: list[int], sc: Scenario) -> None:
     refused = [(w, code, text[:200]) for w, code, text in sc.responses if code != 200]
     assert all(code == 200 for code in codes), f"cancels refused: {refused}"
+
+
+def two_batches(fleet: Fleet) -> tuple[list[str], list[str]]:
+    """Cancels before the fault (the even servers' running and pending workflows) and
+    after it (pending ones behind the odd servers' healthy running workflows, so still
+    cancellable then), about COUNTS.cancels in all."""
+    after = fleet.pending_behind(1)[: COUNTS.cancels // 2]
+    before = (fleet.running_on(0) + fleet.pending_behind(0))[: COUNTS.cancels - len(after)]
+    return before, after
 
 
 def test_cancel_worker_sigkilled_right_after_accepted_cancels(harness: Harness) -> None:
@@ -76,8 +86,7 @@ def test_redis_restarted_with_tasks_in_flight(harness: Harness) -> None:
     h = harness
     with scenario(h, f"Redis restarted ({REDIS_DOWN_SECONDS:g} s down, AOF)") as sc:
         fleet = sc.launch([h.sim() for _ in range(COUNTS.sims)], COUNTS.per_sim, RUNNING)
-        targets = Scenario.pick(fleet, COUNTS.cancels)
-        before, after = targets[: len(targets) // 2], targets[len(targets) // 2 :]
+        before, after = two_batches(fleet)
         assert_all_accepted(sc.cancel(before), sc)  # in flight when Redis goes
         h.shutdown_redis()
         sleep_until(time.monotonic() + REDIS_DOWN_SECONDS)  # the fault's stated duration
@@ -95,10 +104,7 @@ def test_postgres_down_for_ten_seconds(harness: Harness) -> None:
         # Running through the whole outage: the runner tasks must ride it out.
         fleet = sc.launch([h.sim() for _ in range(COUNTS.sims)], COUNTS.per_sim,
                           long_prompt(POSTGRES_DOWN_SECONDS + 15))
-        targets = Scenario.pick(fleet, COUNTS.cancels)
-        # The running ones of the even servers and half the pending ones before the
-        # outage; the rest right after it. Odd servers' running ones stay healthy.
-        before, after = targets[: len(targets) // 2], targets[len(targets) // 2 :]
+        before, after = two_batches(fleet)
         assert_all_accepted(sc.cancel(before), sc)
         down_at = time.monotonic()
         h.stop_postgres()
@@ -147,7 +153,7 @@ def test_comfyui_killed_mid_run(harness: Harness) -> None:
         # The server never comes back: the system takes over when the grace period ends.
         sc.fault_ended(max(sc.accepted.values())
                        + timedelta(seconds=h.settings.cancel_grace_seconds))
-        sc.finish()
+        sc.finish(healthy_complete=False)  # a dead server's pending work fails
 
 
 def test_hung_comfyui_accepts_connections_and_never_answers(harness: Harness) -> None:
