@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,8 +203,12 @@ class Harness:
     def start(self) -> None:
         self.redis_dir = self.base / "redis"
         self.redis = services.start_redis(data_dir=self.redis_dir, appendonly=True)
-        self.pg_dir = self.base / "pg"
-        self.pg = services.start_postgres(self.pg_dir, fast=True)
+        # Not under pytest's temp dir (see services.make_temp_dir), and durable commits
+        # (no fast=True): the fault stops and starts this server, and a shutdown that went
+        # wrong must not silently drop acknowledged commits.
+        self.pg_root = services.make_temp_dir("comfy-cancel-pg-")
+        self.pg_dir = self.pg_root / "data"
+        self.pg = services.start_postgres(self.pg_dir)
         self.database_url = self.pg.create_database("faults")
         self.settings = Settings(database_url=self.database_url, redis_url=self.redis.url)
         self.db = migrated(self.database_url)
@@ -235,6 +240,7 @@ class Harness:
                 self._control.close()
         self.db.engine.dispose()
         self.pg.stop()
+        shutil.rmtree(self.pg_root, ignore_errors=True)
         self.redis.stop()
 
     # ---------------------------------------------------------------- processes
@@ -395,7 +401,7 @@ class Harness:
         self.pg.stop()  # fast shutdown; the data dir is ours and stays
 
     def start_postgres_again(self) -> None:
-        self.pg = services.start_postgres(self.pg_dir, port=self.pg.port, fast=True)
+        self.pg = services.start_postgres(self.pg_dir, port=self.pg.port)
 
     # ---------------------------------------------------------------- simulated ComfyUI
 
@@ -679,7 +685,8 @@ class Scenario:
                                  f"; their audit trails: {h.trails(lost[:3])}")
         if late:
             self.problems.append(f"{len(late)} cancels landed later than "
-                                 f"{LAND_BUDGET_SECONDS:g}s after the fault's end: {late}")
+                                 f"{LAND_BUDGET_SECONDS:g}s after the fault's end: {late}; "
+                                 f"audit trails: {h.trails(list(late)[:3])}")
         if healthy_cancelled:
             self.problems.append(
                 "workflows nobody asked to cancel ended cancelled: "
