@@ -229,6 +229,15 @@ def _make_temp_dir(prefix: str) -> Path:
     return directory
 
 
+def make_temp_dir(prefix: str) -> Path:
+    """A fresh temp dir under the system's temp dir, swept once its owner process is dead.
+
+    For a data dir a caller keeps across a server's restarts (the fault suite): pytest's
+    own temp dirs are re-chmodded 0700 by every pytest session that starts, which locks
+    out a PostgreSQL server running as another user mid-run."""
+    return _make_temp_dir(prefix)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
