@@ -8,7 +8,9 @@
 - deadline passed, still running: escalate and write ``cancelled`` with outcome
   ``forced`` (or ``runner_lost`` when the runner's heartbeat is gone).
 
-The worker stamps ``cancel_taken_at`` when it takes a running cancel. The deadline is
+The worker stamps ``cancel_taken_at`` once it has signalled a running workflow's runner
+and scheduled its deadline check (a worker that fails before, e.g. on a broker outage,
+leaves it unstamped, so the re-drive pass hands it on within seconds). The deadline is
 ``cancel_taken_at + cancel_grace_seconds``, kept by the database: the countdown task is
 the fast path, and a request handed on again by the re-drive pass (sweeps.py) after its
 deadline escalates at once instead of signalling again.
@@ -52,13 +54,12 @@ def handle_many(
 
     The queued ones are cancelled by one compare-and-set first (no read needed); only what
     it did not change is read: terminal ones get their outcome, running ones (including
-    queued ones that just started) are signalled in one batch, and stamped as taken in the
-    same transaction; those whose deadline already passed (a request handed on again) are
-    escalated instead.
+    queued ones that just started) are signalled in one batch and then stamped as taken;
+    those whose deadline already passed (a request handed on again) are escalated instead.
     """
     running: list[Workflow] = []
     overdue: list[Workflow] = []
-    with ctx.db.transaction() as session:  # one transaction: the CAS, the read, the stamp
+    with ctx.db.transaction() as session:  # one transaction: the CAS, then the read
         cancelled = status.cancel_queued_many(session, workflow_ids, by)
         outcomes: dict[str, CancelOutcome | None] = {
             c.id: CancelOutcome.CANCELLED for c in cancelled
@@ -70,11 +71,17 @@ def handle_many(
                 (overdue if _deadline_passed(ctx, workflow) else running).append(workflow)
             elif workflow.status not in _TERMINAL:
                 log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status)
-        status.mark_cancel_taken(session, [w.id for w in running])
     _after_queued_cancelled(ctx, cancelled)
     if overdue:
         outcomes.update(escalate(ctx, overdue, by))
-    outcomes.update(signal_running(ctx, running, by))
+    signalled = signal_running(ctx, running, by)
+    outcomes.update(signalled)
+    # Only now "taken": a stamp written before the signal went out would make the re-drive
+    # pass wait for a deadline that no runner was told about.
+    live = [wid for wid, outcome in signalled.items() if outcome is None]
+    if live:
+        with ctx.db.transaction() as session:
+            status.mark_cancel_taken(session, live)
     return outcomes
 
 

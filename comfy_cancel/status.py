@@ -410,7 +410,7 @@ def mark_cancel_published(session: Session, workflow_ids: Sequence[str]) -> None
 
 
 def mark_cancel_taken(session: Session, workflow_ids: Sequence[str]) -> None:
-    """A cancel worker took these open requests (it signals their runners now): the first
+    """A cancel worker took these open requests (it signalled their runners): the first
     take is kept, since the grace period, and so the deadline, runs from it."""
     if workflow_ids:
         session.execute(

@@ -44,8 +44,9 @@ def pytest_terminal_summary(
             + table(RESULTS) + "\n")
     terminalreporter.write_sep("=", "fault suite")
     terminalreporter.write_line(text)
-    if config.cache is not None:
-        directory = Path(config.cache.mkdir("faults"))
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+    if cache is not None:
+        directory = Path(cache.mkdir("faults"))
         (directory / "table.md").write_text(text)
         (directory / "table.json").write_text(
             json.dumps([asdict(r) for r in RESULTS], indent=2) + "\n"

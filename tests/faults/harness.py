@@ -39,7 +39,7 @@ from comfy_cancel import manager, services, worker
 from comfy_cancel.config import Settings
 from comfy_cancel.models import ApiToken, Workflow, WorkflowEvent, utcnow
 from comfy_cancel.sim_comfyui import RunningSim, start_in_thread
-from tests.helpers import blur_chain, migrated
+from tests.helpers import LOOPBACK, blur_chain, migrated
 from tests.stack import ALL_CANCEL_QUEUES, api_process, settings_env, start_worker, stop_processes
 
 FULL = os.environ.get("COMFY_CANCEL_FAULTS", "").strip().lower() == "full"
@@ -210,7 +210,10 @@ class Harness:
         self.pg_dir = self.pg_root / "data"
         self.pg = services.start_postgres(self.pg_dir)
         self.database_url = self.pg.create_database("faults")
-        self.settings = Settings(database_url=self.database_url, redis_url=self.redis.url)
+        # Defaults for all that the promise is about; the simulated servers are on loopback,
+        # which runners may reach only where the operator allows it.
+        self.settings = Settings(database_url=self.database_url, redis_url=self.redis.url,
+                                 runner_allowed_networks=LOOPBACK)
         self.db = migrated(self.database_url)
         with self.db.transaction() as session:
             account = manager.get_or_create_account(session, "acme")
@@ -418,7 +421,7 @@ class Harness:
         self._sims.append(sim)
         with self.db.transaction() as session:
             manager.add_runner(session, self.account_id, name=tag, endpoint_url=sim.url,
-                               tags=[tag])
+                               tags=[tag], settings=self.settings)
         return sim
 
     def release_sims(self) -> None:
