@@ -435,7 +435,12 @@ def test_the_dev_options_reach_the_stack_typed(
     from comfy_cancel import dev
 
     seen: list[Any] = []
-    monkeypatch.setattr(dev, "main", lambda args, settings: seen.append(vars(args)) or 0)
+
+    def fake_main(args: Any, settings: Settings) -> int:
+        seen.append(vars(args))
+        return 0
+
+    monkeypatch.setattr(dev, "main", fake_main)
     assert run(capsys, "dev", "--data-dir", str(tmp_path), "--time-scale", "0.5")[0] == 0
     assert run(capsys, "dev")[0] == 0
     assert seen == [
@@ -450,7 +455,12 @@ def test_bench_hands_every_argument_to_the_suite(
     import bench.suite
 
     received: list[list[str]] = []
-    monkeypatch.setattr(bench.suite, "main", lambda argv: received.append(argv) or 0)
+
+    def fake_main(argv: list[str]) -> int:
+        received.append(argv)
+        return 0
+
+    monkeypatch.setattr(bench.suite, "main", fake_main)
     assert run(capsys, "bench", "--quick", "--help", "x")[0] == 0
     assert received == [["--quick", "--help", "x"]]
 
