@@ -114,27 +114,31 @@ POSITIVE = click.IntRange(min=1)
 TIME_SCALE = click.FloatRange(min=0, min_open=True)
 
 
+def _first_paragraph(command: click.Command) -> str:
+    # The list of commands shows each one's whole first paragraph, not a truncated one.
+    return command.short_help or (command.help or "").split("\n\n")[0]
+
+
 class _Command(click.Command):
     def get_short_help_str(self, limit: int = 45) -> str:
-        # The list of commands shows each one's whole first paragraph, not a truncated one.
-        return self.short_help or (self.help or "").split("\n\n")[0]
+        return _first_paragraph(self)
 
 
-class _InOrder(click.Group):
-    """Lists its commands in the order they were added (related ones together)."""
+class _Group(click.Group):
+    """Lists its commands whole and in the order they were added (related ones together)."""
 
     command_class = _Command
     group_class = type  # subgroups are of this class too
 
     def get_short_help_str(self, limit: int = 45) -> str:
-        return self.short_help or (self.help or "").split("\n\n")[0]
+        return _first_paragraph(self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
 
 
 @click.group(
-    name=PROG, cls=_InOrder, no_args_is_help=False,
+    name=PROG, cls=_Group, no_args_is_help=False,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     help="Cancellation for ComfyUI workflows: API, workers, runners and tools. "
     f"Settings come from {ENV_PREFIX}* variables (`{PROG} settings` lists them).",
