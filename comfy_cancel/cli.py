@@ -1,7 +1,8 @@
 """The ``comfy-cancel`` command: set up the database, tokens and runners; run each process.
 
+Built on click: typed options, ``-`` for stdin, its progress bar and confirmation prompt.
 Every failure a user can fix is one line on stderr, ``comfy-cancel: error: ...``, saying
-what to do next, and exit code 1 (2 for a command line argparse refuses). Heavy imports
+what to do next, and exit code 1 (2 for a command line click refuses). Heavy imports
 (Celery, FastAPI, uvicorn) happen inside the commands that need them.
 """
 
@@ -13,11 +14,13 @@ import os
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any
 
+import click
 from pydantic import ValidationError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
@@ -27,7 +30,7 @@ from comfy_cancel.config import ENV_PREFIX, Settings, get_settings
 from comfy_cancel.db import Database
 from comfy_cancel.egress import EgressDenied
 from comfy_cancel.encryption import SecretKeyError
-from comfy_cancel.models import utcnow
+from comfy_cancel.models import WorkflowStatus, utcnow
 from comfy_cancel.redact import redact_setting, redact_url
 from comfy_cancel.schemas import RunnerCreate, RunnerView, error_message
 
@@ -35,24 +38,13 @@ if TYPE_CHECKING:
     from celery import Celery
 
 PROG = "comfy-cancel"
+INT32_MAX = 2**31 - 1  # the database's integer columns
 
 
-class CliError(Exception):
+class CliError(click.ClickException):
     """A failure the user can fix; printed as one line, exit code 1."""
 
-    code = 1
-
-
-class UsageError(CliError):
-    """A command line argparse refuses; exit code 2."""
-
-    code = 2
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # argparse would print the whole usage block; one line says it better.
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
+    exit_code = 1
 
 
 def _settings() -> Settings:
@@ -64,58 +56,162 @@ def _settings() -> Settings:
         raise CliError(f"invalid setting {name}: {first['msg']}; fix the variable") from exc
 
 
+# --- option types --------------------------------------------------------------------------
+
+
+class AccountName(click.ParamType):
+    name = "NAME"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        name = str(value).strip()
+        if not 1 <= len(name) <= 200:
+            self.fail("an account name has 1 to 200 characters", param, ctx)
+        return name
+
+
+class Header(click.ParamType):
+    name = "'NAME: VALUE'"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, str]:
+        if isinstance(value, tuple):
+            return value
+        name, sep, header_value = str(value).partition(":")
+        if not sep or not name.strip():
+            self.fail(f"{value!r} is not 'Name: value'", param, ctx)
+        return name.strip(), header_value.strip()
+
+
+class Duration(click.ParamType):
+    """``90s``, ``30m``, ``2h``, ``1d`` or plain seconds, as seconds."""
+
+    name = "duration"
+    UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        else:
+            text = str(value).strip().lower()
+            unit = self.UNITS.get(text[-1:])
+            try:
+                seconds = float(text[:-1] if unit else text) * (unit or 1)
+            except ValueError:
+                self.fail(f"{value!r} is not a duration; use e.g. 90s, 30m, 2h or 1d",
+                          param, ctx)
+        if seconds < 0:
+            self.fail("a duration cannot be negative", param, ctx)
+        return seconds
+
+
+ACCOUNT = AccountName()
+DURATION = Duration()
+PORT = click.IntRange(1, 65535)
+PORT_OR_FREE = click.IntRange(0, 65535)  # 0: the OS picks a free one
+POSITIVE = click.IntRange(min=1)
+TIME_SCALE = click.FloatRange(min=0, min_open=True)
+
+
+def _first_paragraph(command: click.Command) -> str:
+    # The list of commands shows each one's whole first paragraph, not a truncated one.
+    return command.short_help or (command.help or "").split("\n\n")[0]
+
+
+class _Command(click.Command):
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return _first_paragraph(self)
+
+
+class _Group(click.Group):
+    """Lists its commands whole and in the order they were added (related ones together)."""
+
+    command_class = _Command
+    group_class = type  # subgroups are of this class too
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return _first_paragraph(self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(
+    name=PROG, cls=_Group, no_args_is_help=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    help="Cancellation for ComfyUI workflows: API, workers, runners and tools. "
+    f"Settings come from {ENV_PREFIX}* variables (`{PROG} settings` lists them).",
+)
+@click.option("--debug", is_flag=True, help="show the traceback of an unexpected error")
+def root(debug: bool) -> None:
+    # main() reads --debug from the context to decide how an unexpected error is shown.
+    pass
+
+
 # --- migrate -------------------------------------------------------------------------------
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
+@root.command("migrate", help="create or upgrade the database schema")
+def cmd_migrate() -> None:
     from comfy_cancel.migrations import upgrade
 
     settings = _settings()
     upgrade(settings.database_url)
-    print(f"migrated {redact_url(settings.database_url)} to the latest schema")
-    return 0
+    click.echo(f"migrated {redact_url(settings.database_url)} to the latest schema")
 
 
 # --- tokens --------------------------------------------------------------------------------
 
 
-def cmd_token_create(args: argparse.Namespace) -> int:
+@root.group("token", no_args_is_help=False, help="API tokens")
+def token() -> None:
+    pass
+
+
+@token.command("create", help="create a token (creating the account if needed)")
+@click.option("--account", required=True, type=ACCOUNT)
+@click.option("--operator", is_flag=True, help="may call operator routes")
+@click.option("--expires-in-days", type=POSITIVE, metavar="N",
+              help="default: COMFY_CANCEL_TOKEN_DEFAULT_TTL_DAYS (unset: never)")
+@click.option("--rate-limit", type=click.IntRange(0, INT32_MAX), metavar="N",
+              help="requests per rate-limit window for this token, 0 for none "
+              "(default: COMFY_CANCEL_RATE_LIMIT_REQUESTS)")
+def cmd_token_create(
+    account: str, operator: bool, expires_in_days: int | None, rate_limit: int | None
+) -> None:
     settings = _settings()
-    days = args.expires_in_days or settings.token_default_ttl_days
+    days = expires_in_days or settings.token_default_ttl_days
     expires_at = utcnow() + timedelta(days=days) if days else None
     with Database.from_url(settings.database_url).transaction() as session:
-        account = manager.get_or_create_account(session, args.account)
-        token = manager.create_token(
-            session, account, operator=args.operator, expires_at=expires_at,
-            rate_limit=args.rate_limit,
+        owner = manager.get_or_create_account(session, account)
+        secret = manager.create_token(
+            session, owner, operator=operator, expires_at=expires_at, rate_limit=rate_limit
         )
-    print(token)
-    kind = "operator token" if args.operator else "token"
+    click.echo(secret)
+    kind = "operator token" if operator else "token"
     expiry = f"expires {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else "never expires"
-    if args.rate_limit is None:
+    if rate_limit is None:
         limit = f"default rate limit, {settings.rate_limit_requests}"
-    elif args.rate_limit == 0:
+    elif rate_limit == 0:
         limit = "no rate limit"
     else:
-        limit = f"rate limit {args.rate_limit}"
-    if args.rate_limit != 0:
+        limit = f"rate limit {rate_limit}"
+    if rate_limit != 0:
         limit += f" requests per {settings.rate_limit_window_seconds} s"
-    print(
-        f"{kind} for account {args.account!r} ({expiry}, {limit}); it is shown only once: "
+    click.echo(
+        f"{kind} for account {account!r} ({expiry}, {limit}); it is shown only once: "
         "store it now",
-        file=sys.stderr,
+        err=True,
     )
-    return 0
 
 
 # --- runners -------------------------------------------------------------------------------
 
 
-def _header(value: str) -> tuple[str, str]:
-    name, sep, header_value = value.partition(":")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"{value!r} is not 'Name: value'")
-    return name.strip(), header_value.strip()
+@root.group("runner", no_args_is_help=False, help="ComfyUI runners")
+def runner() -> None:
+    pass
 
 
 def _account_id(session: Session, name: str) -> int:
@@ -128,15 +224,20 @@ def _account_id(session: Session, name: str) -> int:
     return account.id
 
 
-def cmd_runner_add(args: argparse.Namespace) -> int:
+@runner.command("add", help="add a runner to an account; prints its id")
+@click.option("--account", required=True, type=ACCOUNT)
+@click.argument("runner_name", metavar="RUNNER_NAME")
+@click.argument("url", metavar="URL")
+@click.option("--tag", multiple=True, help="repeat for several tags")
+@click.option("--header", multiple=True, type=Header(),
+              help="sent on every call; repeat for several")
+def cmd_runner_add(
+    account: str, runner_name: str, url: str, tag: tuple[str, ...],
+    header: tuple[tuple[str, str], ...],
+) -> None:
     try:
-        runner = RunnerCreate.model_validate(
-            {
-                "name": args.runner_name,
-                "endpoint_url": args.url,
-                "headers": dict(args.header),
-                "tags": args.tag,
-            }
+        new = RunnerCreate.model_validate(
+            {"name": runner_name, "endpoint_url": url, "headers": dict(header), "tags": tag}
         )
     except ValidationError as exc:
         raise CliError(f"invalid runner {error_message(exc)}") from exc
@@ -144,75 +245,80 @@ def cmd_runner_add(args: argparse.Namespace) -> int:
         with Database.from_url(_settings().database_url).transaction() as session:
             added = manager.add_runner(
                 session,
-                _account_id(session, args.account),
-                name=runner.name,
-                endpoint_url=runner.endpoint_url,
-                headers=runner.headers,
-                tags=runner.tags,
-                status=runner.status.value,
+                _account_id(session, account),
+                name=new.name,
+                endpoint_url=new.endpoint_url,
+                headers=new.headers,
+                tags=new.tags,
+                status=new.status.value,
             )
     except EgressDenied as exc:
         raise CliError(f"invalid runner endpoint_url: {exc}") from exc
-    print(added.id)
-    return 0
+    click.echo(added.id)
 
 
-def cmd_runner_new_key(args: argparse.Namespace) -> int:
+@runner.command("list", help="list an account's runners")
+@click.option("--account", required=True, type=ACCOUNT)
+def cmd_runner_list(account: str) -> None:
+    with Database.from_url(_settings().database_url).transaction() as session:
+        runners = manager.list_runners(session, _account_id(session, account))
+        views = [RunnerView.of(r) for r in runners]
+    if not views:
+        click.echo(f"account {account!r} has no runners; add one with `{PROG} runner add`",
+                   err=True)
+        return
+    click.echo("id\tstatus\tname\tendpoint_url\ttags\theaders")
+    for view in views:
+        click.echo("\t".join([view.id, view.status.value, view.name, view.endpoint_url,
+                              ",".join(view.tags), ",".join(view.headers)]))
+
+
+@runner.command(
+    "new-key", help="print a new key for COMFY_CANCEL_SECRET_KEY (runner header encryption)"
+)
+def cmd_runner_new_key() -> None:
     from comfy_cancel.encryption import SECRET_KEY_SETTING, new_key
 
-    print(new_key())
-    print(f"a new key for {SECRET_KEY_SETTING}: keep it secret, and keep it (headers encrypted "
-          "with it are lost without it); to rotate, put it first and the old one after it, "
-          f"then run `{PROG} runner reseal`", file=sys.stderr)
-    return 0
+    click.echo(new_key())
+    click.echo(f"a new key for {SECRET_KEY_SETTING}: keep it secret, and keep it (headers "
+               "encrypted with it are lost without it); to rotate, put it first and the old "
+               f"one after it, then run `{PROG} runner reseal`", err=True)
 
 
-def cmd_runner_reseal(args: argparse.Namespace) -> int:
+@runner.command(
+    "reseal", help="encrypt every runner's headers again with the newest key (rotation)"
+)
+def cmd_runner_reseal() -> None:
     with Database.from_url(_settings().database_url).transaction() as session:
         resealed, unreadable = manager.reseal_runner_headers(session)
-    print(f"resealed the headers of {resealed} runners with the newest key")
+    click.echo(f"resealed the headers of {resealed} runners with the newest key")
     if unreadable:
         raise CliError(
             f"{len(unreadable)} runners' headers open with no configured key "
             f"({', '.join(unreadable[:5])}); add the key they were encrypted with and rerun"
         )
-    return 0
 
 
-def cmd_runner_list(args: argparse.Namespace) -> int:
-    with Database.from_url(_settings().database_url).transaction() as session:
-        runners = manager.list_runners(session, _account_id(session, args.account))
-        views = [RunnerView.of(r) for r in runners]
-    if not views:
-        print(f"account {args.account!r} has no runners; add one with `{PROG} runner add`",
-              file=sys.stderr)
-        return 0
-    print("id\tstatus\tname\tendpoint_url\ttags\theaders")
-    for view in views:
-        print("\t".join([view.id, view.status.value, view.name, view.endpoint_url,
-                         ",".join(view.tags), ",".join(view.headers)]))
-    return 0
+# --- settings ------------------------------------------------------------------------------
+
+
+@root.command("settings", help="print every setting, its variable and meaning")
+def cmd_settings() -> None:
+    settings = _settings()
+    for name, field in Settings.model_fields.items():
+        shown = redact_setting(name, getattr(settings, name))
+        click.echo(f"{ENV_PREFIX}{name.upper()}={shown}")
+        click.echo(textwrap.fill(field.description or "", width=96, initial_indent="    ",
+                                 subsequent_indent="    "))
 
 
 # --- processes -----------------------------------------------------------------------------
 
 
-def cmd_sim_comfyui(args: argparse.Namespace) -> int:
-    from comfy_cancel import sim_comfyui
-
-    argv: list[str] = []
-    if args.host is not None:
-        argv += ["--host", args.host]
-    if args.port is not None:
-        argv += ["--port", str(args.port)]
-    if args.time_scale is not None:
-        argv += ["--time-scale", str(args.time_scale)]
-    if args.no_jobs_api:
-        argv.append("--no-jobs-api")
-    return int(sim_comfyui.main(argv) or 0)
-
-
-def cmd_api(args: argparse.Namespace) -> int:
+@root.command("api", help="run the HTTP API")
+@click.option("--host", help="default: COMFY_CANCEL_API_HOST")
+@click.option("--port", type=PORT, metavar="PORT", help="default: COMFY_CANCEL_API_PORT")
+def cmd_api(host: str | None, port: int | None) -> None:
     import uvicorn
 
     from comfy_cancel.api import create_app
@@ -223,11 +329,10 @@ def cmd_api(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         create_app(settings),
-        host=args.host or settings.api_host,
-        port=args.port or settings.api_port,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
         log_level=settings.log_level.lower(),
     )
-    return 0
 
 
 def _celery_app() -> Celery:
@@ -238,442 +343,294 @@ def _celery_app() -> Celery:
     return tasks.app
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+CANCEL_QUEUES = "cancel,cancel.bulk,cancel.sweep"
+
+
+@root.command("worker", help="run a Celery worker (cancel or runner tasks)")
+# The cancel queues only: an operator starting "a cancel worker" must not get a runner.
+@click.option("--queues", default=CANCEL_QUEUES, show_default=False,
+              help=f"comma-separated (default: {CANCEL_QUEUES}, a cancel worker; "
+              "'runner' for a runner worker)")
+@click.option("--concurrency", type=POSITIVE, metavar="N",
+              help="threads (default: COMFY_CANCEL_RUNNER_CONCURRENCY)")
+@click.option("--loglevel", help="default: COMFY_CANCEL_LOG_LEVEL")
+def cmd_worker(queues: str, concurrency: int | None, loglevel: str | None) -> None:
     app = _celery_app()
     from comfy_cancel.worker import ALL_QUEUES
 
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = sorted(set(queues) - set(ALL_QUEUES))
-    if not queues or unknown:
+    chosen = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(chosen) - set(ALL_QUEUES))
+    if not chosen or unknown:
         raise CliError(
             f"unknown queue {','.join(unknown) or '(none)'}; choose from {','.join(ALL_QUEUES)}"
         )
-    argv = ["worker", f"--queues={','.join(queues)}",
-            f"--loglevel={args.loglevel or _settings().log_level}"]
-    if args.concurrency:
-        argv.append(f"--concurrency={args.concurrency}")
+    argv = ["worker", f"--queues={','.join(chosen)}",
+            f"--loglevel={loglevel or _settings().log_level}"]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
     app.worker_main(argv)
-    return 0
 
 
-def cmd_beat(args: argparse.Namespace) -> int:
+@root.command("beat", help="run Celery beat (the periodic sweeps)")
+@click.option("--schedule", type=click.Path(dir_okay=False, path_type=Path),
+              help="beat's state file (default: under the temp dir)")
+@click.option("--loglevel", help="default: COMFY_CANCEL_LOG_LEVEL")
+def cmd_beat(schedule: Path | None, loglevel: str | None) -> int:
     app = _celery_app()
     # Beat keeps its last-run times in a file; the working directory may not be writable.
-    schedule = Path(args.schedule or Path(tempfile.gettempdir(), PROG, "celerybeat-schedule"))
-    schedule.parent.mkdir(parents=True, exist_ok=True)
-    return int(app.start(["beat", f"--schedule={schedule}",
-                          f"--loglevel={args.loglevel or _settings().log_level}"]) or 0)
+    state = schedule or Path(tempfile.gettempdir(), PROG, "celerybeat-schedule")
+    state.parent.mkdir(parents=True, exist_ok=True)
+    return int(app.start(["beat", f"--schedule={state}",
+                          f"--loglevel={loglevel or _settings().log_level}"]) or 0)
+
+
+@root.command("sim-comfyui", help="run the simulated ComfyUI server")
+@click.option("--host", help="default: 127.0.0.1")
+@click.option("--port", type=PORT, metavar="PORT", help="default: 8188")
+@click.option("--time-scale", type=TIME_SCALE, metavar="F",
+              help="multiplies every node's simulated time")
+@click.option("--no-jobs-api", is_flag=True,
+              help="behave like a ComfyUI without /api/jobs (the older cancel forms)")
+def cmd_sim_comfyui(
+    host: str | None, port: int | None, time_scale: float | None, no_jobs_api: bool
+) -> int:
+    from comfy_cancel import sim_comfyui
+
+    argv: list[str] = []
+    if host is not None:
+        argv += ["--host", host]
+    if port is not None:
+        argv += ["--port", str(port)]
+    if time_scale is not None:
+        argv += ["--time-scale", str(time_scale)]
+    if no_jobs_api:
+        argv.append("--no-jobs-api")
+    return int(sim_comfyui.main(argv) or 0)
 
 
 # --- the embedded stack --------------------------------------------------------------------
 
 
-def cmd_dev(args: argparse.Namespace) -> int:
-    from comfy_cancel import dev
-
-    return _run_embedded(dev.main, args)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from comfy_cancel import demo
-
-    return _run_embedded(demo.main, args)
-
-
-def _run_embedded(
-    run: Callable[[argparse.Namespace, Settings], int], args: argparse.Namespace
-) -> int:
+def _run_embedded(run: Callable[[argparse.Namespace, Settings], int], **options: Any) -> int:
     from comfy_cancel.dev import StackError
 
     settings = _settings()
     try:
-        return run(args, settings)
+        # dev.main and demo.main read their options as attributes of a namespace.
+        return run(argparse.Namespace(**options), settings)
     except StackError as exc:
         raise CliError(str(exc)) from exc
 
 
-# --- settings ------------------------------------------------------------------------------
+@root.command(
+    "dev",
+    short_help="run the whole stack on this machine: Redis, SQLite, API, workers, beat "
+    "and a simulated ComfyUI (Ctrl-C stops it)",
+    help="Run the whole stack on this machine: Redis, SQLite, API, workers, beat and a "
+    "simulated ComfyUI (Ctrl-C stops it).\n\n"
+    "Redis: COMFY_CANCEL_REDIS_URL when set, else an embedded redis-server "
+    "(AOF in DIR/redis). Database: COMFY_CANCEL_DATABASE_URL when set, else DIR/"
+    "comfy_cancel.db. The simulated ComfyUI is runner 'sim' of account 'demo'; the token "
+    "printed (kept in DIR/token) is that account's. Logs: DIR/logs/NAME.log.",
+)
+@click.option("--port", type=PORT_OR_FREE, metavar="PORT",
+              help="API port (default: COMFY_CANCEL_API_PORT; 0 picks a free one)")
+@click.option("--comfyui-port", type=PORT_OR_FREE, default=0, metavar="PORT",
+              help="port of the simulated ComfyUI (default: a free one)")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".comfy-cancel"), metavar="DIR", show_default=True,
+              help="Redis data, SQLite database, token and logs")
+@click.option("--time-scale", type=TIME_SCALE, default=1.0, metavar="F", show_default=True,
+              help="multiplies the simulated ComfyUI's node times")
+def cmd_dev(port: int | None, comfyui_port: int, data_dir: Path, time_scale: float) -> int:
+    from comfy_cancel import dev
+
+    return _run_embedded(dev.main, port=port, comfyui_port=comfyui_port, data_dir=data_dir,
+                         time_scale=time_scale)
 
 
-def cmd_settings(args: argparse.Namespace) -> int:
-    settings = _settings()
-    for name, field in Settings.model_fields.items():
-        value = getattr(settings, name)
-        shown = redact_setting(name, value)
-        print(f"{ENV_PREFIX}{name.upper()}={shown}")
-        print(textwrap.fill(field.description or "", width=96, initial_indent="    ",
-                            subsequent_indent="    "))
-    return 0
+@root.command(
+    "demo", help="start the stack, show each way a cancel can end, stop (about a minute)"
+)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="where the stack keeps its data (default: a temporary dir, "
+              "deleted afterwards)")
+@click.option("--port", type=PORT_OR_FREE, default=0, metavar="PORT",
+              help="API port (default: a free one)")
+@click.option("--time-scale", type=TIME_SCALE, default=1.0, metavar="F", show_default=True,
+              help="multiplies the simulated ComfyUI's node times")
+@click.option("--keep-running", is_flag=True,
+              help="leave the stack up afterwards, until Ctrl-C")
+def cmd_demo(data_dir: Path | None, port: int, time_scale: float, keep_running: bool) -> int:
+    from comfy_cancel import demo
 
-
-# --- the parser ----------------------------------------------------------------------------
-
-
-def _positive_int(value: str) -> int:
-    number = int(value) if value.isdigit() else 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    # Bounded by the database's 32-bit integer column.
-    if not value.isdigit() or int(value) > 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 0 to {2**31 - 1}")
-    return int(value)
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = 0.0
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number")
-    return number
-
-
-def _account_name(value: str) -> str:
-    name = value.strip()
-    if not 1 <= len(name) <= 200:
-        raise argparse.ArgumentTypeError("an account name has 1 to 200 characters")
-    return name
-
-
-Commands = Any  # argparse's private _SubParsersAction
-
-
-def _add_setup_commands(commands: Commands) -> None:
-    migrate = commands.add_parser("migrate", help="create or upgrade the database schema")
-    migrate.set_defaults(run=cmd_migrate)
-
-    token = commands.add_parser("token", help="API tokens").add_subparsers(
-        title="token commands", required=True, metavar="COMMAND"
-    )
-    create = token.add_parser("create", help="create a token (creating the account if needed)")
-    create.add_argument("--account", required=True, type=_account_name)
-    create.add_argument("--operator", action="store_true", help="may call operator routes")
-    create.add_argument("--expires-in-days", type=_positive_int, metavar="N",
-                        help="default: COMFY_CANCEL_TOKEN_DEFAULT_TTL_DAYS (unset: never)")
-    create.add_argument("--rate-limit", type=_non_negative_int, metavar="N",
-                        help="requests per rate-limit window for this token, 0 for none "
-                        "(default: COMFY_CANCEL_RATE_LIMIT_REQUESTS)")
-    create.set_defaults(run=cmd_token_create)
-
-    runner = commands.add_parser("runner", help="ComfyUI runners").add_subparsers(
-        title="runner commands", required=True, metavar="COMMAND"
-    )
-    add = runner.add_parser("add", help="add a runner to an account; prints its id")
-    add.add_argument("--account", required=True, type=_account_name)
-    add.add_argument("runner_name", metavar="RUNNER_NAME")
-    add.add_argument("url", metavar="URL", help="the ComfyUI server, e.g. http://127.0.0.1:8188")
-    add.add_argument("--tag", action="append", default=[], help="repeat for several tags")
-    add.add_argument("--header", action="append", default=[], type=_header,
-                     metavar="'NAME: VALUE'", help="sent on every call; repeat for several")
-    add.set_defaults(run=cmd_runner_add)
-    listing = runner.add_parser("list", help="list an account's runners")
-    listing.add_argument("--account", required=True, type=_account_name)
-    listing.set_defaults(run=cmd_runner_list)
-    runner.add_parser(
-        "new-key", help="print a new key for COMFY_CANCEL_SECRET_KEY (runner header encryption)"
-    ).set_defaults(run=cmd_runner_new_key)
-    runner.add_parser(
-        "reseal", help="encrypt every runner's headers again with the newest key (rotation)"
-    ).set_defaults(run=cmd_runner_reseal)
-
-    show = commands.add_parser("settings", help="print every setting, its variable and meaning")
-    show.set_defaults(run=cmd_settings)
-
-
-def _add_process_commands(commands: Commands) -> None:
-    api = commands.add_parser("api", help="run the HTTP API")
-    api.add_argument("--host", help="default: COMFY_CANCEL_API_HOST")
-    api.add_argument("--port", type=_positive_int, help="default: COMFY_CANCEL_API_PORT")
-    api.set_defaults(run=cmd_api)
-
-    worker = commands.add_parser("worker", help="run a Celery worker (cancel or runner tasks)")
-    # The cancel queues only: an operator starting "a cancel worker" must not get a runner.
-    worker.add_argument("--queues", default="cancel,cancel.bulk,cancel.sweep",
-                        help="comma-separated (default: %(default)s, a cancel worker; "
-                        "'runner' for a runner worker)")
-    worker.add_argument("--concurrency", type=_positive_int, metavar="N",
-                        help="threads (default: COMFY_CANCEL_RUNNER_CONCURRENCY)")
-    worker.add_argument("--loglevel", help="default: COMFY_CANCEL_LOG_LEVEL")
-    worker.set_defaults(run=cmd_worker)
-
-    beat = commands.add_parser("beat", help="run Celery beat (the periodic sweeps)")
-    beat.add_argument("--schedule", help="beat's state file (default: under the temp dir)")
-    beat.add_argument("--loglevel", help="default: COMFY_CANCEL_LOG_LEVEL")
-    beat.set_defaults(run=cmd_beat)
-
-    sim = commands.add_parser("sim-comfyui", help="run the simulated ComfyUI server")
-    sim.add_argument("--host", help="default: 127.0.0.1")
-    sim.add_argument("--port", type=_positive_int, help="default: 8188")
-    sim.add_argument("--time-scale", type=_positive_float, metavar="F",
-                     help="multiplies every node's simulated time")
-    sim.add_argument("--no-jobs-api", action="store_true",
-                     help="behave like a ComfyUI without /api/jobs (the older cancel forms)")
-    sim.set_defaults(run=cmd_sim_comfyui)
-
-
-def _port(value: str) -> int:
-    number = int(value) if value.isdigit() else -1
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0 to 65535)")
-    return number
-
-
-def _add_embedded_commands(commands: Commands) -> None:
-    dev = commands.add_parser(
-        "dev", help="run the whole stack on this machine: Redis, SQLite, API, workers, beat "
-        "and a simulated ComfyUI (Ctrl-C stops it)",
-        description="Redis: COMFY_CANCEL_REDIS_URL when set, else an embedded redis-server "
-        "(AOF in DIR/redis). Database: COMFY_CANCEL_DATABASE_URL when set, else DIR/"
-        "comfy_cancel.db. The simulated ComfyUI is runner 'sim' of account 'demo'; the token "
-        "printed (kept in DIR/token) is that account's. Logs: DIR/logs/NAME.log.")
-    dev.add_argument("--port", type=_port,
-                     help="API port (default: COMFY_CANCEL_API_PORT; 0 picks a free one)")
-    dev.add_argument("--comfyui-port", type=_port, default=0, metavar="PORT",
-                     help="port of the simulated ComfyUI (default: a free one)")
-    dev.add_argument("--data-dir", type=Path, default=Path(".comfy-cancel"), metavar="DIR",
-                     help="Redis data, SQLite database, token and logs (default: %(default)s)")
-    dev.add_argument("--time-scale", type=_positive_float, default=1.0, metavar="F",
-                     help="multiplies the simulated ComfyUI's node times (default: 1.0)")
-    dev.set_defaults(run=cmd_dev)
-
-    demo = commands.add_parser(
-        "demo", help="start the stack, show each way a cancel can end, stop (about a minute)")
-    demo.add_argument("--data-dir", type=Path, metavar="DIR",
-                      help="where the stack keeps its data (default: a temporary dir, "
-                      "deleted afterwards)")
-    demo.add_argument("--port", type=_port, default=0,
-                      help="API port (default: a free one)")
-    demo.add_argument("--time-scale", type=_positive_float, default=1.0, metavar="F",
-                      help="multiplies the simulated ComfyUI's node times (default: 1.0)")
-    demo.add_argument("--keep-running", action="store_true",
-                      help="leave the stack up afterwards, until Ctrl-C")
-    demo.set_defaults(run=cmd_demo)
+    return _run_embedded(demo.main, data_dir=data_dir, port=port, time_scale=time_scale,
+                         keep_running=keep_running)
 
 
 # --- operations: bulk cancels and sweeps ------------------------------------------------
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-
-def _duration(value: str) -> float:
-    """``90s``, ``30m``, ``2h``, ``1d`` or plain seconds."""
-    text = value.strip().lower()
-    unit = _UNITS.get(text[-1:])
-    number = text[:-1] if unit else text
-    try:
-        seconds = float(number) * (unit or 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a duration; use e.g. 90s, 30m, 2h or 1d"
-        ) from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError("a duration cannot be negative")
-    return seconds
-
-
-def _read_ids(path: str) -> list[str]:
-    try:
-        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
-    except OSError as exc:
-        raise CliError(f"cannot read ids from {path}: {exc.strerror}") from exc
-    with handle:
-        ids = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+def _read_ids(lines: IO[str]) -> list[str]:
+    ids = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     return list(dict.fromkeys(ids))
 
 
-def _confirm(question: str, ids_from_stdin: bool) -> bool:
+@contextmanager
+def _terminal_input() -> Iterator[None]:
+    """Point stdin at the terminal while click asks: the ids may have come through stdin
+    (``--ids-file -``), and the answer must come from the person, not from the pipe."""
     try:
-        tty = open("/dev/tty", "r+", encoding="utf-8")  # noqa: SIM115
+        tty = open("/dev/tty", encoding="utf-8")  # noqa: SIM115
     except OSError:
-        if ids_from_stdin or not sys.stdin.isatty():
+        if not sys.stdin.isatty():
             raise CliError("no terminal to confirm on; pass --yes to go ahead") from None
-        tty = None
-    stream = tty or sys.stdin
-    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
-    answer = stream.readline().strip().lower()
-    if tty is not None:
+        yield
+        return
+    stdin, sys.stdin = sys.stdin, tty
+    try:
+        yield
+    finally:
+        sys.stdin = stdin
         tty.close()
-    return answer in {"y", "yes"}
 
 
-class _ProgressBar:
-    """A one-line progress bar on stderr (only when stderr is a terminal or forced)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = max(total, 1), 0, enabled
-
-    def __call__(self, handled: int) -> None:
-        self.done += handled
-        if self.enabled:
-            width = 30
-            filled = min(width, width * self.done // self.total)
-            print(f"\r[{'#' * filled}{' ' * (width - filled)}] {self.done}/{self.total}",
-                  end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
+def _confirm(question: str) -> bool:
+    with _terminal_input():
+        try:
+            return click.confirm(question, default=False, err=True)
+        except click.Abort:  # Ctrl-C or end of input at the prompt: not a yes
+            click.echo(err=True)
+            return False
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         import json
 
-        print(json.dumps(summary, indent=2, sort_keys=True))
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
     by_status = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_status"].items())) or "none"
-    print(f"matched: {summary['matched']} ({by_status})")
+    click.echo(f"matched: {summary['matched']} ({by_status})")
     if summary["dry_run"]:
-        print("dry run: nothing was changed")
+        click.echo("dry run: nothing was changed")
         if summary["sample"]:
-            print("sample: " + ", ".join(summary["sample"]))
+            click.echo("sample: " + ", ".join(summary["sample"]))
         return
     for key in ("cancelled", "too_late", "already_terminal", "not_cancellable", "not_found",
                 "failed_to_signal", "pending"):
-        print(f"{key.replace('_', ' ')}: {summary[key]}")
-    print(f"took {summary['seconds']} s")
+        click.echo(f"{key.replace('_', ' ')}: {summary[key]}")
+    click.echo(f"took {summary['seconds']} s")
 
 
-def cmd_bulk_cancel(args: argparse.Namespace) -> int:
+@root.command(
+    "bulk-cancel", help="cancel many workflows by filter or by a list of ids (operators)"
+)
+@click.option("--account", type=ACCOUNT, help="only this account's")
+@click.option("--status", help="comma-separated (default queued,running)")
+@click.option("--older-than", type=DURATION, metavar="AGE",
+              help="created longer ago than AGE (90s, 30m, 2h, 1d)")
+@click.option("--runner", help="only on this runner (id or name)")
+@click.option("--tag", help="only workflows carrying this tag")
+@click.option("--ids-file", type=click.File("r", encoding="utf-8"), metavar="FILE",
+              help="one workflow id a line; - reads stdin")
+@click.option("--reason", help="recorded with every cancel")
+@click.option("--dry-run", is_flag=True, help="count by status and show a sample; change nothing")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.option("--wait", type=DURATION, default="30s", metavar="SECONDS",
+              help="how long to wait for running ones' outcomes (default 30s)")
+def cmd_bulk_cancel(
+    account: str | None, status: str | None, older_than: float | None, runner: str | None,
+    tag: str | None, ids_file: IO[str] | None, reason: str | None, dry_run: bool, yes: bool,
+    as_json: bool, wait: float,
+) -> None:
     from comfy_cancel import bulk, context
     from comfy_cancel.manager import WorkflowFilter
     from comfy_cancel.status import Actor
 
-    has_filter = any(v is not None for v in (args.account, args.older_than, args.runner,
-                                               args.tag)) or args.status is not None
-    if args.ids_file is None and not has_filter:
+    has_filter = any(v is not None for v in (account, status, older_than, runner, tag))
+    if ids_file is None and not has_filter:
         raise CliError("name what to cancel: a filter (--account, --status, --older-than, "
                        "--runner, --tag) or --ids-file; refusing to cancel everything")
-    statuses = tuple(s.strip() for s in (args.status or "queued,running").split(",") if s)
-    known = {"accepted", "uploaded", "queued", "running", "completed", "failed", "cancelled"}
-    unknown = [s for s in statuses if s not in known]
+    statuses = tuple(s.strip() for s in (status or "queued,running").split(",") if s)
+    unknown = [s for s in statuses if s not in {w.value for w in WorkflowStatus}]
     if unknown:
         raise CliError(f"unknown status {', '.join(unknown)}; use queued and/or running")
-    flt = WorkflowFilter(args.account, statuses, args.older_than, args.runner, args.tag)
-    ids = _read_ids(args.ids_file) if args.ids_file is not None else None
+    flt = WorkflowFilter(account, statuses, older_than, runner, tag)
+    ids = _read_ids(ids_file) if ids_file is not None else None
     ctx = context.current()
     planned = bulk.plan(ctx, flt, ids)
-    if args.dry_run:
-        _print_summary(planned.to_dict(), args.json)
-        return 0
+    if dry_run:
+        _print_summary(planned.to_dict(), as_json)
+        return
     if planned.matched == 0:
-        _print_summary(planned.to_dict() | {"dry_run": False}, args.json)
-        return 0
-    if not args.yes and not _confirm(
-        f"cancel {planned.matched} workflows ({planned.by_status})?", args.ids_file == "-"
-    ):
+        _print_summary(planned.to_dict() | {"dry_run": False}, as_json)
+        return
+    if not yes and not _confirm(f"cancel {planned.matched} workflows ({planned.by_status})?"):
         raise CliError("not confirmed; nothing was changed")
-    actor = f"operator:{os.environ.get('USER') or os.getuid()}@cli"
-    by = Actor("bulk", actor, args.reason)
-    bar = _ProgressBar(planned.matched + planned.not_found,
-                       enabled=sys.stderr.isatty() and not args.json)
-    try:
-        summary = bulk.execute(ctx, flt, by, ids, progress=bar, wait_seconds=args.wait)
-    finally:
-        bar.close()
-    _print_summary(summary.to_dict(), args.json)
-    return 0
+    by = Actor("bulk", f"operator:{os.environ.get('USER') or os.getuid()}@cli", reason)
+    with click.progressbar(
+        length=planned.matched + planned.not_found, label="cancelling", show_pos=True,
+        file=sys.stderr, hidden=as_json or not sys.stderr.isatty(),
+    ) as bar:
+        summary = bulk.execute(ctx, flt, by, ids, progress=bar.update, wait_seconds=wait)
+    _print_summary(summary.to_dict(), as_json)
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+@root.command("sweep", help="run the stuck-work sweeps by hand")
+@click.option("--once", is_flag=True, help="run one pass now")
+@click.option("--dry-run", is_flag=True, help="report; change nothing")
+def cmd_sweep(once: bool, dry_run: bool) -> None:
     from comfy_cancel import context, sweeps
 
-    if not args.once:
+    if not once:
         raise CliError("sweeps run periodically under `comfy-cancel beat`; "
                        "pass --once to run one pass now")
-    report = sweeps.sweep(context.current(), dry_run=args.dry_run)
+    report = sweeps.sweep(context.current(), dry_run=dry_run)
     for name, count in report.counts().items():
-        print(f"{name.replace('_', ' ')}: {count}")
-    if args.dry_run:
-        print("dry run: nothing was changed")
-    return 0
-
-
-def _add_operations_commands(commands: Commands) -> None:
-    bulk_cancel = commands.add_parser(
-        "bulk-cancel", help="cancel many workflows by filter or by a list of ids (operators)"
-    )
-    bulk_cancel.add_argument("--account", type=_account_name, help="only this account's")
-    bulk_cancel.add_argument("--status", help="comma-separated (default queued,running)")
-    bulk_cancel.add_argument("--older-than", type=_duration, metavar="AGE",
-                             help="created longer ago than AGE (90s, 30m, 2h, 1d)")
-    bulk_cancel.add_argument("--runner", help="only on this runner (id or name)")
-    bulk_cancel.add_argument("--tag", help="only workflows carrying this tag")
-    bulk_cancel.add_argument("--ids-file", metavar="FILE",
-                             help="one workflow id a line; - reads stdin")
-    bulk_cancel.add_argument("--reason", help="recorded with every cancel")
-    bulk_cancel.add_argument("--dry-run", action="store_true",
-                             help="count by status and show a sample; change nothing")
-    bulk_cancel.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    bulk_cancel.add_argument("--json", action="store_true", help="print the summary as JSON")
-    bulk_cancel.add_argument("--wait", type=_duration, default=30.0, metavar="SECONDS",
-                             help="how long to wait for running ones' outcomes (default 30s)")
-    bulk_cancel.set_defaults(run=cmd_bulk_cancel)
-    sweep = commands.add_parser("sweep", help="run the stuck-work sweeps by hand")
-    sweep.add_argument("--once", action="store_true", help="run one pass now")
-    sweep.add_argument("--dry-run", action="store_true", help="report; change nothing")
-    sweep.set_defaults(run=cmd_sweep)
+        click.echo(f"{name.replace('_', ' ')}: {count}")
+    if dry_run:
+        click.echo("dry run: nothing was changed")
 
 
 # --- benchmarks ---------------------------------------------------------------------------
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+@root.command(
+    "bench", add_help_option=False, context_settings={"ignore_unknown_options": True},
+    help="run the benchmark suite from a source checkout (`bench --help` lists its options)",
+)
+# Every argument goes to the suite's own parser: `comfy-cancel bench --quick`.
+@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
+def cmd_bench(bench_args: tuple[str, ...]) -> int:
     """Hand over to the suite in ``bench/`` of the source checkout (not part of the package)."""
     import importlib
 
     import comfy_cancel
 
-    root = Path(comfy_cancel.__file__).resolve().parent.parent
-    if not (root / "bench" / "suite.py").is_file():
+    checkout = Path(comfy_cancel.__file__).resolve().parent.parent
+    if not (checkout / "bench" / "suite.py").is_file():
         raise CliError("the benchmark suite lives in a source checkout (bench/ beside "
                        "comfy_cancel/); run `comfy-cancel bench` from a clone installed with "
                        "pip install -e '.[dev]'")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return int(importlib.import_module("bench.suite").main(args.bench_args))
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    return int(importlib.import_module("bench.suite").main(list(bench_args)))
 
 
-def _add_bench_command(commands: Commands) -> None:
-    # Every argument goes to the suite's own parser: `comfy-cancel bench --quick`.
-    bench = commands.add_parser(
-        "bench", add_help=False, prefix_chars="\0",
-        help="run the benchmark suite from a source checkout (`bench --help` lists its options)")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=cmd_bench)
-
-
-# Each group registers its subcommands.
-COMMAND_GROUPS: Sequence[Callable[[Commands], None]] = (
-    _add_setup_commands,
-    _add_process_commands,
-    _add_embedded_commands,
-    _add_operations_commands,
-    _add_bench_command,
-)
-
-
-def build_parser() -> Parser:
-    parser = Parser(
-        prog=PROG,
-        description="Cancellation for ComfyUI workflows: API, workers, runners and tools. "
-        f"Settings come from {ENV_PREFIX}* variables (`{PROG} settings` lists them).",
-    )
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an unexpected error")
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for add_group in COMMAND_GROUPS:
-        add_group(commands)
-    return parser
+# --- running a command line ----------------------------------------------------------------
 
 
 def _fail(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    click.echo(f"{PROG}: error: {message}", err=True)
+
+
+def _usage_problem(exc: click.UsageError) -> str:
+    # click's own form is a usage block and several lines; one line says it better.
+    message = " ".join(line.strip() for line in exc.format_message().splitlines() if line)
+    where = exc.ctx.command_path if exc.ctx is not None else PROG
+    return f"{message.rstrip('.')} (see `{where} --help`)"
 
 
 def _database_problem(exc: sa_exc.DBAPIError) -> str:
@@ -689,28 +646,30 @@ def _database_problem(exc: sa_exc.DBAPIError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one command line; returns the exit code. Errors are one line on stderr."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = False
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except CliError as exc:
-        _fail(str(exc))
-        return exc.code
-    try:
-        return int(args.run(args))
-    except CliError as exc:
-        _fail(str(exc))
-        return exc.code
+        with root.make_context(PROG, args) as ctx:
+            debug = bool(ctx.params["debug"])
+            return int(root.invoke(ctx) or 0)
+    except click.exceptions.Exit as exc:  # --help
+        return exc.exit_code
+    except click.UsageError as exc:
+        _fail(_usage_problem(exc))
+        return exc.exit_code
+    except click.ClickException as exc:
+        _fail(exc.format_message())
+        return exc.exit_code
     except SecretKeyError as exc:
         _fail(str(exc))
         return 1
     except (sa_exc.OperationalError, sa_exc.ProgrammingError, sa_exc.InterfaceError) as exc:
-        if args.debug:
+        if debug:
             raise
         _fail(_database_problem(exc))
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.Abort):
         return 130
     except BrokenPipeError:
         # The reader went away (`comfy-cancel settings | head`): not an error. Point stdout
@@ -718,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:
-        if args.debug:
+        if debug:
             raise
         _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         return 1

@@ -105,8 +105,7 @@ def test_comfy_cancel_worker_consumes_the_cancel_queues_by_default(
 ) -> None:
     calls: list[list[str]] = []
     monkeypatch.setattr(tasks.app, "worker_main", calls.append)
-    args = cli.build_parser().parse_args(["worker"])
-    assert args.run(args) == 0
+    assert cli.main(["worker"]) == 0
     assert calls[0][1] == "--queues=" + ",".join(worker.CANCEL_QUEUES)
     assert "runner" not in calls[0][1]
 

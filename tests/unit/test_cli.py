@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
+import io
+import json
 import os
+import pty
+import select as io_select
 import subprocess
 import sys
+import termios
+import time
 import types
 from collections.abc import Iterator
 from datetime import timedelta
@@ -18,7 +25,8 @@ import comfy_cancel
 from comfy_cancel import cli, context, encryption, manager, tasks
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.db import Database, engine_for
-from comfy_cancel.models import ApiToken, utcnow
+from comfy_cancel.models import ApiToken, WorkflowStatus, utcnow
+from tests.helpers import make_account_and_runner, seed_workflow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -376,3 +384,213 @@ def test_sim_comfyui_delegates_its_options(
     assert run(capsys, "sim-comfyui", "--port", "8190", "--time-scale", "0.5",
                "--no-jobs-api")[0] == 0
     assert received == [["--port", "8190", "--time-scale", "0.5", "--no-jobs-api"]]
+
+
+# --- typed options --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["api", "--port", "0"], "--port"),
+        (["api", "--port", "65536"], "--port"),
+        (["sim-comfyui", "--time-scale", "0"], "--time-scale"),
+        (["sim-comfyui", "--time-scale", "fast"], "--time-scale"),
+        (["dev", "--port", "-1"], "--port"),
+        (["demo", "--time-scale", "-2"], "--time-scale"),
+        (["worker", "--concurrency", "0"], "--concurrency"),
+        (["token", "create", "--account", "   "], "--account"),
+        (["token", "create", "--account", "a" * 201], "--account"),
+        (["bulk-cancel", "--older-than", "3x"], "--older-than"),
+        (["bulk-cancel", "--account", "a", "--wait", "-5s"], "--wait"),
+        (["bulk-cancel", "--ids-file", "/no/such/ids.txt"], "--ids-file"),
+        (["runner", "add", "--account", "a", "r"], "URL"),
+        (["bulk-cancel", "--dry"], "--dry-run"),  # click suggests the close match
+    ],
+)
+def test_a_refused_option_value_is_one_line_naming_the_option_and_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], option: str
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert_one_line_error(err, option, f"`comfy-cancel {argv[0]}")
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    commands = [[name] for name in cli.root.commands if name != "bench"] + [
+        ["token", "create"], ["runner", "add"], ["runner", "list"], ["runner", "new-key"],
+        ["runner", "reseal"]]
+    for argv in commands:
+        code, out, err = run(capsys, *argv, "--help")
+        assert (code, err) == (0, ""), argv
+        assert out.startswith(f"Usage: comfy-cancel {' '.join(argv)} "), out
+    code, out, _ = run(capsys, "-h")
+    assert code == 0 and out.startswith("Usage: comfy-cancel ")
+
+
+def test_the_dev_options_reach_the_stack_typed(
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from comfy_cancel import dev
+
+    seen: list[Any] = []
+
+    def fake_main(args: Any, settings: Settings) -> int:
+        seen.append(vars(args))
+        return 0
+
+    monkeypatch.setattr(dev, "main", fake_main)
+    assert run(capsys, "dev", "--data-dir", str(tmp_path), "--time-scale", "0.5")[0] == 0
+    assert run(capsys, "dev")[0] == 0
+    assert seen == [
+        {"port": None, "comfyui_port": 0, "data_dir": tmp_path, "time_scale": 0.5},
+        {"port": None, "comfyui_port": 0, "data_dir": Path(".comfy-cancel"), "time_scale": 1.0},
+    ]
+
+
+def test_bench_hands_every_argument_to_the_suite(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.suite
+
+    received: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        received.append(argv)
+        return 0
+
+    monkeypatch.setattr(bench.suite, "main", fake_main)
+    assert run(capsys, "bench", "--quick", "--help", "x")[0] == 0
+    assert received == [["--quick", "--help", "x"]]
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(url: str) -> None:
+        raise RuntimeError("disk on fire")
+
+    import comfy_cancel.migrations
+
+    monkeypatch.setattr(comfy_cancel.migrations, "upgrade", broken)
+    code, _, err = run(capsys, "migrate")
+    assert code == 1
+    assert_one_line_error(err, "unexpected RuntimeError: disk on fire", "--debug")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cli.main(["--debug", "migrate"])
+
+
+# --- bulk-cancel: ids from stdin, the confirmation, the progress bar --------------------------
+
+
+@pytest.fixture
+def seeded(migrated: str) -> dict[str, str]:
+    """Two workflows a bulk cancel matches without a broker: one not yet queued, one done."""
+    db = Database.from_url(migrated)
+    account_id, runner_id = make_account_and_runner(db)
+    return {
+        "accepted": seed_workflow(db, account_id, runner_id, WorkflowStatus.ACCEPTED),
+        "completed": seed_workflow(db, account_id, runner_id, WorkflowStatus.COMPLETED),
+    }
+
+
+def test_bulk_cancel_reads_ids_from_stdin(
+    seeded: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = ["# from a report", seeded["accepted"], "", seeded["completed"],
+             seeded["accepted"], "wf-nope"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    code, out, err = run(capsys, "bulk-cancel", "--ids-file", "-", "--dry-run", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["matched"], summary["not_found"]) == (2, 1)
+    assert summary["by_status"] == {"accepted": 1, "completed": 1}
+    assert sorted(summary["sample"]) == sorted(seeded.values())
+
+
+def test_bulk_cancel_names_what_to_cancel_and_known_statuses(
+    migrated: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "bulk-cancel", "--yes")
+    assert code == 1
+    assert_one_line_error(err, "refusing to cancel everything")
+    code, _, err = run(capsys, "bulk-cancel", "--status", "queued,lost", "--yes")
+    assert code == 1
+    assert_one_line_error(err, "unknown status lost")
+
+
+def cli_env(database_url: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "COMFY_CANCEL_DATABASE_URL": database_url,
+            "PYTHONUNBUFFERED": "1"}
+
+
+def test_bulk_cancel_without_a_terminal_asks_for_yes(
+    seeded: dict[str, str], migrated: str
+) -> None:
+    # A new session has no controlling terminal: nobody to ask.
+    result = subprocess.run(
+        [sys.executable, "-m", "comfy_cancel.cli", "bulk-cancel", "--ids-file", "-"],
+        input="\n".join(seeded.values()), capture_output=True, text=True,
+        env=cli_env(migrated), timeout=60, check=False, start_new_session=True,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert_one_line_error(result.stderr, "no terminal to confirm on", "--yes")
+
+
+def on_a_terminal(argv: list[str], stdin: str, answer: str, env: dict[str, str]
+                  ) -> tuple[int, str, str]:
+    """Run the CLI with stdin from a pipe and a pseudo-terminal as its controlling terminal
+    and stderr, as an operator piping ids in does; type ``answer`` at the prompt. Returns
+    the exit code, stdout, and what the terminal showed."""
+    leader, follower = pty.openpty()
+
+    def own_the_terminal() -> None:  # in the child, after setsid: stderr becomes its tty
+        fcntl.ioctl(2, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "comfy_cancel.cli", *argv], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=follower, env=env, start_new_session=True,
+        preexec_fn=own_the_terminal,
+    )
+    os.close(follower)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(stdin.encode())
+    proc.stdin.close()
+    shown, answered = b"", False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if not answered and b"[y/N]" in shown:
+            os.write(leader, answer.encode() + b"\n")
+            answered = True
+        if io_select.select([leader], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    code = proc.wait(30)
+    return code, proc.stdout.read().decode(), shown.decode(errors="replace")
+
+
+def test_bulk_cancel_confirms_on_the_terminal_while_ids_come_through_stdin(
+    seeded: dict[str, str], migrated: str
+) -> None:
+    argv = ["bulk-cancel", "--ids-file", "-"]
+    ids = "\n".join(seeded.values())
+    code, out, shown = on_a_terminal(argv, ids, "n", cli_env(migrated))
+    assert (code, out) == (1, ""), shown
+    assert "cancel 2 workflows ({'accepted': 1, 'completed': 1})? [y/N]:" in shown
+    assert "comfy-cancel: error: not confirmed; nothing was changed" in shown
+
+    code, out, shown = on_a_terminal(argv, ids, "y", cli_env(migrated))
+    assert code == 0, shown
+    assert "not cancellable: 1\nnot found: 0" in out and "already terminal: 1" in out
+    # click's progress bar, drawn on the terminal only.
+    assert "cancelling" in shown and "2/2" in shown
+    assert "cancelling" not in out

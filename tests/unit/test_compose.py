@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import yaml
 
@@ -68,6 +69,19 @@ def test_the_deployment_has_every_part_of_the_system(services: dict[str, Any]) -
     assert set(services) == LONG_RUNNING | {"migrate"}
 
 
+def parse(command: list[str]) -> tuple[click.Command, dict[str, Any]]:
+    """The command a ``comfy-cancel ...`` line names and its options, parsed by the real
+    CLI without running it; click.UsageError when the CLI refuses the line."""
+    command_group: click.Command = cli.root
+    args, parent = command[1:], None
+    while isinstance(command_group, click.Group):
+        parent = click.Context(command_group, info_name=command[0], parent=parent)
+        name, found, args = command_group.resolve_command(parent, args)
+        assert name is not None and found is not None
+        command_group = found
+    return command_group, command_group.make_context(name, args, parent=parent).params
+
+
 def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
         check = service.get("healthcheck")
@@ -80,23 +94,21 @@ def test_every_comfy_cancel_command_parses_with_the_real_cli(
 ) -> None:
     commands = comfy_cancel_commands(services)
     assert {name for name, _ in commands} >= LONG_RUNNING - {"redis", "postgres"} | {"migrate"}
-    parser = cli.build_parser()
     for name, command in commands:
         try:
-            parser.parse_args(command[1:])
-        except cli.UsageError as exc:
+            parse(command)
+        except click.UsageError as exc:
             pytest.fail(f"{name}: `{shlex.join(command)}` is refused by the CLI: {exc}")
 
 
 def test_the_workers_consume_every_queue_and_only_real_ones(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    parser = cli.build_parser()
     consumed: set[str] = set()
     for _name, command in comfy_cancel_commands(services):
-        args = parser.parse_args(command[1:])
-        if args.run is cli.cmd_worker:
-            queues = {q.strip() for q in args.queues.split(",")}
+        parsed, options = parse(command)
+        if parsed is cli.cmd_worker:
+            queues = {q.strip() for q in options["queues"].split(",")}
             assert queues <= set(worker.ALL_QUEUES), queues
             consumed |= queues
     assert consumed == set(worker.ALL_QUEUES)
@@ -203,6 +215,6 @@ def test_no_password_has_a_default_and_redis_requires_one(
 def test_the_cancel_worker_service_is_what_the_cli_default_starts(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    args = cli.build_parser().parse_args(argv(services["worker"]["command"])[1:])
-    default = cli.build_parser().parse_args(["worker"])
-    assert args.queues == default.queues == ",".join(worker.CANCEL_QUEUES)
+    _, options = parse(argv(services["worker"]["command"]))
+    _, default = parse(["comfy-cancel", "worker"])
+    assert options["queues"] == default["queues"] == ",".join(worker.CANCEL_QUEUES)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from comfy_cancel.cli import build_parser
+from comfy_cancel.cli import root
 from comfy_cancel.config import ENV_PREFIX, Settings
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
@@ -18,7 +17,5 @@ def test_every_setting_is_documented() -> None:
 
 
 def test_every_cli_command_is_documented() -> None:
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    missing = [name for name in commands.choices if f"comfy-cancel {name}" not in README]
+    missing = [name for name in root.commands if f"comfy-cancel {name}" not in README]
     assert missing == []
