@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -119,6 +120,10 @@ def test_connect_checks_every_address_of_a_name(listener: Listener) -> None:
         NOBODY.connect("localhost", listener.port, 1)
     sock = LOOPBACK.connect("localhost", listener.port, 1)
     sock.close()
+    # The listener accepts on its own thread, a moment after the handshake completed.
+    deadline = time.monotonic() + 5
+    while listener.accepted < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert listener.accepted == 1
 
 
