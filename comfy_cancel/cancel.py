@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from comfy_cancel import manager, signals, status, tasks
+from comfy_cancel import manager, publish, signals, status
 from comfy_cancel.comfyui import ComfyUIError
 from comfy_cancel.context import Context
 from comfy_cancel.encryption import SecretKeyError
@@ -108,7 +108,7 @@ def _after_queued_cancelled(ctx: Context, cancelled: Sequence[CancelledQueued]) 
     """After the commit: revoke the runner tasks, stop and remove the pending prompts."""
     if not cancelled:
         return
-    tasks.revoke_runner_tasks([c.runner_task_id for c in cancelled if c.runner_task_id])
+    publish.revoke_runner_tasks([c.runner_task_id for c in cancelled if c.runner_task_id])
     with_prompt = [c for c in cancelled if c.prompt_id]
     signals.send(ctx.redis, [c.id for c in with_prompt], signals.SignalKind.STOP,
                  ctx.settings.signal_ttl_seconds)
@@ -143,7 +143,7 @@ def signal_running(
         outcomes.update(escalate(ctx, lost, by, CancelOutcome.RUNNER_LOST))
     if live:
         signals.send(ctx.redis, live, signals.SignalKind.CANCEL, ctx.settings.signal_ttl_seconds)
-        tasks.schedule_deadline(live, by, ctx.settings.cancel_grace_seconds)
+        publish.schedule_deadline(live, by, ctx.settings.cancel_grace_seconds)
     return outcomes
 
 
@@ -203,7 +203,7 @@ def escalate(
     # ComfyUI directly so the GPU is freed even when the runner is gone.
     signals.send(ctx.redis, [w.id for w in ended], signals.SignalKind.TERMINATE,
                  ctx.settings.signal_ttl_seconds)
-    tasks.revoke_runner_tasks([w.runner_task_id for w in ended if w.runner_task_id])
+    publish.revoke_runner_tasks([w.runner_task_id for w in ended if w.runner_task_id])
     prompts: dict[str, list[str]] = defaultdict(list)
     for workflow in with_prompt:
         prompts[str(workflow.runner_id)].append(str(workflow.prompt_id))

@@ -529,7 +529,7 @@ def runner_endpoints(session: Session, runner_ids: Sequence[str]) -> dict[str, R
 # --- sweeps: each finds its rows through an index, so its cost follows what it finds ------
 
 
-def _redrive_due(published_before: datetime, taken_before: datetime) -> list[Any]:
+def redrive_due(published_before: datetime, taken_before: datetime) -> list[Any]:
     """An open cancel intent to hand on again: published (or requested) before
     ``published_before``, and either taken by no cancel worker, or taken before
     ``taken_before`` (its deadline passed with no outcome: the deadline check was lost)."""
@@ -548,38 +548,16 @@ def _redrive_due(published_before: datetime, taken_before: datetime) -> list[Any
 def intents_to_redrive(
     session: Session, published_before: datetime, taken_before: datetime, limit: int
 ) -> list[str]:
-    """Open cancel intents due to be handed on again (``_redrive_due``), oldest first,
+    """Open cancel intents due to be handed on again (:func:`redrive_due`), oldest first,
     read through the partial index of open intents (``ix_workflows_open_cancel``)."""
     return list(
         session.execute(
             select(Workflow.id)
-            .where(*_redrive_due(published_before, taken_before))
+            .where(*redrive_due(published_before, taken_before))
             .order_by(Workflow.cancel_requested_at)
             .limit(limit)
         ).scalars()
     )
-
-
-def claim_redrive(
-    session: Session,
-    workflow_ids: Sequence[str],
-    published_before: datetime,
-    taken_before: datetime,
-) -> list[tuple[str, str | None, str | None, str | None]]:
-    """Stamp intents as published now if they are still due, so two schedulers hand each
-    on once; returns the claimed (id, source, actor, reason)."""
-    if not workflow_ids:
-        return []
-    rows = session.execute(
-        update(Workflow)
-        .where(Workflow.id.in_(list(workflow_ids)),
-               *_redrive_due(published_before, taken_before))
-        .values(cancel_published_at=utcnow())
-        .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_actor,
-                   Workflow.cancel_reason)
-        .execution_options(synchronize_session=False)
-    ).all()
-    return [(wid, source, actor, reason) for wid, source, actor, reason in rows]
 
 
 def running_without_heartbeat(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
+from comfy_cancel import manager
 from comfy_cancel.models import (
     CancelOutcome,
     EventKind,
@@ -398,15 +399,26 @@ def record_outcome(
     return changed is not None
 
 
-def mark_cancel_published(session: Session, workflow_ids: Sequence[str]) -> None:
-    """Remember when a cancel message was last handed to the broker (the re-publish sweep)."""
-    if workflow_ids:
-        session.execute(
-            update(Workflow)
-            .where(Workflow.id.in_(list(workflow_ids)))
-            .values(cancel_published_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
+def claim_redrive(
+    session: Session,
+    workflow_ids: Sequence[str],
+    published_before: datetime,
+    taken_before: datetime,
+) -> list[tuple[str, str | None, str | None, str | None]]:
+    """Stamp intents as published now if they are still due, so two schedulers hand each
+    on once; returns the claimed (id, source, actor, reason)."""
+    if not workflow_ids:
+        return []
+    rows = session.execute(
+        update(Workflow)
+        .where(Workflow.id.in_(list(workflow_ids)),
+               *manager.redrive_due(published_before, taken_before))
+        .values(cancel_published_at=utcnow())
+        .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_actor,
+                   Workflow.cancel_reason)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [(wid, source, actor, reason) for wid, source, actor, reason in rows]
 
 
 def mark_cancel_taken(session: Session, workflow_ids: Sequence[str]) -> None:
