@@ -297,14 +297,14 @@ def submit_workflow(
 ) -> Response:
     """Accept a workflow and hand it to the runner queue (200, status ``accepted``)."""
     with db.transaction() as session:
-        workflow = manager.create_workflow(
+        workflow = status.create_accepted(
             session,
             principal.account_id,
             name=submission.name,
             workflow_json=submission.workflow_json,
             tags=submission.tags,
         )
-    assert workflow.runner_task_id is not None  # create_workflow always assigns one
+    assert workflow.runner_task_id is not None  # create_accepted always assigns one
     try:
         publish.publish_run(workflow.id, workflow.runner_task_id)
     except publish.BROKER_ERRORS as exc:

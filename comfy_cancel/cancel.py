@@ -29,7 +29,7 @@ from comfy_cancel import manager, publish, signals, status
 from comfy_cancel.comfyui import ComfyUIError
 from comfy_cancel.context import Context
 from comfy_cancel.encryption import SecretKeyError
-from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
+from comfy_cancel.models import TERMINAL, CancelOutcome, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor, CancelledQueued
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def handle_many(
             outcomes[workflow.id] = _terminal_outcome(session, workflow, by)
             if workflow.status == S.RUNNING.value:
                 (overdue if _deadline_passed(ctx, workflow) else running).append(workflow)
-            elif workflow.status not in _TERMINAL:
+            elif workflow.status not in TERMINAL:
                 log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status)
         status.mark_cancel_taken(session, [w.id for w in running])
     _after_queued_cancelled(ctx, cancelled)
@@ -126,7 +126,7 @@ def enforce_deadline(
     with ctx.db.transaction() as session:
         # Terminal ones were acknowledged, or won the race; their outcome is recorded.
         stuck = [w for w in manager.workflows_by_ids(session, workflow_ids)
-                 if w.status not in _TERMINAL]
+                 if w.status not in TERMINAL]
     return escalate(ctx, stuck, by)
 
 
@@ -147,11 +147,8 @@ def signal_running(
     return outcomes
 
 
-_TERMINAL = frozenset({S.COMPLETED.value, S.FAILED.value, S.CANCELLED.value})
-
-
 def _terminal_outcome(session: Any, workflow: Workflow, by: Actor) -> CancelOutcome | None:
-    if workflow.status not in _TERMINAL:
+    if workflow.status not in TERMINAL:
         return None
     outcome = (
         CancelOutcome.ALREADY_CANCELLED

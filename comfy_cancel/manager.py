@@ -1,8 +1,8 @@
 """Every database read and every write that is not a status change.
 
-Status changes live in :mod:`comfy_cancel.status`; everything else that touches a
-table is a function here, named for its intent. Each takes a session that the
-caller opened with ``Database.transaction()``.
+Status changes and the cancel request's columns live in :mod:`comfy_cancel.status`;
+everything else that touches a table is a function here, named for its intent. Each
+takes a session that the caller opened with ``Database.transaction()``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from comfy_cancel import auth, encryption
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.egress import EgressPolicy
 from comfy_cancel.models import (
+    CANCELLABLE,
     Account,
     ApiToken,
     Runner,
@@ -241,39 +242,12 @@ def choose_runner(session: Session, account_id: int, tags: Sequence[str]) -> Run
 # --- workflows ---------------------------------------------------------------------------
 
 
-def create_workflow(
-    session: Session,
-    account_id: int,
-    *,
-    name: str,
-    workflow_json: Mapping[str, Any],
-    tags: Sequence[str] = (),
-) -> Workflow:
-    now = utcnow()
-    workflow = Workflow(
-        id=new_id(),
-        account_id=account_id,
-        name=name,
-        status=S.ACCEPTED.value,
-        tags=list(tags),
-        workflow_json=dict(workflow_json),
-        runner_task_id=new_id(),  # known before publishing, so a cancel can always revoke it
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(workflow)
-    session.flush()
+def add_tags(session: Session, workflow_id: str, tags: Sequence[str]) -> None:
+    """Index a new workflow's tags (bulk cancels filter by tag through them)."""
     if tags:
         session.execute(
-            insert(WorkflowTag), [{"workflow_id": workflow.id, "tag": t} for t in set(tags)]
+            insert(WorkflowTag), [{"workflow_id": workflow_id, "tag": t} for t in set(tags)]
         )
-    session.execute(
-        insert(WorkflowEvent).values(
-            workflow_id=workflow.id, at=now, kind="transition", to_status=S.ACCEPTED.value,
-            source="api",
-        )
-    )
-    return workflow
 
 
 def get_workflow(
@@ -405,7 +379,7 @@ def heartbeat(
         values["progress"] = dict(progress)
     query = update(Workflow).where(
         Workflow.id == workflow_id,
-        Workflow.status.in_([S.QUEUED.value, S.RUNNING.value]),
+        Workflow.status.in_(sorted(CANCELLABLE)),
     )
     if task_id is not None:
         query = query.where(Workflow.runner_task_id == task_id)
@@ -426,7 +400,7 @@ class WorkflowFilter:
     """Which workflows an operator's bulk cancel is about; every field narrows the match."""
 
     account: str | None = None
-    statuses: tuple[str, ...] = (S.QUEUED.value, S.RUNNING.value)
+    statuses: tuple[str, ...] = tuple(sorted(CANCELLABLE))
     older_than_seconds: float | None = None
     runner: str | None = None  # a runner id or name
     tag: str | None = None

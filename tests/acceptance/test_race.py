@@ -302,7 +302,7 @@ def seed_running(db: Database, account_id: int, runner_id: str, count: int) -> l
     """``count`` workflows at ``running``, every step through the status writer."""
     with db.transaction() as session:
         ids = [
-            manager.create_workflow(
+            status.create_accepted(
                 session, account_id, name=f"race-{n}", workflow_json=TINY_PROMPT
             ).id
             for n in range(count)

@@ -21,7 +21,13 @@ from comfy_cancel.config import Settings
 from comfy_cancel.context import Context
 from comfy_cancel.models import EventKind, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.sim_comfyui import start_in_thread
-from tests.helpers import blur_chain, make_account_and_runner, migrated, seed_workflow
+from tests.helpers import (
+    LOOPBACK,
+    blur_chain,
+    make_account_and_runner,
+    migrated,
+    seed_workflow,
+)
 from tests.integration.test_sweeps import backdate, queued_messages
 
 S = WorkflowStatus
@@ -31,7 +37,7 @@ API = status.Actor("api", "alice", "no longer needed")
 @pytest.fixture
 def ctx(pg_database_url: str, redis_db_url: str) -> Iterator[Context]:
     settings = Settings(database_url=pg_database_url, redis_url=redis_db_url,
-                        heartbeat_interval_seconds=0.5)
+                        heartbeat_interval_seconds=0.5, runner_allowed_networks=LOOPBACK)
     migrated(pg_database_url)
     worker.configure(settings)
     yield Context(settings)
@@ -186,8 +192,8 @@ def test_a_superseded_runner_task_leaves_without_touching_the_prompt(ctx: Contex
     try:
         account_id, _ = make_account_and_runner(ctx.db, url=sim.url)
         with ctx.db.transaction() as session:
-            wid = manager.create_workflow(session, account_id, name="long",
-                                          workflow_json=blur_chain(6)).id
+            wid = status.create_accepted(session, account_id, name="long",
+                                         workflow_json=blur_chain(6)).id
         first_task = row(ctx, wid).runner_task_id
         # Another prompt keeps ComfyUI busy, so ours waits in its queue (status queued).
         blocker = httpx.post(f"{sim.url}/prompt", json={"prompt": blur_chain(4)})
@@ -239,8 +245,8 @@ def test_a_runner_task_rides_out_a_database_outage(
     try:
         account_id, _ = make_account_and_runner(ctx.db, url=sim.url)
         with ctx.db.transaction() as session:
-            wid = manager.create_workflow(session, account_id, name="through an outage",
-                                          workflow_json=blur_chain(8)).id
+            wid = status.create_accepted(session, account_id, name="through an outage",
+                                         workflow_json=blur_chain(8)).id
         task_id = row(ctx, wid).runner_task_id
         results: dict[str, str | None] = {}
         thread = threading.Thread(target=lambda: results.update(
