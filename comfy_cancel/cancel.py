@@ -40,11 +40,6 @@ S = WorkflowStatus
 ESCALATION_TIMEOUT_SECONDS = 3.0
 
 
-def handle(ctx: Context, workflow_id: str, by: Actor) -> CancelOutcome | None:
-    """Act on one cancel request; the outcome, or None while a running cancel is in flight."""
-    return handle_many(ctx, [workflow_id], by).get(workflow_id)
-
-
 def handle_many(
     ctx: Context, workflow_ids: Sequence[str], by: Actor
 ) -> dict[str, CancelOutcome | None]:

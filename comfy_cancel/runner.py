@@ -73,7 +73,6 @@ class Run:
     stream: EventStream | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     stop_requested: threading.Event = field(default_factory=threading.Event)
-    cancel_delivered_at: float | None = None
     progress: dict[str, Any] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -108,7 +107,6 @@ class Run:
                         raise
         except ComfyUIError:
             return False
-        self.cancel_delivered_at = time.monotonic()
         return True
 
     def set_prompt(self, prompt_id: str) -> None:
