@@ -17,7 +17,7 @@ from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.orm import Session, defer
 
 from comfy_cancel import auth, encryption
-from comfy_cancel.config import Settings, get_settings
+from comfy_cancel.config import Settings, get_settings, secret_keys
 from comfy_cancel.egress import EgressPolicy
 from comfy_cancel.models import (
     CANCELLABLE,
@@ -215,7 +215,7 @@ def reseal_runner_headers(session: Session) -> tuple[int, list[str]]:
     rows = session.execute(select(Runner).where(Runner.sealed_headers.is_not(None))).scalars()
     for runner in rows:
         try:
-            runner.sealed_headers = encryption.reseal(runner.sealed_headers or "")
+            runner.sealed_headers = encryption.reseal(runner.sealed_headers or "", secret_keys())
         except encryption.SecretKeyWrong:
             unreadable.append(runner.id)
             continue
