@@ -55,8 +55,8 @@ def running_via_status_writer(
     """``count`` workflows at ``running`` (fresh heartbeat), every step a status write."""
     with db.transaction() as session:
         ids = [
-            manager.create_workflow(session, account_id, name=f"running-{n}",
-                                    workflow_json=TINY_PROMPT).id
+            status.create_accepted(session, account_id, name=f"running-{n}",
+                                   workflow_json=TINY_PROMPT).id
             for n in range(count)
         ]
 

@@ -23,14 +23,13 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from kombu.exceptions import OperationalError as BrokerError
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comfy_cancel import manager, status, tasks
+from comfy_cancel import bulk, manager, publish, status
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.context import Context
 from comfy_cancel.db import Database
@@ -76,10 +75,6 @@ from comfy_cancel.schemas import (
 )
 
 log = logging.getLogger(__name__)
-
-# What a publish raises when the broker is down: kombu wraps most connection errors, but
-# a refused socket or a Redis error can surface unwrapped.
-PUBLISH_ERRORS: tuple[type[Exception], ...] = (BrokerError, redis.RedisError, OSError)
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -302,17 +297,17 @@ def submit_workflow(
 ) -> Response:
     """Accept a workflow and hand it to the runner queue (200, status ``accepted``)."""
     with db.transaction() as session:
-        workflow = manager.create_workflow(
+        workflow = status.create_accepted(
             session,
             principal.account_id,
             name=submission.name,
             workflow_json=submission.workflow_json,
             tags=submission.tags,
         )
-    assert workflow.runner_task_id is not None  # create_workflow always assigns one
+    assert workflow.runner_task_id is not None  # create_accepted always assigns one
     try:
-        tasks.publish_run(workflow.id, workflow.runner_task_id)
-    except PUBLISH_ERRORS as exc:
+        publish.publish_run(workflow.id, workflow.runner_task_id)
+    except publish.BROKER_ERRORS as exc:
         log.warning("workflow %s not dispatched: %s: %s", workflow.id, type(exc).__name__, exc)
         with db.transaction() as session:
             status.fail(
@@ -387,30 +382,28 @@ def cancel_workflow(
     the request is recorded by a compare-and-set scoped to the caller's account; the status
     is read only to explain a refusal (404 or 400).
     """
-    with db.transaction() as session:
-        by = status.Actor(CancelSource.API.value, principal.actor, body.reason if body else None)
-        canonical = _canonical_id(workflow_id)
-        if canonical is None:
+    by = status.Actor(CancelSource.API.value, principal.actor, body.reason if body else None)
+    canonical = _canonical_id(workflow_id)
+    if canonical is None:
+        raise _not_found("workflow", workflow_id)
+
+    def refused(session: Session, missed: list[str]) -> list[str]:
+        current = manager.workflow_status(session, canonical, principal.account_id)
+        if current is None:
             raise _not_found("workflow", workflow_id)
-        while not status.request_cancel(
-            session, canonical, by, publishing=True, account_id=principal.account_id
-        ):
-            current = manager.workflow_status(session, canonical, principal.account_id)
-            if current is None:
-                raise _not_found("workflow", workflow_id)
-            if current not in CANCELLABLE:
-                raise _not_cancellable(canonical, current)
-            # It became queued between the two statements: the next try records it.
-    try:
-        tasks.publish_cancels([canonical], by)
-    except PUBLISH_ERRORS as exc:
-        log.warning("cancel of %s recorded, not published: %s: %s",
-                    canonical, type(exc).__name__, exc)
+        if current not in CANCELLABLE:
+            raise _not_cancellable(canonical, current)
+        return missed  # it became queued between the two statements: the next try records it
+
+    handed = publish.request_cancels(
+        db, [canonical], by, account_id=principal.account_id, unrecorded=refused
+    )
+    if not handed.published:
         raise ApiError(
             500,
             "the cancel request is recorded but could not be handed to the cancel queue; "
             "retrying is safe",
-        ) from exc
+        )
     return Response(status_code=200)
 
 
@@ -590,8 +583,6 @@ def bulk_cancel(request: Request, principal: Operator, body: BulkCancelRequest) 
     Answers once the queued ones are cancelled and the running ones' runners signalled;
     the running ones' outcomes follow on their workflows (``pending`` counts them).
     """
-    from comfy_cancel import bulk
-
     ctx = _context(request)
     flt = WorkflowFilter(
         account=body.account,

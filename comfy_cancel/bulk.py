@@ -21,16 +21,14 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
 
-from comfy_cancel import cancel, manager, status, tasks
+from comfy_cancel import cancel, manager, publish
 from comfy_cancel.context import Context
 from comfy_cancel.manager import Target, WorkflowFilter
-from comfy_cancel.models import CancelOutcome, WorkflowStatus
+from comfy_cancel.models import CANCELLABLE, TERMINAL, CancelOutcome, WorkflowStatus
 from comfy_cancel.status import Actor
 
 log = logging.getLogger(__name__)
 S = WorkflowStatus
-ACTIVE = (S.QUEUED.value, S.RUNNING.value)
-TERMINAL = (S.COMPLETED.value, S.FAILED.value, S.CANCELLED.value)
 STOPPED = {CancelOutcome.CANCELLED.value, CancelOutcome.FORCED.value,
            CancelOutcome.RUNNER_LOST.value}
 
@@ -133,31 +131,22 @@ def _cancel_chunk(
     ctx: Context, chunk: list[Target], by: Actor, summary: BulkSummary
 ) -> list[str]:
     """Cancel one chunk; returns the ids of the running ones handed to the bulk queue."""
-    active = [t.id for t in chunk if t.status in ACTIVE]
-    queued = [t.id for t in chunk if t.status == S.QUEUED.value]
+    active = [t.id for t in chunk if t.status in CANCELLABLE]
+    queued = [t.id for t in chunk if t.status == S.QUEUED]
     summary.already_terminal += sum(t.status in TERMINAL for t in chunk)
-    summary.not_cancellable += sum(t.status not in ACTIVE + TERMINAL for t in chunk)
+    summary.not_cancellable += sum(t.status not in CANCELLABLE | TERMINAL for t in chunk)
     # The CAS records the request of what it cancels; only the rest needs a request.
     cancelled = cancel.cancel_queued(ctx, queued, by)
-    with ctx.db.transaction() as session:
-        # Running ones, and queued ones that started running meanwhile.
-        rest = status.request_cancel_many(
-            session, [wid for wid in active if wid not in cancelled], by
-        )
+    # Running ones, and queued ones that started running meanwhile: one message.
+    rest = [wid for wid in active if wid not in cancelled]
+    handed = publish.request_cancels(ctx.db, rest, by, chunk_size=max(1, len(rest)))
     summary.cancelled += len(cancelled)
     # Matched as queued or running, ended before the request was written.
-    summary.too_late += len(active) - len(cancelled) - len(rest)
-    if not rest:
+    summary.too_late += len(active) - len(cancelled) - len(handed.recorded)
+    if not handed.published:
+        summary.failed_to_signal += len(handed.recorded)
         return []
-    try:
-        tasks.publish_cancels(rest, by, chunk_size=len(rest))
-    except Exception as exc:  # kombu and redis raise several types for "broker down"
-        log.warning("could not hand %d running cancels to the bulk queue: %s", len(rest), exc)
-        summary.failed_to_signal += len(rest)
-        return []
-    with ctx.db.transaction() as session:
-        status.mark_cancel_published(session, rest)
-    return rest
+    return handed.recorded
 
 
 def _collect_outcomes(

@@ -27,11 +27,11 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from comfy_cancel import manager, signals, status, tasks
+from comfy_cancel import manager, publish, signals, status
 from comfy_cancel.comfyui import ComfyUIError
 from comfy_cancel.context import Context
 from comfy_cancel.encryption import SecretKeyError
-from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
+from comfy_cancel.models import TERMINAL, CancelOutcome, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor, CancelledQueued
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,6 @@ S = WorkflowStatus
 # A direct cancel sent to ComfyUI on escalation is best effort: the runner may be gone,
 # and the database write must not wait long on a server that does not answer.
 ESCALATION_TIMEOUT_SECONDS = 3.0
-
-
-def handle(ctx: Context, workflow_id: str, by: Actor) -> CancelOutcome | None:
-    """Act on one cancel request; the outcome, or None while a running cancel is in flight."""
-    return handle_many(ctx, [workflow_id], by).get(workflow_id)
 
 
 def handle_many(
@@ -69,7 +64,7 @@ def handle_many(
             outcomes[workflow.id] = _terminal_outcome(session, workflow, by)
             if workflow.status == S.RUNNING.value:
                 (overdue if _deadline_passed(ctx, workflow) else running).append(workflow)
-            elif workflow.status not in _TERMINAL:
+            elif workflow.status not in TERMINAL:
                 log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status)
     _after_queued_cancelled(ctx, cancelled)
     if overdue:
@@ -115,7 +110,7 @@ def _after_queued_cancelled(ctx: Context, cancelled: Sequence[CancelledQueued]) 
     """After the commit: revoke the runner tasks, stop and remove the pending prompts."""
     if not cancelled:
         return
-    tasks.revoke_runner_tasks([c.runner_task_id for c in cancelled if c.runner_task_id])
+    publish.revoke_runner_tasks([c.runner_task_id for c in cancelled if c.runner_task_id])
     with_prompt = [c for c in cancelled if c.prompt_id]
     signals.send(ctx.redis, [c.id for c in with_prompt], signals.SignalKind.STOP,
                  ctx.settings.signal_ttl_seconds)
@@ -133,7 +128,7 @@ def enforce_deadline(
     with ctx.db.transaction() as session:
         # Terminal ones were acknowledged, or won the race; their outcome is recorded.
         stuck = [w for w in manager.workflows_by_ids(session, workflow_ids)
-                 if w.status not in _TERMINAL]
+                 if w.status not in TERMINAL]
     return escalate(ctx, stuck, by)
 
 
@@ -150,15 +145,12 @@ def signal_running(
         outcomes.update(escalate(ctx, lost, by, CancelOutcome.RUNNER_LOST))
     if live:
         signals.send(ctx.redis, live, signals.SignalKind.CANCEL, ctx.settings.signal_ttl_seconds)
-        tasks.schedule_deadline(live, by, ctx.settings.cancel_grace_seconds)
+        publish.schedule_deadline(live, by, ctx.settings.cancel_grace_seconds)
     return outcomes
 
 
-_TERMINAL = frozenset({S.COMPLETED.value, S.FAILED.value, S.CANCELLED.value})
-
-
 def _terminal_outcome(session: Any, workflow: Workflow, by: Actor) -> CancelOutcome | None:
-    if workflow.status not in _TERMINAL:
+    if workflow.status not in TERMINAL:
         return None
     outcome = (
         CancelOutcome.ALREADY_CANCELLED
@@ -210,7 +202,7 @@ def escalate(
     # ComfyUI directly so the GPU is freed even when the runner is gone.
     signals.send(ctx.redis, [w.id for w in ended], signals.SignalKind.TERMINATE,
                  ctx.settings.signal_ttl_seconds)
-    tasks.revoke_runner_tasks([w.runner_task_id for w in ended if w.runner_task_id])
+    publish.revoke_runner_tasks([w.runner_task_id for w in ended if w.runner_task_id])
     prompts: dict[str, list[str]] = defaultdict(list)
     for workflow in with_prompt:
         prompts[str(workflow.runner_id)].append(str(workflow.prompt_id))

@@ -48,6 +48,7 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
+from comfy_cancel.config import get_settings
 from comfy_cancel.egress import EgressDenied, EgressPolicy
 from comfy_cancel.redact import redact_url
 
@@ -195,7 +196,7 @@ class ComfyUIClient:
         self.base_url = base_url.rstrip("/")
         self.shown_url = redact_url(self.base_url)  # for messages and logs
         self.timeout = timeout
-        self.egress = egress if egress is not None else EgressPolicy.of()
+        self.egress = egress if egress is not None else EgressPolicy.of(get_settings())
         self._headers = dict(headers or {})
         # No proxy from the environment: the egress check must see the address connected to.
         self._http = httpx.Client(
@@ -383,7 +384,7 @@ class EventStream:
     ) -> None:
         self.url = url
         self.shown_url = redact_url(url)  # for messages and logs
-        self.egress = egress if egress is not None else EgressPolicy.of()
+        self.egress = egress if egress is not None else EgressPolicy.of(get_settings())
         self.reconnect_timeout = reconnect_timeout
         self._headers = dict(headers or {})
         self._open_timeout = open_timeout

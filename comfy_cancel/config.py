@@ -208,3 +208,9 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings; tests call ``get_settings.cache_clear()`` after changing env."""
     return Settings()
+
+
+def secret_keys() -> str:
+    """The configured keys of runner headers at rest ('' when none): the default of the
+    callers of comfy_cancel.encryption, which reads no settings itself."""
+    return get_settings().secret_key or ""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
@@ -56,22 +55,10 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def sqlite_path(url: str) -> Path | None:
-    """The file behind a SQLite URL, or None for other databases and in-memory SQLite."""
-    if not url.startswith("sqlite"):
-        return None
-    path = url.split("///", 1)[1] if "///" in url else ""
-    return Path(path) if path and path != ":memory:" else None
-
-
 @lru_cache(maxsize=8)
 def engine_for(url: str) -> Engine:
     """One engine (one pool) per URL per process."""
     return make_engine(url)
-
-
-def get_engine() -> Engine:
-    return engine_for(get_settings().database_url)
 
 
 class Database:
@@ -84,10 +71,6 @@ class Database:
     @classmethod
     def from_url(cls, url: str) -> Database:
         return cls(engine_for(url))
-
-    @classmethod
-    def default(cls) -> Database:
-        return cls.from_url(get_settings().database_url)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -38,8 +38,8 @@ from comfy_cancel.dev import (
     say,
     sigterm_as_interrupt,
 )
+from comfy_cancel.models import TERMINAL
 
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
 SHORT_BLURS = 4  # about 3.5 s on the simulated ComfyUI at time scale 1
 LONG_BLURS = 40  # about 32 s: always still running when it is cancelled
 RUNNING_CANCEL_AFTER = 1.0

@@ -296,17 +296,6 @@ class EmbeddedStack:
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
-    def pids(self) -> dict[str, int]:
-        """The process id of every process the stack started (Redis included)."""
-        found = {
-            name: child.process.pid
-            for name, child in self._children.items()
-            if child.process is not None
-        }
-        if self._redis is not None:
-            found["redis"] = self._redis.process.pid
-        return found
-
     def _require(self, value: Any, what: str) -> Any:
         if value is None:
             raise RuntimeError(f"EmbeddedStack.{what} is known once start() has returned")

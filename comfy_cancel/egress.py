@@ -21,13 +21,16 @@ import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from comfy_cancel.redact import redact_url
 
-if TYPE_CHECKING:
-    from comfy_cancel.config import Settings
+
+class EgressSettings(Protocol):
+    """What the policy reads from the settings (config.Settings has it)."""
+
+    runner_allowed_networks: str
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +121,7 @@ class EgressPolicy:
     allowed: tuple[IPNetwork, ...] = ()
 
     @classmethod
-    def of(cls, settings: Settings | None = None) -> EgressPolicy:
-        if settings is None:
-            from comfy_cancel.config import get_settings
-
-            settings = get_settings()
+    def of(cls, settings: EgressSettings) -> EgressPolicy:
         return cls(parse_networks(settings.runner_allowed_networks))
 
     def is_allowed(self, ip: IPAddress) -> bool:

@@ -70,21 +70,13 @@ def check_keys(keys: str) -> str:
     return keys
 
 
-def _configured_keys() -> str:
-    from comfy_cancel.config import get_settings
-
-    return get_settings().secret_key or ""
-
-
-def seal(headers: dict[str, str], keys: str | None = None) -> str:
-    keys = _configured_keys() if keys is None else keys
+def seal(headers: dict[str, str], keys: str) -> str:
     if not keys.strip():
         raise SecretKeyMissing()
     return _cipher(keys).encrypt(json.dumps(headers).encode()).decode()
 
 
-def unseal(token: str, keys: str | None = None) -> dict[str, str]:
-    keys = _configured_keys() if keys is None else keys
+def unseal(token: str, keys: str) -> dict[str, str]:
     if not keys.strip():
         raise SecretKeyMissing(reading=True)
     try:
@@ -95,9 +87,8 @@ def unseal(token: str, keys: str | None = None) -> dict[str, str]:
     return {str(k): str(v) for k, v in headers.items()}
 
 
-def reseal(token: str, keys: str | None = None) -> str:
+def reseal(token: str, keys: str) -> str:
     """``token`` sealed again under the newest key (rotation)."""
-    keys = _configured_keys() if keys is None else keys
     if not keys.strip():
         raise SecretKeyMissing(reading=True)
     try:

@@ -1,8 +1,8 @@
 """Every database read and every write that is not a status change.
 
-Status changes live in :mod:`comfy_cancel.status`; everything else that touches a
-table is a function here, named for its intent. Each takes a session that the
-caller opened with ``Database.transaction()``.
+Status changes and the cancel request's columns live in :mod:`comfy_cancel.status`;
+everything else that touches a table is a function here, named for its intent. Each
+takes a session that the caller opened with ``Database.transaction()``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.orm import Session, defer
 
 from comfy_cancel import auth, encryption
-from comfy_cancel.config import Settings, get_settings
+from comfy_cancel.config import Settings, get_settings, secret_keys
 from comfy_cancel.egress import EgressPolicy
 from comfy_cancel.models import (
+    CANCELLABLE,
     Account,
     ApiToken,
     Runner,
@@ -214,7 +215,7 @@ def reseal_runner_headers(session: Session) -> tuple[int, list[str]]:
     rows = session.execute(select(Runner).where(Runner.sealed_headers.is_not(None))).scalars()
     for runner in rows:
         try:
-            runner.sealed_headers = encryption.reseal(runner.sealed_headers or "")
+            runner.sealed_headers = encryption.reseal(runner.sealed_headers or "", secret_keys())
         except encryption.SecretKeyWrong:
             unreadable.append(runner.id)
             continue
@@ -241,39 +242,12 @@ def choose_runner(session: Session, account_id: int, tags: Sequence[str]) -> Run
 # --- workflows ---------------------------------------------------------------------------
 
 
-def create_workflow(
-    session: Session,
-    account_id: int,
-    *,
-    name: str,
-    workflow_json: Mapping[str, Any],
-    tags: Sequence[str] = (),
-) -> Workflow:
-    now = utcnow()
-    workflow = Workflow(
-        id=new_id(),
-        account_id=account_id,
-        name=name,
-        status=S.ACCEPTED.value,
-        tags=list(tags),
-        workflow_json=dict(workflow_json),
-        runner_task_id=new_id(),  # known before publishing, so a cancel can always revoke it
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(workflow)
-    session.flush()
+def add_tags(session: Session, workflow_id: str, tags: Sequence[str]) -> None:
+    """Index a new workflow's tags (bulk cancels filter by tag through them)."""
     if tags:
         session.execute(
-            insert(WorkflowTag), [{"workflow_id": workflow.id, "tag": t} for t in set(tags)]
+            insert(WorkflowTag), [{"workflow_id": workflow_id, "tag": t} for t in set(tags)]
         )
-    session.execute(
-        insert(WorkflowEvent).values(
-            workflow_id=workflow.id, at=now, kind="transition", to_status=S.ACCEPTED.value,
-            source="api",
-        )
-    )
-    return workflow
 
 
 def get_workflow(
@@ -405,7 +379,7 @@ def heartbeat(
         values["progress"] = dict(progress)
     query = update(Workflow).where(
         Workflow.id == workflow_id,
-        Workflow.status.in_([S.QUEUED.value, S.RUNNING.value]),
+        Workflow.status.in_(sorted(CANCELLABLE)),
     )
     if task_id is not None:
         query = query.where(Workflow.runner_task_id == task_id)
@@ -426,7 +400,7 @@ class WorkflowFilter:
     """Which workflows an operator's bulk cancel is about; every field narrows the match."""
 
     account: str | None = None
-    statuses: tuple[str, ...] = (S.QUEUED.value, S.RUNNING.value)
+    statuses: tuple[str, ...] = tuple(sorted(CANCELLABLE))
     older_than_seconds: float | None = None
     runner: str | None = None  # a runner id or name
     tag: str | None = None
@@ -529,7 +503,7 @@ def runner_endpoints(session: Session, runner_ids: Sequence[str]) -> dict[str, R
 # --- sweeps: each finds its rows through an index, so its cost follows what it finds ------
 
 
-def _redrive_due(published_before: datetime, taken_before: datetime) -> list[Any]:
+def redrive_due(published_before: datetime, taken_before: datetime) -> list[Any]:
     """An open cancel intent to hand on again: published (or requested) before
     ``published_before``, and either taken by no cancel worker, or taken before
     ``taken_before`` (its deadline passed with no outcome: the deadline check was lost)."""
@@ -548,38 +522,16 @@ def _redrive_due(published_before: datetime, taken_before: datetime) -> list[Any
 def intents_to_redrive(
     session: Session, published_before: datetime, taken_before: datetime, limit: int
 ) -> list[str]:
-    """Open cancel intents due to be handed on again (``_redrive_due``), oldest first,
+    """Open cancel intents due to be handed on again (:func:`redrive_due`), oldest first,
     read through the partial index of open intents (``ix_workflows_open_cancel``)."""
     return list(
         session.execute(
             select(Workflow.id)
-            .where(*_redrive_due(published_before, taken_before))
+            .where(*redrive_due(published_before, taken_before))
             .order_by(Workflow.cancel_requested_at)
             .limit(limit)
         ).scalars()
     )
-
-
-def claim_redrive(
-    session: Session,
-    workflow_ids: Sequence[str],
-    published_before: datetime,
-    taken_before: datetime,
-) -> list[tuple[str, str | None, str | None, str | None]]:
-    """Stamp intents as published now if they are still due, so two schedulers hand each
-    on once; returns the claimed (id, source, actor, reason)."""
-    if not workflow_ids:
-        return []
-    rows = session.execute(
-        update(Workflow)
-        .where(Workflow.id.in_(list(workflow_ids)),
-               *_redrive_due(published_before, taken_before))
-        .values(cancel_published_at=utcnow())
-        .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_actor,
-                   Workflow.cancel_reason)
-        .execution_options(synchronize_session=False)
-    ).all()
-    return [(wid, source, actor, reason) for wid, source, actor, reason in rows]
 
 
 def running_without_heartbeat(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:

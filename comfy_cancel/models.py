@@ -28,6 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from comfy_cancel import encryption
+from comfy_cancel.config import secret_keys
 
 
 class WorkflowStatus(StrEnum):
@@ -139,7 +140,9 @@ class Runner(Base):
     def headers(self) -> dict[str, str]:
         """The extra headers in clear. Raises :class:`~comfy_cancel.encryption.SecretKeyError`
         when they cannot be decrypted with the configured key."""
-        return encryption.unseal(self.sealed_headers) if self.sealed_headers else {}
+        if not self.sealed_headers:
+            return {}
+        return encryption.unseal(self.sealed_headers, secret_keys())
 
     @headers.setter
     def headers(self, value: Mapping[str, str] | None) -> None:
@@ -149,6 +152,8 @@ class Runner(Base):
         """Seal ``value`` with ``keys`` (default: the settings' secret key); raises
         SecretKeyMissing when there are headers and no key."""
         headers = dict(value or {})
+        if keys is None:
+            keys = secret_keys()
         self.sealed_headers = encryption.seal(headers, keys) if headers else None
         self.header_names = list(headers)
 

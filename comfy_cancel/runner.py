@@ -37,16 +37,23 @@ from comfy_cancel.comfyui import (
     PromptRejected,
     error_from_history,
     outputs_from_history,
+    was_interrupted,
 )
 from comfy_cancel.context import Context
 from comfy_cancel.encryption import SecretKeyError
-from comfy_cancel.models import CancelOutcome, Runner, Workflow, WorkflowStatus
+from comfy_cancel.models import (
+    CANCELLABLE,
+    TERMINAL,
+    CancelOutcome,
+    Runner,
+    Workflow,
+    WorkflowStatus,
+)
 from comfy_cancel.signals import SignalKind, listener_for
 
 log = logging.getLogger(__name__)
 S = WorkflowStatus
 T = TypeVar("T")
-ACTIVE = frozenset({S.QUEUED.value, S.RUNNING.value})
 
 # After ComfyUI reported success, the history entry is written just before the final
 # `executing` event; a few short retries cover a server that is slower to show it.
@@ -66,7 +73,6 @@ class Run:
     stream: EventStream | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     stop_requested: threading.Event = field(default_factory=threading.Event)
-    cancel_delivered_at: float | None = None
     progress: dict[str, Any] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -101,7 +107,6 @@ class Run:
                         raise
         except ComfyUIError:
             return False
-        self.cancel_delivered_at = time.monotonic()
         return True
 
     def set_prompt(self, prompt_id: str) -> None:
@@ -160,7 +165,7 @@ def _start(session: Session, workflow_id: str, task_id: str | None) -> _Start | 
     if workflow is None:
         log.warning("run of unknown workflow %s ignored", workflow_id)
         return None
-    if workflow.status in {s.value for s in (S.COMPLETED, S.FAILED, S.CANCELLED)}:
+    if workflow.status in TERMINAL:
         return workflow.status  # cancelled (or swept) before it started: nothing to do
     if task_id is not None and workflow.runner_task_id not in (None, task_id):
         # A sweep re-dispatched it under a new task id: that task owns it now.
@@ -283,7 +288,7 @@ def _left(ctx: Context, handle: Run) -> str | None:
     workflow_id = handle.workflow_id
     row = _db(ctx, f"read of {workflow_id}",
               lambda s: manager.get_workflow(s, workflow_id))
-    if row is not None and row.status in ACTIVE and row.runner_task_id != handle.task_id:
+    if row is not None and row.status in CANCELLABLE and row.runner_task_id != handle.task_id:
         log.info("runner task %s of %s superseded by %s; leaving its prompt to it",
                  handle.task_id, workflow_id, row.runner_task_id)
         return None
@@ -380,7 +385,9 @@ def _interrupted(ctx: Context, handle: Run) -> str | None:
                 exception_message="the prompt was interrupted on the ComfyUI server",
             ).status
         by = status.Actor(
-            workflow.cancel_source or "runner", workflow.cancel_actor, workflow.cancel_reason
+            workflow.cancel_source or status.RUNNER.source,
+            workflow.cancel_actor,
+            workflow.cancel_reason,
         )
         change = status.cancel_if_active(
             session, workflow_id, by, CancelOutcome.CANCELLED, workflow.cancel_timing()
@@ -412,11 +419,9 @@ def _finish_from_history(ctx: Context, handle: Run) -> str | None:
 def _settle(ctx: Context, handle: Run, entry: Mapping[str, Any]) -> str | None:
     """Write the terminal status a finished prompt's history entry tells."""
     workflow_id = handle.workflow_id
-    error = error_from_history(entry)
-    status_info = entry.get("status") or {}
-    messages = status_info.get("messages") or []
-    if messages and messages[-1] and messages[-1][0] == "execution_interrupted":
+    if was_interrupted(entry):
         return _interrupted(ctx, handle)
+    error = error_from_history(entry)
     if error is not None:
         return _fail(
             ctx, workflow_id, error.get("exception_type") or "ExecutionError",
@@ -462,12 +467,12 @@ def _reconcile(ctx: Context, handle: Run) -> str | None:
     # Neither queued, running nor finished: removed from ComfyUI's queue (by our cancel, or
     # by someone on the server). The database says which.
     current = _status(ctx, handle.workflow_id)
-    if current in (S.QUEUED.value, S.RUNNING.value) and not handle.cancel_requested.is_set():
+    if current in CANCELLABLE and not handle.cancel_requested.is_set():
         return _fail(
             ctx, handle.workflow_id, "PromptLost",
             f"prompt {prompt_id} vanished from the ComfyUI server's queue",
         )
-    if current in (S.QUEUED.value, S.RUNNING.value):
+    if current in CANCELLABLE:
         return _interrupted(ctx, handle)
     return current
 

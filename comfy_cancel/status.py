@@ -1,4 +1,5 @@
-"""The one status writer. No other code writes ``workflows.status``.
+"""The one status writer. No other code writes ``workflows.status``, the first status
+(:func:`create_accepted`) included, nor the cancel request's columns (``cancel_*``).
 
 Every change is one compare-and-set statement::
 
@@ -25,12 +26,16 @@ from typing import Any
 from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
+from comfy_cancel import manager
 from comfy_cancel.models import (
+    CANCELLABLE,
     CancelOutcome,
+    CancelSource,
     EventKind,
     Workflow,
     WorkflowEvent,
     WorkflowStatus,
+    new_id,
     utcnow,
 )
 
@@ -71,6 +76,7 @@ class Actor:
 
 
 RUNNER = Actor(source="runner")
+SUBMITTER = Actor(source=CancelSource.API.value)  # who submits a workflow: the API
 
 
 def sources_of(to: S) -> frozenset[S]:
@@ -137,6 +143,37 @@ def _status_of(session: Session, workflow_id: str) -> str | None:
     return session.execute(
         select(Workflow.status).where(Workflow.id == workflow_id)
     ).scalar_one_or_none()
+
+
+def create_accepted(
+    session: Session,
+    account_id: int,
+    *,
+    name: str,
+    workflow_json: Mapping[str, Any],
+    tags: Sequence[str] = (),
+    by: Actor = SUBMITTER,
+) -> Workflow:
+    """A new workflow at its first status, ``accepted``, with its tags and the audit row
+    of that first transition, in the caller's transaction."""
+    now = utcnow()
+    workflow = Workflow(
+        id=new_id(),
+        account_id=account_id,
+        name=name,
+        status=S.ACCEPTED.value,
+        tags=list(tags),
+        workflow_json=dict(workflow_json),
+        runner_task_id=new_id(),  # known before publishing, so a cancel can always revoke it
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(workflow)
+    session.flush()
+    manager.add_tags(session, workflow.id, tags)
+    _audit(session, workflow.id, EventKind.TRANSITION, by, None, now,
+           to_status=S.ACCEPTED.value)
+    return workflow
 
 
 # --- the runner's verbs -----------------------------------------------------------------
@@ -256,7 +293,7 @@ def cancel_if_active(
     outcome: CancelOutcome = CancelOutcome.CANCELLED,
     detail: Mapping[str, Any] | None = None,
 ) -> Change:
-    return _cancel(session, workflow_id, [S.QUEUED, S.RUNNING], by, outcome, detail)
+    return _cancel(session, workflow_id, CANCELLABLE, by, outcome, detail)
 
 
 @dataclass(frozen=True)
@@ -343,7 +380,7 @@ def request_cancel_many(
     now = utcnow()
     query = update(Workflow).where(
         Workflow.id.in_(list(workflow_ids)),
-        Workflow.status.in_([S.QUEUED.value, S.RUNNING.value]),
+        Workflow.status.in_(sorted(CANCELLABLE)),
     )
     if only_new:
         query = query.where(Workflow.cancel_requested_at.is_(None))
@@ -398,15 +435,26 @@ def record_outcome(
     return changed is not None
 
 
-def mark_cancel_published(session: Session, workflow_ids: Sequence[str]) -> None:
-    """Remember when a cancel message was last handed to the broker (the re-publish sweep)."""
-    if workflow_ids:
-        session.execute(
-            update(Workflow)
-            .where(Workflow.id.in_(list(workflow_ids)))
-            .values(cancel_published_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
+def claim_redrive(
+    session: Session,
+    workflow_ids: Sequence[str],
+    published_before: datetime,
+    taken_before: datetime,
+) -> list[tuple[str, str | None, str | None, str | None]]:
+    """Stamp intents as published now if they are still due, so two schedulers hand each
+    on once; returns the claimed (id, source, actor, reason)."""
+    if not workflow_ids:
+        return []
+    rows = session.execute(
+        update(Workflow)
+        .where(Workflow.id.in_(list(workflow_ids)),
+               *manager.redrive_due(published_before, taken_before))
+        .values(cancel_published_at=utcnow())
+        .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_actor,
+                   Workflow.cancel_reason)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [(wid, source, actor, reason) for wid, source, actor, reason in rows]
 
 
 def mark_cancel_taken(session: Session, workflow_ids: Sequence[str]) -> None:
@@ -429,12 +477,14 @@ def _audit(
     outcome: str | None,
     at: datetime,
     detail: Mapping[str, Any] | None = None,
+    to_status: str | None = None,
 ) -> None:
     session.execute(
         insert(WorkflowEvent).values(
             workflow_id=workflow_id,
             at=at,
             kind=kind.value,
+            to_status=to_status,
             source=by.source,
             actor=by.actor,
             reason=by.reason,

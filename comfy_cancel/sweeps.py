@@ -38,9 +38,9 @@ from datetime import timedelta
 
 import redis
 
-from comfy_cancel import cancel, manager, status, tasks
+from comfy_cancel import cancel, manager, publish, status
 from comfy_cancel.context import Context
-from comfy_cancel.models import CancelOutcome, Workflow, WorkflowStatus, utcnow
+from comfy_cancel.models import CancelOutcome, CancelSource, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,12 @@ def _republish_open_intents(ctx: Context, report: SweepReport) -> None:
         if report.dry_run:
             report.republished = found
             return
-        claimed = manager.claim_redrive(session, found, published_before, taken_before)
+        claimed = status.claim_redrive(session, found, published_before, taken_before)
     by_requester: dict[Actor, list[str]] = defaultdict(list)
     for workflow_id, source, actor, reason in claimed:
-        by_requester[Actor(source or "sweep", actor, reason)].append(workflow_id)
+        by_requester[Actor(source or CancelSource.SWEEP.value, actor, reason)].append(workflow_id)
     for by, ids in by_requester.items():
-        _publish(ids, by)
+        publish.hand_on(ids, by)
         report.republished.extend(ids)
 
 
@@ -152,12 +152,8 @@ def _redispatch_orphans(ctx: Context, report: SweepReport) -> None:
             continue
         log.info("workflow %s (%s) lost its runner task %s; re-dispatched as %s",
                  workflow.id, workflow.status, workflow.runner_task_id, claim.task_id)
-        try:
-            tasks.publish_run(workflow.id, claim.task_id)
-        except Exception as exc:  # kombu and redis raise several types for "broker down"
-            log.warning("could not re-dispatch %s (%s); a later pass will", workflow.id, exc)
-            continue
-        report.orphans_redispatched.append(workflow.id)
+        if _publish_run(workflow.id, claim.task_id):
+            report.orphans_redispatched.append(workflow.id)
 
 
 def _fail_orphan(ctx: Context, workflow: Workflow, redispatches: int) -> None:
@@ -170,7 +166,7 @@ def _fail_orphan(ctx: Context, workflow: Workflow, redispatches: int) -> None:
                 f"the runner task driving this workflow was lost {redispatches + 1} times "
                 f"(re-dispatched {redispatches} times); submit it again"
             ),
-            by=Actor("sweep", "sweep"),
+            by=Actor(CancelSource.SWEEP.value, "sweep"),
         )
     if change.changed and workflow.prompt_id and workflow.runner_id:
         cancel.cancel_prompts(ctx, {workflow.runner_id: [workflow.prompt_id]})
@@ -201,8 +197,8 @@ def _database_up_for(ctx: Context, seconds: float) -> bool:
 
 def _runner_queue_empty() -> bool:
     try:
-        return tasks.runner_backlog() == 0
-    except Exception as exc:  # kombu and redis raise several types for "broker down"
+        return publish.runner_backlog() == 0
+    except publish.BROKER_ERRORS as exc:
         log.warning("re-drive: runner queue unreadable (%s); unclaimed work waits", exc)
         return False
 
@@ -211,7 +207,7 @@ def _cancel_lost_runners(ctx: Context, report: SweepReport) -> None:
     settings = ctx.settings
     cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_seconds)
     by = Actor(
-        "sweep", "sweep",
+        CancelSource.SWEEP.value, "sweep",
         f"no heartbeat from the runner for {settings.heartbeat_timeout_seconds:g} s",
     )
     with ctx.db.transaction() as session:
@@ -226,15 +222,13 @@ def _cancel_lost_runners(ctx: Context, report: SweepReport) -> None:
 def _cancel_overdue(ctx: Context, report: SweepReport) -> None:
     settings = ctx.settings
     cutoff = utcnow() - timedelta(seconds=settings.max_run_seconds)
-    by = Actor("sweep", "sweep", f"ran longer than {settings.max_run_seconds:g} s")
+    by = Actor(CancelSource.SWEEP.value, "sweep", f"ran longer than {settings.max_run_seconds:g} s")
     with ctx.db.transaction() as session:
         found = manager.running_since_before(session, cutoff, settings.sweep_batch_size)
-        if report.dry_run:
-            report.overdue = found
-            return
-        claimed = status.request_cancel_many(session, found, by, only_new=True)
-    _publish(claimed, by)
-    report.overdue = claimed
+    if report.dry_run:
+        report.overdue = found
+        return
+    report.overdue = publish.request_cancels(ctx.db, found, by, only_new=True).recorded
 
 
 def _handle_stale_queued(ctx: Context, report: SweepReport) -> None:
@@ -245,15 +239,13 @@ def _handle_stale_queued(ctx: Context, report: SweepReport) -> None:
     if settings.queued_timeout_policy == "redispatch":
         _redispatch(ctx, report, [w for w in stale if w.prompt_id is None])
         stale = [w for w in stale if w.prompt_id is not None]  # in ComfyUI's queue: cancel
-    by = Actor("sweep", "sweep", f"queued longer than {settings.queued_timeout_seconds:g} s")
+    by = Actor(CancelSource.SWEEP.value, "sweep",
+               f"queued longer than {settings.queued_timeout_seconds:g} s")
     ids = [w.id for w in stale]
     if report.dry_run:
         report.queued_cancelled = ids
         return
-    with ctx.db.transaction() as session:
-        claimed = status.request_cancel_many(session, ids, by, only_new=True)
-    _publish(claimed, by)
-    report.queued_cancelled = claimed
+    report.queued_cancelled = publish.request_cancels(ctx.db, ids, by, only_new=True).recorded
 
 
 def _redispatch(ctx: Context, report: SweepReport, workflows: list[Workflow]) -> None:
@@ -263,18 +255,17 @@ def _redispatch(ctx: Context, report: SweepReport, workflows: list[Workflow]) ->
             continue
         with ctx.db.transaction() as session:
             claim = manager.claim_redispatch(session, workflow)
-        if claim is not None:
-            tasks.publish_run(workflow.id, claim.task_id)
+        if claim is not None and _publish_run(workflow.id, claim.task_id):
             report.redispatched.append(workflow.id)
 
 
-def _publish(workflow_ids: list[str], by: Actor) -> None:
-    """Hand claimed cancels on; if the broker is down, the intents are recorded and a
-    later re-drive pass hands them on."""
-    if not workflow_ids:
-        return
+def _publish_run(workflow_id: str, task_id: str) -> bool:
+    """Hand a re-dispatched workflow to the runner queue; if the broker is down, its new
+    runner task never beats, and a later orphan pass re-dispatches it."""
     try:
-        tasks.publish_cancels(workflow_ids, by)
-    except Exception as exc:  # kombu and redis raise several types for "broker down"
-        log.warning("sweep could not publish %d cancels (%s); a later pass will",
-                    len(workflow_ids), exc)
+        publish.publish_run(workflow_id, task_id)
+    except publish.BROKER_ERRORS as exc:
+        log.warning("could not re-dispatch %s (%s: %s); a later pass will",
+                    workflow_id, type(exc).__name__, exc)
+        return False
+    return True

@@ -43,6 +43,13 @@ RUNNER_QUEUE = "runner"
 CANCEL_QUEUES = (CANCEL_QUEUE, BULK_QUEUE, SWEEP_QUEUE)
 ALL_QUEUES = (*CANCEL_QUEUES, RUNNER_QUEUE)
 
+# The tasks' names: producers (publish.py, beat) send by name and never import task code.
+RUN_WORKFLOW_TASK = "comfy_cancel.run_workflow"
+CANCEL_WORKFLOWS_TASK = "comfy_cancel.cancel_workflows"
+ENFORCE_DEADLINE_TASK = "comfy_cancel.enforce_cancel_deadline"
+SWEEP_TASK = "comfy_cancel.sweep"
+REDRIVE_TASK = "comfy_cancel.redrive"
+
 # Margin of the cancel queues' visibility timeout over the grace period: a deadline check
 # is held unacknowledged until its ETA (the grace period), then runs for a moment.
 CANCEL_VISIBILITY_MARGIN_SECONDS = 20.0
@@ -125,8 +132,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in ALL_QUEUES],
         "task_default_queue": CANCEL_QUEUE,
         "task_routes": {
-            "comfy_cancel.run_workflow": {"queue": RUNNER_QUEUE},
-            "comfy_cancel.sweep": {"queue": SWEEP_QUEUE},
+            RUN_WORKFLOW_TASK: {"queue": RUNNER_QUEUE},
+            SWEEP_TASK: {"queue": SWEEP_QUEUE},
         },
         # Runner tasks mostly wait on sockets: threads let one process drive hundreds.
         "worker_pool": "threads",
@@ -137,14 +144,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "imports": ["comfy_cancel.tasks"],
         "beat_schedule": {
             "sweep": {
-                "task": "comfy_cancel.sweep",
+                "task": SWEEP_TASK,
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"queue": SWEEP_QUEUE, "expires": settings.sweep_interval_seconds},
             },
             # Often and cheap: hands on the cancels nobody took and re-dispatches orphaned
             # runs; expiring, so passes never pile up behind a stopped worker.
             "redrive": {
-                "task": "comfy_cancel.redrive",
+                "task": REDRIVE_TASK,
                 "schedule": settings.redrive_interval_seconds,
                 "options": {"queue": SWEEP_QUEUE, "expires": settings.redrive_interval_seconds},
             },

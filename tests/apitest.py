@@ -17,7 +17,7 @@ import kombu.pools
 import pytest
 from fastapi.testclient import TestClient
 
-from comfy_cancel import api, encryption, manager, tasks
+from comfy_cancel import api, encryption, manager, worker
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database, engine_for
 from comfy_cancel.migrations import upgrade
@@ -25,7 +25,7 @@ from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
 from tests.helpers import LOOPBACK_ALLOWED, TINY_PROMPT, seed_workflow
 
 S = WorkflowStatus
-worker_app = tasks.app  # the Celery app of comfy_cancel.worker (imported via tasks)
+worker_app = worker.app  # the Celery app the API publishes through
 UNREACHABLE = "redis://127.0.0.1:1/0"
 KEY = encryption.new_key()  # seals runner headers in the test databases
 

@@ -57,7 +57,7 @@ def seed_workflow(
     db: Database, account_id: int, runner_id: str, to: S = S.ACCEPTED, name: str = "wf"
 ) -> str:
     with db.transaction() as session:
-        wf = manager.create_workflow(session, account_id, name=name, workflow_json=TINY_PROMPT)
+        wf = status.create_accepted(session, account_id, name=name, workflow_json=TINY_PROMPT)
         workflow_id = wf.id
     for step in PATH_TO[to]:
         with db.transaction() as session:

@@ -47,7 +47,7 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
-from comfy_cancel import manager, status, tasks
+from comfy_cancel import manager, publish, status
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database
 from comfy_cancel.models import (
@@ -263,7 +263,7 @@ class SimulatedRunners:
 
 
 class SimulatedApi:
-    """``POST /v1/workflow/{id}/cancel`` minus HTTP: record, commit, publish, mark."""
+    """``POST /v1/workflow/{id}/cancel`` minus HTTP: record, commit, publish."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -272,15 +272,9 @@ class SimulatedApi:
         self.refused: set[str] = set()
 
     def cancel(self, workflow_id: str) -> None:
-        with self.db.transaction() as session:
-            recorded = status.request_cancel(session, workflow_id, API)
+        handed = publish.request_cancels(self.db, [workflow_id], API)
         with self._lock:
-            (self.requested if recorded else self.refused).add(workflow_id)
-        if not recorded:
-            return  # terminal already: the API answers 400
-        tasks.publish_cancels([workflow_id], API)
-        with self.db.transaction() as session:
-            status.mark_cancel_published(session, [workflow_id])
+            (self.requested if handed.recorded else self.refused).add(workflow_id)
 
 
 @contextmanager
@@ -308,7 +302,7 @@ def seed_running(db: Database, account_id: int, runner_id: str, count: int) -> l
     """``count`` workflows at ``running``, every step through the status writer."""
     with db.transaction() as session:
         ids = [
-            manager.create_workflow(
+            status.create_accepted(
                 session, account_id, name=f"race-{n}", workflow_json=TINY_PROMPT
             ).id
             for n in range(count)

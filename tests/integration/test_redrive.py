@@ -209,8 +209,8 @@ def test_a_superseded_runner_task_leaves_without_touching_the_prompt(ctx: Contex
     try:
         account_id, _ = make_account_and_runner(ctx.db, url=sim.url)
         with ctx.db.transaction() as session:
-            wid = manager.create_workflow(session, account_id, name="long",
-                                          workflow_json=blur_chain(6)).id
+            wid = status.create_accepted(session, account_id, name="long",
+                                         workflow_json=blur_chain(6)).id
         first_task = row(ctx, wid).runner_task_id
         # Another prompt keeps ComfyUI busy, so ours waits in its queue (status queued).
         blocker = httpx.post(f"{sim.url}/prompt", json={"prompt": blur_chain(4)})
@@ -262,8 +262,8 @@ def test_a_runner_task_rides_out_a_database_outage(
     try:
         account_id, _ = make_account_and_runner(ctx.db, url=sim.url)
         with ctx.db.transaction() as session:
-            wid = manager.create_workflow(session, account_id, name="through an outage",
-                                          workflow_json=blur_chain(8)).id
+            wid = status.create_accepted(session, account_id, name="through an outage",
+                                         workflow_json=blur_chain(8)).id
         task_id = row(ctx, wid).runner_task_id
         results: dict[str, str | None] = {}
         thread = threading.Thread(target=lambda: results.update(

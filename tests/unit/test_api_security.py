@@ -13,7 +13,7 @@ import anyio
 import pytest
 from sqlalchemy import event
 
-from comfy_cancel import manager
+from comfy_cancel import status
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import WorkflowStatus
 from comfy_cancel.schemas import json_too_deep
@@ -122,7 +122,7 @@ def test_a_stored_row_that_cannot_be_serialised_never_fails_a_read(env: Env) -> 
     """Rows stored before the depth limit (or outputs a server sent) are shown as null."""
     account_id = env.account_id()
     with env.db.transaction() as session:
-        deep = manager.create_workflow(session, account_id, name="old", workflow_json={
+        deep = status.create_accepted(session, account_id, name="old", workflow_json={
             "1": {"class_type": "X", "inputs": {"v": nested(400)}}})
         deep.outputs = {"9": nested(400)}
         deep_id = deep.id

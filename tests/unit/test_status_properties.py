@@ -37,8 +37,8 @@ class StatusWriterMachine(RuleBasedStateMachine):
         self.ids: list[str] = []
         for n in range(count):
             with self.db.transaction() as session:
-                wf = manager.create_workflow(session, account_id, name=f"w{n}",
-                                             workflow_json={"1": {}})
+                wf = status.create_accepted(session, account_id, name=f"w{n}",
+                                            workflow_json={"1": {}})
                 self.ids.append(wf.id)
         self.terminal_seen: dict[str, str] = {}
 

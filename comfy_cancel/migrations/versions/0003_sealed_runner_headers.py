@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from comfy_cancel import encryption
+from comfy_cancel.config import secret_keys
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -44,7 +45,7 @@ def upgrade() -> None:
         plain = _as_dict(headers)
         bind.execute(
             runners.update().where(runners.c.id == runner_id).values(
-                sealed_headers=encryption.seal(plain) if plain else None,
+                sealed_headers=encryption.seal(plain, secret_keys()) if plain else None,
                 header_names=list(plain),
             )
         )
@@ -64,7 +65,7 @@ def downgrade() -> None:
     for runner_id, sealed in bind.execute(
         sa.select(runners.c.id, runners.c.sealed_headers)
     ).all():
-        plain = encryption.unseal(sealed) if sealed else {}
+        plain = encryption.unseal(sealed, secret_keys()) if sealed else {}
         bind.execute(runners.update().where(runners.c.id == runner_id).values(headers=plain))
     with op.batch_alter_table("runners") as batch:
         batch.alter_column("headers", existing_type=sa.JSON(), nullable=False)
