@@ -46,3 +46,8 @@ whoami
 broker_down
 _.teardown
 TestStatusWriter
+# click calls these on the CLI's own Command and Group classes (cli.py).
+_.get_short_help_str
+_.command_class
+_.group_class
+_.list_commands

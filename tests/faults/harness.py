@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import redis
 from celery import Celery
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from comfy_cancel import manager, services, worker
@@ -469,10 +469,6 @@ class Harness:
                     for e in manager.events_of(session, i)]
                 for i in ids
             }
-
-    def count_workflows(self) -> int:
-        with self.db.transaction() as session:
-            return int(session.execute(select(func.count()).select_from(Workflow)).scalar_one())
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``predicate`` until it holds; a database error (an outage) counts as "not yet"."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from comfy_cancel import services, tasks, worker
+from comfy_cancel import publish, services, worker
 from comfy_cancel.broker import DEAD_LETTER_KEY
 from comfy_cancel.status import Actor
 from tests.helpers import blur_chain
@@ -147,7 +147,7 @@ def test_a_killed_cancel_workers_message_comes_back_and_a_runners_does_not(
     # by the cancel worker; then both workers die without acknowledging anything.
     long_id = stack.submit(blur_chain(400), name="very long")
     stack.wait_status(long_id, {"running"})
-    tasks.schedule_deadline([long_id], Actor("api", "tester", None), after_seconds=2)
+    publish.schedule_deadline([long_id], Actor("api", "tester", None), after_seconds=2)
     stack.wait_for(lambda: client.hlen("comfy_cancel:cancel:unacked") == 1, 10,
                    "the deadline check to be held by the cancel worker")
     assert client.hlen("comfy_cancel:runner:unacked") == 1
