@@ -20,13 +20,13 @@ import pytest
 from kombu import Queue
 from sqlalchemy import update
 
-from comfy_cancel import manager, status
+from comfy_cancel import manager, signals, status
 from comfy_cancel.comfyui import ComfyUIClient
 from comfy_cancel.config import Settings
 from comfy_cancel.context import Context
 from comfy_cancel.db import engine_for
 from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
-from comfy_cancel.signals import KEY_PREFIX, SignalKind
+from comfy_cancel.signals import SignalKind
 from comfy_cancel.sim_comfyui import RunningSim
 from tests.apitest import worker_app
 from tests.helpers import LOOPBACK, migrated, seed_workflow
@@ -80,8 +80,7 @@ class Domain:
 
     def signal(self, workflow_id: str) -> SignalKind | None:
         """The signal key left for a workflow's runner."""
-        value = self.redis.get(KEY_PREFIX + workflow_id)
-        return None if value is None else SignalKind(bytes(value).decode())
+        return signals.pending(self.redis, workflow_id)
 
     def events(self, workflow_id: str) -> list[tuple[str, str | None, str | None]]:
         """(kind, to status, outcome) of the workflow's audit trail."""
