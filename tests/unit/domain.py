@@ -113,6 +113,7 @@ def domain(tmp_path: Path, broker: Any) -> Iterator[Domain]:
     with ctx.db.transaction() as session:
         account_id = manager.get_or_create_account(session, "acme").id
     yield Domain(ctx, fake, account_id)
+    signals.listener_for(fake).stop(timeout=0)  # started by runner.run; it ends within 1 s
     for client in ctx._clients.values():
         client.close()
     ctx.db.engine.dispose()
