@@ -50,7 +50,8 @@ def test_a_run_drives_an_accepted_workflow_to_completed_on_its_comfyui(
         "accepted", "uploaded", "queued", "running", "completed"]
     assert row.prompt_id and row.outputs and "3" in row.outputs  # SaveImage's node
     assert row.cancel_outcome is None and row.heartbeat_at is not None
-    assert domain.on_sim(sim).history(row.prompt_id)["status"]["status_str"] == "success"
+    entry = domain.on_sim(sim).history(row.prompt_id)
+    assert entry is not None and entry["status"]["status_str"] == "success"
 
 
 def test_a_prompt_comfyui_rejects_fails_the_workflow_with_its_node_error(
