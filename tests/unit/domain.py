@@ -42,17 +42,19 @@ class Domain:
 
     ctx: Context
     redis: fakeredis.FakeRedis
-    account_id: int
 
-    def runner(self, url: str = "http://127.0.0.1:1") -> str:
+    def runner(self, url: str = "http://127.0.0.1:1", account: str = "acme") -> str:
         with self.ctx.db.transaction() as session:
-            return manager.add_runner(session, self.account_id, name="r", endpoint_url=url,
+            account_id = manager.get_or_create_account(session, account).id
+            return manager.add_runner(session, account_id, name="r", endpoint_url=url,
                                       settings=self.ctx.settings).id
 
     def workflow(self, to: S = S.RUNNING, runner_id: str | None = None,
-                 prompt: dict[str, Any] | None = None) -> str:
-        runner_id = runner_id or self.runner()
-        workflow_id = seed_workflow(self.ctx.db, self.account_id, runner_id, to)
+                 prompt: dict[str, Any] | None = None, account: str = "acme") -> str:
+        runner_id = runner_id or self.runner(account=account)
+        with self.ctx.db.transaction() as session:
+            account_id = manager.get_or_create_account(session, account).id
+        workflow_id = seed_workflow(self.ctx.db, account_id, runner_id, to)
         if prompt is not None:
             self.set(workflow_id, workflow_json=prompt)
         return workflow_id
@@ -110,9 +112,7 @@ def domain(tmp_path: Path, broker: Any) -> Iterator[Domain]:
     fake = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     # Context builds its client from redis_url on first use; this one is used instead.
     ctx.__dict__["redis"] = fake
-    with ctx.db.transaction() as session:
-        account_id = manager.get_or_create_account(session, "acme").id
-    yield Domain(ctx, fake, account_id)
+    yield Domain(ctx, fake)
     signals.listener_for(fake).stop(timeout=0)  # started by runner.run; it ends within 1 s
     for client in ctx._clients.values():
         client.close()
