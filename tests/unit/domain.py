@@ -28,6 +28,7 @@ from comfy_cancel.db import engine_for
 from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
 from comfy_cancel.signals import SignalKind
 from comfy_cancel.sim_comfyui import RunningSim
+from comfy_cancel.worker import ALL_QUEUES
 from tests.apitest import worker_app
 from tests.helpers import LOOPBACK, migrated, seed_workflow
 
@@ -97,6 +98,8 @@ class Domain:
 
 @pytest.fixture
 def domain(tmp_path: Path, broker: Any) -> Iterator[Domain]:
+    for queue in ALL_QUEUES:  # the memory transport outlives a test: start empty
+        broker(queue)
     url = f"sqlite:///{tmp_path / 'domain.db'}"
     db = migrated(url)
     db.engine.dispose()

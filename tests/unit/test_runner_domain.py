@@ -40,8 +40,8 @@ def task_of(domain: Domain, workflow_id: str) -> str:
 def test_a_run_drives_an_accepted_workflow_to_completed_on_its_comfyui(
     domain: Domain, sim: RunningSim
 ) -> None:
-    domain.runner(sim.url)
-    workflow_id = domain.workflow(S.ACCEPTED)  # no runner chosen yet: the run claims one
+    # Accepted: no runner chosen yet; the run claims the account's one runner, the sim's.
+    workflow_id = domain.workflow(S.ACCEPTED, domain.runner(sim.url))
 
     assert runner.run(domain.ctx, workflow_id, task_of(domain, workflow_id)) == "completed"
 
