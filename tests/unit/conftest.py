@@ -1,4 +1,5 @@
-"""Fixtures of the unit tests: simulated ComfyUI servers, and the API in a test client."""
+"""Fixtures of the unit tests: simulated ComfyUI servers, the API in a test client, and the
+domain code with its world (tests/unit/domain.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from comfy_cancel.sim_comfyui import RunningSim, start_in_thread
 from tests.apitest import broker, broker_down, env, private_env  # noqa: F401  (the API's fixtures)
+from tests.unit.domain import domain, revokes  # noqa: F401  (the domain's fixtures)
 
 FAST = 0.05  # time scale of most tests: the 6 s reference workflow takes 0.3 s
 

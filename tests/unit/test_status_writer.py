@@ -1,4 +1,5 @@
-"""The one status writer, on SQLite and on a real PostgreSQL server."""
+"""The one status writer, on SQLite (tests/integration/test_status_writer_postgres.py runs the
+same tests on a real PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,9 @@ from tests.helpers import advance, make_account_and_runner, migrated, seed_workf
 S = WorkflowStatus
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'status.db'}"
-    else:
-        url = request.getfixturevalue("pg_database_url")
-    database = migrated(url)
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = migrated(f"sqlite:///{tmp_path / 'status.db'}")
     yield database
     database.engine.dispose()
 

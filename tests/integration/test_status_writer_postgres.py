@@ -1,0 +1,27 @@
+"""The one status writer on a real PostgreSQL server: the unit tests of
+tests/unit/test_status_writer.py (SQLite there), collected again here with a PostgreSQL
+``db``. Row locks and concurrent compare-and-sets behave differently on the two."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from comfy_cancel.db import Database
+from tests.helpers import migrated
+from tests.unit.test_status_writer import (  # noqa: F401  (collected here too)
+    test_a_cancel_of_a_completed_workflow_changes_nothing_and_records_too_late,
+    test_cancel_queued_many_changes_only_queued_rows_and_audits_each,
+    test_every_transition_is_allowed_or_refused_by_the_lifecycle,
+    test_nothing_moves_to_accepted_and_forbidden_sources_are_a_programming_error,
+    test_request_cancel_many_records_open_requests_once_and_audits_each,
+    test_two_writers_racing_on_one_row_leave_exactly_one_winner,
+)
+
+
+@pytest.fixture
+def db(pg_database_url: str) -> Iterator[Database]:
+    database = migrated(pg_database_url)
+    yield database
+    database.engine.dispose()

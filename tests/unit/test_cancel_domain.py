@@ -1,0 +1,261 @@
+"""What the cancel worker does with a request (cancel.py), called directly: the status it
+writes, the outcome it records, and what it hands on (revokes, signals, deadline checks,
+ComfyUI calls), on SQLite, fakeredis, kombu's memory transport and a simulated ComfyUI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from comfy_cancel import cancel, signals, status
+from comfy_cancel.models import CancelOutcome, EventKind, WorkflowStatus
+from comfy_cancel.signals import SignalKind
+from comfy_cancel.sim_comfyui import RunningSim
+from comfy_cancel.status import Actor
+from tests.helpers import TINY_PROMPT, blur_chain
+from tests.unit.domain import API, GRACE_SECONDS, Domain, wait_until
+
+S = WorkflowStatus
+O = CancelOutcome  # noqa: E741
+CANCEL_QUEUE = "cancel"
+DEADLINE_TASK = "comfy_cancel.enforce_cancel_deadline"
+LONG = blur_chain(20)  # about 16 s on a sim at time scale 1: it runs for the whole test
+
+
+def slow_sim(make_sim: Callable[..., RunningSim]) -> RunningSim:
+    return make_sim(time_scale=1.0)
+
+
+def start_prompt(domain: Domain, sim: RunningSim, workflow_id: str | None = None) -> str:
+    """Submit a long prompt and wait until the sim runs it; with ``workflow_id``, as that
+    workflow's prompt (as the runner records it)."""
+    client = domain.on_sim(sim)
+    prompt_id = client.submit(LONG, "test-blocker").prompt_id
+    wait_until(lambda: client.queue().running == [prompt_id])
+    if workflow_id is not None:
+        domain.set(workflow_id, prompt_id=prompt_id)
+    return prompt_id
+
+
+def listen(domain: Domain) -> Callable[[], list[dict[str, Any]]]:
+    """The messages published on the signal channel from now on."""
+    pubsub = domain.redis.pubsub()
+    pubsub.subscribe(signals.CHANNEL)
+    assert pubsub.get_message(timeout=1)["type"] == "subscribe"
+
+    def read() -> list[dict[str, Any]]:
+        found = []
+        while (message := pubsub.get_message(timeout=0.1)) is not None:
+            found.append(json.loads(message["data"]))
+        return found
+
+    return read
+
+
+def test_a_queued_cancel_is_one_cas_then_revoke_stop_signal_and_its_pending_prompt_removed(
+    domain: Domain, make_sim: Callable[..., RunningSim], broker: Any,
+    revokes: Callable[[], list[str]],
+) -> None:
+    sim = slow_sim(make_sim)
+    runner_id = domain.runner(sim.url)
+    client = domain.on_sim(sim)
+    blocker = start_prompt(domain, sim)  # another workflow's prompt, running
+    pending = domain.workflow(S.QUEUED, runner_id)
+    prompt_id = client.submit(TINY_PROMPT, "c").prompt_id
+    domain.set(pending, prompt_id=prompt_id)
+    unsubmitted = domain.workflow(S.QUEUED, runner_id)
+    assert client.queue().pending == [prompt_id]
+    for workflow_id in (pending, unsubmitted):
+        domain.request(workflow_id)
+    signalled = listen(domain)
+
+    outcomes = cancel.handle_many(domain.ctx, [pending, unsubmitted], API)
+
+    assert outcomes == {pending: O.CANCELLED, unsubmitted: O.CANCELLED}
+    for workflow_id in (pending, unsubmitted):
+        row = domain.row(workflow_id)
+        assert (row.status, row.cancel_outcome) == (S.CANCELLED.value, O.CANCELLED.value)
+        assert (row.cancel_source, row.cancel_actor) == ("api", "alice")
+        assert domain.events(workflow_id)[-1] == ("transition", "cancelled", "cancelled")
+    assert sorted(revokes()) == sorted(
+        str(domain.row(w).runner_task_id) for w in (pending, unsubmitted))
+    # Only a workflow with a prompt has a runner watching it: told to stop, prompt removed.
+    assert domain.signal(pending) is SignalKind.STOP and domain.signal(unsubmitted) is None
+    assert signalled() == [{"workflow_id": pending, "kind": "stop"}]
+    queue = client.queue()
+    assert queue.pending == [] and queue.running == [blocker]  # another's prompt untouched
+    assert broker(CANCEL_QUEUE) == []  # nothing left to check on
+
+
+def test_a_running_cancel_signals_the_runner_and_schedules_one_deadline_check(
+    domain: Domain, make_sim: Callable[..., RunningSim], broker: Any,
+    revokes: Callable[[], list[str]],
+) -> None:
+    sim = slow_sim(make_sim)
+    running = domain.workflow(S.RUNNING, domain.runner(sim.url))
+    prompt_id = start_prompt(domain, sim, running)
+    domain.request(running)
+    signalled = listen(domain)
+
+    assert cancel.handle_many(domain.ctx, [running], API) == {running: None}
+
+    row = domain.row(running)
+    assert row.status == S.RUNNING.value and row.cancel_outcome is None
+    assert row.cancel_taken_at is not None  # the deadline runs from here
+    assert domain.signal(running) is SignalKind.CANCEL
+    assert signalled() == [{"workflow_id": running, "kind": "cancel"}]
+    ((_, task, args),) = broker(CANCEL_QUEUE)
+    assert task == DEADLINE_TASK and args == [[running], "api", "alice", API.reason]
+    assert revokes() == []  # the runner's task runs: stopping it is the runner's own job
+    assert domain.on_sim(sim).queue().running == [prompt_id]
+
+    # A second request while the first is in flight keeps the first take (and deadline).
+    cancel.handle_many(domain.ctx, [running], API)
+    assert domain.row(running).cancel_taken_at == row.cancel_taken_at
+
+    # The runner never acknowledged: the deadline check (drained above) escalates.
+    outcomes = cancel.enforce_deadline(domain.ctx, args[0], Actor(*args[1:]))
+    assert outcomes == {running: O.FORCED}
+    row = domain.row(running)
+    assert (row.status, row.cancel_outcome) == (S.CANCELLED.value, O.FORCED.value)
+    assert domain.signal(running) is SignalKind.TERMINATE
+    assert revokes() == [row.runner_task_id]
+    client = domain.on_sim(sim)
+    wait_until(lambda: client.queue().running == [])  # the GPU is freed without the runner
+    entry = wait_until(lambda: client.history(prompt_id))
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+def test_a_deadline_check_after_the_runner_acknowledged_changes_nothing(domain: Domain) -> None:
+    acknowledged = domain.workflow(S.RUNNING)
+    domain.request(acknowledged)
+    assert cancel.handle_many(domain.ctx, [acknowledged], API) == {acknowledged: None}
+    with domain.ctx.db.transaction() as session:
+        assert status.cancel_if_running(session, acknowledged, API).changed  # the runner's ack
+    trail = domain.events(acknowledged)
+
+    assert cancel.enforce_deadline(domain.ctx, [acknowledged], API) == {}
+    assert domain.row(acknowledged).cancel_outcome == O.CANCELLED.value
+    assert domain.events(acknowledged) == trail
+    assert domain.signal(acknowledged) is SignalKind.CANCEL  # no TERMINATE after the ack
+
+
+def test_escalation_is_forced_or_runner_lost_by_the_age_of_the_heartbeat(
+    domain: Domain, make_sim: Callable[..., RunningSim], broker: Any
+) -> None:
+    sim = slow_sim(make_sim)
+    runner_id = domain.runner(sim.url)
+    alive, lost = (domain.workflow(S.RUNNING, runner_id) for _ in range(2))
+    timeout = domain.ctx.settings.heartbeat_timeout_seconds
+    domain.age(alive, heartbeat_at=timeout - 5)
+    domain.age(lost, heartbeat_at=timeout + 5, started_at=timeout + 60)
+    lost_prompt = start_prompt(domain, sim, lost)
+    for workflow_id in (alive, lost):
+        domain.request(workflow_id)
+        with domain.ctx.db.transaction() as session:
+                status.mark_cancel_taken(session, [workflow_id])
+
+    outcomes = cancel.enforce_deadline(domain.ctx, [alive, lost], API)
+
+    assert outcomes == {alive: O.FORCED, lost: O.RUNNER_LOST}
+    for workflow_id, outcome in outcomes.items():
+        row = domain.row(workflow_id)
+        assert outcome is not None
+        assert (row.status, row.cancel_outcome) == (S.CANCELLED.value, outcome.value)
+        kind, to, recorded = domain.events(workflow_id)[-1]
+        assert (kind, to, recorded) == (EventKind.TRANSITION.value, "cancelled", outcome.value)
+    client = domain.on_sim(sim)
+    wait_until(lambda: client.queue().running == [])
+    assert wait_until(lambda: client.history(lost_prompt))["status"]["messages"][-1][0] == (
+        "execution_interrupted")
+
+
+def test_a_cancel_of_a_running_workflow_whose_runner_is_gone_ends_at_once(
+    domain: Domain, broker: Any
+) -> None:
+    lost = domain.workflow(S.RUNNING)
+    domain.age(lost, heartbeat_at=domain.ctx.settings.heartbeat_timeout_seconds + 1)
+    domain.request(lost)
+
+    assert cancel.handle_many(domain.ctx, [lost], API) == {lost: O.RUNNER_LOST}
+    assert domain.row(lost).status == S.CANCELLED.value
+    assert domain.signal(lost) is SignalKind.TERMINATE  # never a CANCEL nobody answers
+    assert broker(CANCEL_QUEUE) == []  # no deadline to wait for
+
+
+def test_a_republished_running_cancel_past_its_deadline_escalates_at_once(
+    domain: Domain, broker: Any
+) -> None:
+    overdue, in_grace = (domain.workflow(S.RUNNING) for _ in range(2))
+    for workflow_id in (overdue, in_grace):
+        domain.request(workflow_id)
+        with domain.ctx.db.transaction() as session:
+                status.mark_cancel_taken(session, [workflow_id])
+    domain.age(overdue, cancel_taken_at=GRACE_SECONDS + 1)
+    domain.age(in_grace, cancel_taken_at=GRACE_SECONDS - 2)
+
+    outcomes = cancel.handle_many(domain.ctx, [overdue, in_grace], API)
+
+    # Handed on again after its deadline check was lost: no second grace period.
+    assert outcomes == {overdue: O.FORCED, in_grace: None}
+    assert domain.signal(overdue) is SignalKind.TERMINATE
+    assert domain.signal(in_grace) is SignalKind.CANCEL
+    ((_, task, args),) = broker(CANCEL_QUEUE)
+    assert task == DEADLINE_TASK and args[0] == [in_grace]
+
+
+def test_terminal_workflows_get_an_outcome_only_when_a_cancel_was_requested(
+    domain: Domain, broker: Any, revokes: Callable[[], list[str]]
+) -> None:
+    runner_id = domain.runner()
+    asked_done = domain.workflow(S.RUNNING, runner_id)
+    domain.request(asked_done)
+    with domain.ctx.db.transaction() as session:
+        assert status.complete_if_running(session, asked_done, {}).changed  # won the race
+    never_asked = domain.workflow(S.COMPLETED, runner_id)
+    failed = domain.workflow(S.FAILED, runner_id)
+    cancelled = domain.workflow(S.QUEUED, runner_id)
+    domain.request(cancelled)
+    assert cancel.handle_many(domain.ctx, [cancelled], API) == {cancelled: O.CANCELLED}
+    revokes()
+    trails = {w: domain.events(w) for w in (never_asked, failed, cancelled)}
+
+    outcomes = cancel.handle_many(domain.ctx, [asked_done, never_asked, failed, cancelled], API)
+
+    assert outcomes == {asked_done: O.TOO_LATE, never_asked: O.TOO_LATE, failed: O.TOO_LATE,
+                        cancelled: O.ALREADY_CANCELLED}
+    # Recorded only where a request was open; never a status change.
+    assert domain.row(asked_done).cancel_outcome == O.TOO_LATE.value
+    assert domain.row(asked_done).status == S.COMPLETED.value
+    for workflow_id in (never_asked, failed):
+        assert domain.row(workflow_id).cancel_outcome is None
+        assert domain.events(workflow_id) == trails[workflow_id]
+    row = domain.row(cancelled)
+    assert (row.status, row.cancel_outcome) == (S.CANCELLED.value, O.CANCELLED.value)
+    assert domain.events(cancelled) == trails[cancelled]  # its outcome is already closed
+    assert revokes() == [] and broker(CANCEL_QUEUE) == []
+    assert all(domain.signal(w) is None for w in (asked_done, never_asked, failed))
+
+
+def test_accepted_and_unknown_workflows_are_left_alone(domain: Domain, broker: Any) -> None:
+    accepted = domain.workflow(S.ACCEPTED)
+    trail = domain.events(accepted)
+
+    assert cancel.handle_many(domain.ctx, [accepted, "no-such-workflow"], API) == {
+        accepted: None}
+    assert domain.row(accepted).status == S.ACCEPTED.value
+    assert domain.events(accepted) == trail and broker(CANCEL_QUEUE) == []
+
+
+def test_a_comfyui_that_does_not_answer_does_not_stop_an_escalation(
+    domain: Domain, broker: Any
+) -> None:
+    # The runner's endpoint is a closed port: the database write stands, the call is logged.
+    stuck = domain.workflow(S.RUNNING)
+    domain.set(stuck, prompt_id="p-1")
+    domain.request(stuck)
+
+    assert cancel.enforce_deadline(domain.ctx, [stuck], API) == {stuck: O.FORCED}
+    assert domain.row(stuck).status == S.CANCELLED.value
+

@@ -1,0 +1,152 @@
+"""The runner (runner.py) called directly, on a thread of the test instead of a Celery
+worker: it drives a workflow on a simulated ComfyUI, fails a prompt ComfyUI rejects,
+acknowledges a cancel signal delivered through its signal listener on fakeredis, and leaves
+quietly when a newer runner task owns its workflow."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from comfy_cancel import cancel, runner
+from comfy_cancel.models import CancelOutcome, WorkflowStatus
+from comfy_cancel.sim_comfyui import RunningSim
+from tests.helpers import TINY_PROMPT, blur_chain
+from tests.unit.domain import API, Domain, wait_until
+
+S = WorkflowStatus
+LONG = blur_chain(20)  # about 16 s on a sim at time scale 1: it runs until cancelled
+
+
+@pytest.fixture
+def background() -> Iterator[Callable[..., Future[Any]]]:
+    """Run a call on a thread; the test waits for its result."""
+    with ThreadPoolExecutor(2, thread_name_prefix="runner") as pool:
+        yield pool.submit
+
+
+def transitions(domain: Domain, workflow_id: str) -> list[str | None]:
+    return [to for kind, to, _ in domain.events(workflow_id) if kind == "transition"]
+
+
+def task_of(domain: Domain, workflow_id: str) -> str:
+    return str(domain.row(workflow_id).runner_task_id)
+
+
+def test_a_run_drives_an_accepted_workflow_to_completed_on_its_comfyui(
+    domain: Domain, sim: RunningSim
+) -> None:
+    # Accepted: no runner chosen yet; the run claims the account's one runner, the sim's.
+    workflow_id = domain.workflow(S.ACCEPTED, domain.runner(sim.url))
+
+    assert runner.run(domain.ctx, workflow_id, task_of(domain, workflow_id)) == "completed"
+
+    row = domain.row(workflow_id)
+    assert transitions(domain, workflow_id) == [
+        "accepted", "uploaded", "queued", "running", "completed"]
+    assert row.prompt_id and row.outputs and "3" in row.outputs  # SaveImage's node
+    assert row.cancel_outcome is None and row.heartbeat_at is not None
+    entry = domain.on_sim(sim).history(row.prompt_id)
+    assert entry is not None and entry["status"]["status_str"] == "success"
+
+
+def test_a_prompt_comfyui_rejects_fails_the_workflow_with_its_node_error(
+    domain: Domain, sim: RunningSim
+) -> None:
+    prompt = copy.deepcopy(TINY_PROMPT)
+    del prompt["1"]["inputs"]["width"]  # a required input missing
+    workflow_id = domain.workflow(S.QUEUED, domain.runner(sim.url), prompt=prompt)
+
+    assert runner.run(domain.ctx, workflow_id, task_of(domain, workflow_id)) == "failed"
+
+    row = domain.row(workflow_id)
+    assert row.exception_type == "prompt_outputs_failed_validation"
+    assert row.error_node == "1"  # the node ComfyUI named in node_errors
+    assert transitions(domain, workflow_id)[-1] == "failed"
+    assert domain.on_sim(sim).queue().pending == []  # nothing was queued
+
+
+def test_a_run_acknowledges_a_cancel_signal_and_comfyui_stops_its_prompt(
+    domain: Domain, make_sim: Callable[..., RunningSim], background: Callable[..., Future[Any]],
+    broker: Any,
+) -> None:
+    sim = make_sim(time_scale=1.0)
+    workflow_id = domain.workflow(S.QUEUED, domain.runner(sim.url), prompt=LONG)
+    run = background(runner.run, domain.ctx, workflow_id, task_of(domain, workflow_id))
+    wait_until(lambda: domain.row(workflow_id).status == S.RUNNING.value)
+    domain.request(workflow_id)
+
+    # The cancel worker's side: a CANCEL signal on fakeredis, which the run's listener
+    # (subscribed on the same fake server) routes to it.
+    assert cancel.handle_many(domain.ctx, [workflow_id], API) == {workflow_id: None}
+
+    assert run.result(timeout=10) == "cancelled"
+    row = domain.row(workflow_id)
+    assert (row.status, row.cancel_outcome) == (S.CANCELLED.value, CancelOutcome.CANCELLED.value)
+    assert (row.cancel_source, row.cancel_actor) == ("api", "alice")  # the request's, kept
+    assert row.outputs is None
+    entry = domain.on_sim(sim).history(str(row.prompt_id))
+    assert entry is not None and entry["status"]["messages"][-1][0] == "execution_interrupted"
+    # The deadline check finds it acknowledged: nothing to escalate.
+    ((_, _, args),) = broker("cancel")
+    assert cancel.enforce_deadline(domain.ctx, args[0], API) == {}
+
+
+def test_a_run_cancelled_while_its_prompt_is_pending_removes_it_and_leaves(
+    domain: Domain, make_sim: Callable[..., RunningSim], background: Callable[..., Future[Any]],
+) -> None:
+    sim = make_sim(time_scale=1.0)
+    client = domain.on_sim(sim)
+    blocker = client.submit(LONG, "someone-else").prompt_id
+    wait_until(lambda: client.queue().running == [blocker])
+    workflow_id = domain.workflow(S.QUEUED, domain.runner(sim.url))
+    run = background(runner.run, domain.ctx, workflow_id, task_of(domain, workflow_id))
+    wait_until(lambda: domain.row(workflow_id).prompt_id
+               and client.queue().pending == [domain.row(workflow_id).prompt_id])
+    domain.request(workflow_id)
+
+    assert cancel.handle_many(domain.ctx, [workflow_id], API) == {
+        workflow_id: CancelOutcome.CANCELLED}
+
+    assert run.result(timeout=10) == "cancelled"  # told to stop; it leaves without a write
+    assert transitions(domain, workflow_id)[-2:] == ["queued", "cancelled"]
+    assert client.queue().pending == [] and client.queue().running == [blocker]
+
+
+def test_a_superseded_run_leaves_quietly_and_leaves_the_prompt_to_its_successor(
+    domain: Domain, make_sim: Callable[..., RunningSim], background: Callable[..., Future[Any]],
+) -> None:
+    sim = make_sim(time_scale=1.0)
+    workflow_id = domain.workflow(S.QUEUED, domain.runner(sim.url), prompt=LONG)
+    first_task = task_of(domain, workflow_id)
+
+    # A task whose id is not the workflow's does nothing at all.
+    trail = domain.events(workflow_id)
+    assert runner.run(domain.ctx, workflow_id, "a-stale-task") is None
+    assert domain.events(workflow_id) == trail and domain.row(workflow_id).prompt_id is None
+
+    run = background(runner.run, domain.ctx, workflow_id, first_task)
+    wait_until(lambda: domain.row(workflow_id).status == S.RUNNING.value)
+    prompt_id = str(domain.row(workflow_id).prompt_id)
+    domain.set(workflow_id, runner_task_id="its-successor")  # what a re-dispatch writes
+
+    assert run.result(timeout=10) is None  # its next heartbeat finds the successor
+    row = domain.row(workflow_id)
+    assert row.status == S.RUNNING.value and row.cancel_outcome is None
+    assert domain.on_sim(sim).queue().running == [prompt_id]  # not touched
+
+
+def test_a_run_of_a_cancelled_or_unknown_workflow_does_nothing(
+    domain: Domain, sim: RunningSim
+) -> None:
+    workflow_id = domain.workflow(S.CANCELLED, domain.runner(sim.url))
+    trail = domain.events(workflow_id)
+
+    assert runner.run(domain.ctx, workflow_id, task_of(domain, workflow_id)) == "cancelled"
+    assert runner.run(domain.ctx, "no-such-workflow", "t") is None
+    assert domain.events(workflow_id) == trail
+    assert domain.on_sim(sim).queue().pending == []
