@@ -101,9 +101,16 @@ def schedule_deadline(workflow_ids: Sequence[str], by: Actor, after_seconds: flo
 
 
 def revoke_runner_tasks(task_ids: Sequence[str]) -> None:
-    """One broadcast for many runner tasks (a fast path only: see cancel.py)."""
-    if task_ids:
+    """One broadcast for many runner tasks. A fast path only (see cancel.py): a runner
+    task re-checks the database before it submits anything, so a broker that is down
+    costs nothing but this log line, and must not undo the caller's work after it."""
+    if not task_ids:
+        return
+    try:
         app.control.revoke(list(task_ids))
+    except BROKER_ERRORS as exc:
+        log.warning("could not revoke %d runner tasks (%s); they will find their workflows "
+                    "cancelled", len(task_ids), type(exc).__name__)
 
 
 def runner_backlog() -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import kombu.pools
 import pytest
 from fastapi.testclient import TestClient
+from kombu import Queue
 
 from comfy_cancel import api, encryption, manager, worker
 from comfy_cancel.config import Settings
@@ -76,6 +77,22 @@ def _reset_broker_pools() -> None:
     worker_app.amqp._producer_pool = None
 
 
+def take_all(queue: str | Queue) -> list[Any]:
+    """Every message waiting on ``queue`` (a name, or a kombu Queue), acknowledged."""
+    taken = []
+    with worker_app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue)
+        while True:
+            try:
+                message = simple.get(block=False)
+            except simple.Empty:
+                break
+            message.ack()
+            taken.append(message)
+        simple.close()
+    return taken
+
+
 @pytest.fixture
 def broker() -> Iterator[Any]:
     """Celery publishing into kombu's in-process memory transport; yields a queue reader."""
@@ -87,19 +104,7 @@ def broker() -> Iterator[Any]:
 
     def drain(queue: str) -> list[tuple[str, str, list[Any]]]:
         """(task id, task name, args) of every message waiting on ``queue``, removing them."""
-        found = []
-        with worker_app.connection_for_read() as conn:
-            simple = conn.SimpleQueue(queue)
-            while True:
-                try:
-                    message = simple.get(block=False)
-                except simple.Empty:
-                    break
-                found.append((message.headers["id"], message.headers["task"],
-                              message.payload[0]))
-                message.ack()
-            simple.close()
-        return found
+        return [(m.headers["id"], m.headers["task"], m.payload[0]) for m in take_all(queue)]
 
     for queue in ("cancel", "runner"):
         drain(queue)

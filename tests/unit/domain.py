@@ -29,7 +29,7 @@ from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
 from comfy_cancel.signals import SignalKind
 from comfy_cancel.sim_comfyui import RunningSim
 from comfy_cancel.worker import ALL_QUEUES
-from tests.apitest import worker_app
+from tests.apitest import take_all, worker_app
 from tests.helpers import LOOPBACK, migrated, seed_workflow
 
 S = WorkflowStatus
@@ -133,19 +133,11 @@ def revokes(broker: Any) -> Callable[[], list[str]]:
 
     def read() -> list[str]:
         ids: list[str] = []
-        with worker_app.connection_for_read() as conn:
-            simple = conn.SimpleQueue(queue)
-            while True:
-                try:
-                    message = simple.get(block=False)
-                except simple.Empty:
-                    break
-                body = message.payload
-                if body.get("method") == "revoke":
-                    found = body["arguments"]["task_id"]
-                    ids.extend([found] if isinstance(found, str) else found)
-                message.ack()
-            simple.close()
+        for message in take_all(queue):
+            body = message.payload
+            if body.get("method") == "revoke":
+                found = body["arguments"]["task_id"]
+                ids.extend([found] if isinstance(found, str) else found)
         return ids
 
     return read
