@@ -218,3 +218,9 @@ def test_the_cancel_worker_service_is_what_the_cli_default_starts(
     _, options = parse(argv(services["worker"]["command"]))
     _, default = parse(["comfy-cancel", "worker"])
     assert options["queues"] == default["queues"] == ",".join(worker.CANCEL_QUEUES)
+
+
+def test_the_api_is_published_on_loopback_only(services: dict[str, dict[str, Any]]) -> None:
+    """Plain HTTP: reachable from the host, not from the network, until a proxy fronts it."""
+    ports = services["api"]["ports"]
+    assert ports and all(str(p).startswith("127.0.0.1:") for p in ports), ports
