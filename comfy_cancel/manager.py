@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, insert, literal, select, update
-from sqlalchemy.orm import Session, defer
+from sqlalchemy import ColumnElement, Select, func, insert, literal, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
 from comfy_cancel import auth, encryption
 from comfy_cancel.config import Settings, get_settings, secret_keys
@@ -350,7 +350,9 @@ def record_submission(
     )
 
 
-def _update_queued(session: Session, workflow_id: str, prompt_matches: Any, **values: Any) -> bool:
+def _update_queued(
+    session: Session, workflow_id: str, prompt_matches: ColumnElement[bool], **values: Any
+) -> bool:
     """Set ``values`` on the workflow if it is still queued and its prompt id matches, and
     stamp it alive (the orphan sweeps leave it be); False when it is not (cancelled first,
     or another runner task's prompt)."""
@@ -531,7 +533,11 @@ def intents_to_redrive(
 
 
 def _oldest_first(
-    session: Session, query: Select[Any], clock: Any, cutoff: datetime, limit: int
+    session: Session,
+    query: Select[Any],
+    clock: InstrumentedAttribute[Any],
+    cutoff: datetime,
+    limit: int,
 ) -> list[Any]:
     """The rows of ``query`` whose ``clock`` column is before ``cutoff``, the oldest first,
     at most ``limit``: each sweep's read, so that it walks its (status, clock) index in order."""
