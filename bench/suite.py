@@ -142,6 +142,13 @@ def _headroom_at_least(result: float | None, floor: float) -> float | None:
     return None if result is None else round(result / floor, 3)
 
 
+def _judge_p99(p99_ms: float | None) -> tuple[float | None, bool | None, float | None]:
+    """The ratio, ``met`` and headroom of a latency goal: p99 under 50 ms."""
+    if p99_ms is None:
+        return None, None, None
+    return round(p99_ms / 50, 2), p99_ms < 50, _headroom_at_most(p99_ms, 50)
+
+
 def evaluate(figures: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     """Each goal of the issue beside its result; ``met`` is None when it was not measured."""
     goals: list[dict[str, Any]] = []
@@ -156,8 +163,7 @@ def evaluate(figures: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
             f"p99 {_fmt(p99, ' ms')} (achieved {_fmt(high['achieved_per_second'], '/s', 0)})",
             f"at {sizes.latency_rates[0]}/s: p99 "
             f"{_fmt(low['latency_200_to_cancelled']['p99_ms'], ' ms')}",
-            None if p99 is None else round(p99 / 50, 2),
-            None if p99 is None else p99 < 50, _headroom_at_most(p99, 50)))
+            *_judge_p99(p99)))
     running = figures.get("running_latency")
     if running:
         p99 = running["to_comfyui_cancel_call"]["p99_ms"]
@@ -167,8 +173,7 @@ def evaluate(figures: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
             f"p99 {_fmt(p99, ' ms')} ({running['samples']} cancels)",
             f"simulated node step {running['sim_step_ms']} ms; to `cancelled` p99 "
             f"{_fmt(running['to_cancelled']['p99_ms'], ' ms')}",
-            None if p99 is None else round(p99 / 50, 2),
-            None if p99 is None else p99 < 50, _headroom_at_most(p99, 50)))
+            *_judge_p99(p99)))
     through = figures.get("throughput")
     if through:
         goals.append(_goal(

@@ -211,34 +211,31 @@ async def read_submission(request: Request) -> WorkflowSubmission:
     return _validate(WorkflowSubmission, fields)
 
 
-def _canonical_id(value: str) -> str | None:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        return None
-
-
 def _not_found(kind: str, object_id: str) -> ApiError:
     # The same words for a malformed id, an unknown one and another account's: an id
     # never tells its holder whether it exists.
     return ApiError(404, f"no {kind} {object_id[:100]}: check the id (GET /v1/{kind} lists yours)")
 
 
+def _canonical_id(kind: str, object_id: str) -> str:
+    """The id in its stored spelling; a 404 when it is no id at all."""
+    try:
+        return str(uuid.UUID(object_id))
+    except ValueError:
+        raise _not_found(kind, object_id) from None
+
+
 def _own_workflow(session: Session, workflow_id: str, principal: Principal) -> Workflow:
-    canonical = _canonical_id(workflow_id)
-    workflow = None
-    if canonical is not None:
-        workflow = manager.get_workflow(session, canonical, principal.account_id)
+    canonical = _canonical_id("workflow", workflow_id)
+    workflow = manager.get_workflow(session, canonical, principal.account_id)
     if workflow is None:
         raise _not_found("workflow", workflow_id)
     return workflow
 
 
 def _own_runner(session: Session, runner_id: str, principal: Principal) -> Runner:
-    canonical = _canonical_id(runner_id)
-    runner = None
-    if canonical is not None:
-        runner = manager.get_runner(session, canonical, principal.account_id)
+    canonical = _canonical_id("runner", runner_id)
+    runner = manager.get_runner(session, canonical, principal.account_id)
     if runner is None:
         raise _not_found("runner", runner_id)
     return runner
@@ -383,9 +380,7 @@ def cancel_workflow(
     is read only to explain a refusal (404 or 400).
     """
     by = status.Actor(CancelSource.API.value, principal.actor, body.reason if body else None)
-    canonical = _canonical_id(workflow_id)
-    if canonical is None:
-        raise _not_found("workflow", workflow_id)
+    canonical = _canonical_id("workflow", workflow_id)
 
     def refused(session: Session, missed: list[str]) -> list[str]:
         current = manager.workflow_status(session, canonical, principal.account_id)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpcore
@@ -182,7 +182,25 @@ def guarded_transport(policy: EgressPolicy) -> httpx.HTTPTransport:
     return transport
 
 
-class ComfyUIClient:
+class _ClosedOnExit:
+    """A ``with`` block closes it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ComfyUIClient(_ClosedOnExit):
     """HTTP calls to one ComfyUI server. ``base_url`` is the server's root
     (``http://host:8188``, or a proxy path in front of it)."""
 
@@ -320,17 +338,6 @@ class ComfyUIClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> ComfyUIClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ plumbing
 
     def _send(self, method: str, path: str, body: Any = None) -> httpx.Response:
@@ -359,7 +366,7 @@ class ComfyUIClient:
         return False
 
 
-class EventStream:
+class EventStream(_ClosedOnExit):
     """ComfyUI's event WebSocket for one client id.
 
     :meth:`next_event` returns the next event, or None on timeout; binary frames
@@ -427,17 +434,6 @@ class EventStream:
                 ws.close()
             except Exception as exc:  # closing a dead socket has nothing left to report
                 log.debug("closing %s: %s", self.shown_url, exc)
-
-    def __enter__(self) -> EventStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _reconnect(self) -> Event:
         started = time.monotonic()

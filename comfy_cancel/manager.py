@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, literal, select, update
-from sqlalchemy.orm import Session, defer
+from sqlalchemy import ColumnElement, Select, func, insert, literal, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
 from comfy_cancel import auth, encryption
 from comfy_cancel.config import Settings, get_settings, secret_keys
@@ -267,18 +267,18 @@ def workflow_status(session: Session, workflow_id: str, account_id: int) -> str 
     ).scalar_one_or_none()
 
 
+def _lean_workflows() -> Select[Workflow]:
+    """Workflows without their large JSON columns (loaded on access)."""
+    return select(Workflow).options(defer(Workflow.workflow_json), defer(Workflow.outputs))
+
+
 def workflows_by_ids(session: Session, workflow_ids: Sequence[str]) -> list[Workflow]:
     """The workflows among these ids, without their large JSON columns (loaded on access):
     the cancel path needs statuses and ids, not prompts."""
     if not workflow_ids:
         return []
-    return list(
-        session.execute(
-            select(Workflow)
-            .options(defer(Workflow.workflow_json), defer(Workflow.outputs))
-            .where(Workflow.id.in_(list(workflow_ids)))
-        ).scalars()
-    )
+    query = _lean_workflows().where(Workflow.id.in_(list(workflow_ids)))
+    return list(session.execute(query).scalars())
 
 
 def list_workflows(
@@ -328,19 +328,11 @@ def claim_prompt(session: Session, workflow_id: str, prompt_id: str) -> bool:
     already claimed it (a re-dispatch racing the original): then nothing may be submitted.
     Claiming the same id again is True (a retry whose first commit landed unseen).
     """
-    now = utcnow()
-    return (
-        session.execute(
-            update(Workflow)
-            .where(
-                Workflow.id == workflow_id,
-                Workflow.status == S.QUEUED.value,
-                Workflow.prompt_id.is_(None) | (Workflow.prompt_id == prompt_id),
-            )
-            .values(prompt_id=prompt_id, updated_at=now, heartbeat_at=now)
-            .returning(Workflow.id)
-        ).first()
-        is not None
+    return _update_queued(
+        session,
+        workflow_id,
+        Workflow.prompt_id.is_(None) | (Workflow.prompt_id == prompt_id),
+        prompt_id=prompt_id,
     )
 
 
@@ -349,21 +341,27 @@ def record_submission(
 ) -> bool:
     """Note what ComfyUI answered to a submission (a server that ignores the requested
     prompt id picks its own); False when the workflow was cancelled first. Idempotent."""
-    now = utcnow()
-    return (
-        session.execute(
-            update(Workflow)
-            .where(
-                Workflow.id == workflow_id,
-                Workflow.status == S.QUEUED.value,
-                Workflow.prompt_id.in_([claimed_prompt_id, prompt_id]),
-            )
-            .values(prompt_id=prompt_id, queue_number=queue_number, updated_at=now,
-                    heartbeat_at=now)
-            .returning(Workflow.id)
-        ).first()
-        is not None
+    return _update_queued(
+        session,
+        workflow_id,
+        Workflow.prompt_id.in_([claimed_prompt_id, prompt_id]),
+        prompt_id=prompt_id,
+        queue_number=queue_number,
     )
+
+
+def _update_queued(
+    session: Session, workflow_id: str, prompt_matches: ColumnElement[bool], **values: Any
+) -> bool:
+    """Set ``values`` on the workflow if it is still queued and its prompt id matches, and
+    stamp it alive (the orphan sweeps leave it be); False when it is not (cancelled first,
+    or another runner task's prompt)."""
+    now = utcnow()
+    query = update(Workflow).where(
+        Workflow.id == workflow_id, Workflow.status == S.QUEUED.value, prompt_matches
+    )
+    updated = query.values(updated_at=now, heartbeat_at=now, **values).returning(Workflow.id)
+    return session.execute(updated).first() is not None
 
 
 def heartbeat(
@@ -534,81 +532,54 @@ def intents_to_redrive(
     )
 
 
-def running_without_heartbeat(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:
+def _oldest_first(
+    session: Session,
+    query: Select[Any],
+    clock: InstrumentedAttribute[Any],
+    cutoff: datetime,
+    limit: int,
+) -> list[Any]:
+    """The rows of ``query`` whose ``clock`` column is before ``cutoff``, the oldest first,
+    at most ``limit``: each sweep's read, so that it walks its (status, clock) index in order."""
     return list(
-        session.execute(
-            select(Workflow)
-            .where(Workflow.status == S.RUNNING.value, Workflow.heartbeat_at < cutoff)
-            .order_by(Workflow.heartbeat_at)
-            .limit(limit)
-        ).scalars()
+        session.execute(query.where(clock < cutoff).order_by(clock).limit(limit)).scalars()
     )
+
+
+def running_without_heartbeat(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:
+    query = select(Workflow).where(Workflow.status == S.RUNNING.value)
+    return _oldest_first(session, query, Workflow.heartbeat_at, cutoff, limit)
 
 
 def running_since_before(session: Session, cutoff: datetime, limit: int) -> list[str]:
     """Running workflows started before ``cutoff`` with no cancel requested yet."""
-    return list(
-        session.execute(
-            select(Workflow.id)
-            .where(
-                Workflow.status == S.RUNNING.value,
-                Workflow.started_at < cutoff,
-                Workflow.cancel_requested_at.is_(None),
-            )
-            .order_by(Workflow.started_at)
-            .limit(limit)
-        ).scalars()
+    query = select(Workflow.id).where(
+        Workflow.status == S.RUNNING.value, Workflow.cancel_requested_at.is_(None)
     )
+    return _oldest_first(session, query, Workflow.started_at, cutoff, limit)
 
 
 def queued_since_before(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:
     """Queued workflows untouched since ``cutoff`` with no cancel requested yet."""
-    return list(
-        session.execute(
-            select(Workflow)
-            .where(
-                Workflow.status == S.QUEUED.value,
-                Workflow.updated_at < cutoff,
-                Workflow.cancel_requested_at.is_(None),
-            )
-            .order_by(Workflow.updated_at)
-            .limit(limit)
-        ).scalars()
+    query = select(Workflow).where(
+        Workflow.status == S.QUEUED.value, Workflow.cancel_requested_at.is_(None)
     )
+    return _oldest_first(session, query, Workflow.updated_at, cutoff, limit)
 
 
 def queued_without_heartbeat(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:
     """Queued workflows whose runner task wrote no heartbeat since ``cutoff`` (nor claimed
     them since: the claim stamps one) and that nobody asked to cancel."""
-    return list(
-        session.execute(
-            select(Workflow)
-            .options(defer(Workflow.workflow_json), defer(Workflow.outputs))
-            .where(
-                Workflow.status == S.QUEUED.value,
-                Workflow.heartbeat_at < cutoff,
-                Workflow.cancel_requested_at.is_(None),
-            )
-            .order_by(Workflow.heartbeat_at)
-            .limit(limit)
-        ).scalars()
+    query = _lean_workflows().where(
+        Workflow.status == S.QUEUED.value, Workflow.cancel_requested_at.is_(None)
     )
+    return _oldest_first(session, query, Workflow.heartbeat_at, cutoff, limit)
 
 
 def never_claimed(session: Session, cutoff: datetime, limit: int) -> list[Workflow]:
     """Accepted (or uploaded) workflows no runner task moved on since ``cutoff``."""
-    return list(
-        session.execute(
-            select(Workflow)
-            .options(defer(Workflow.workflow_json), defer(Workflow.outputs))
-            .where(
-                Workflow.status.in_([S.ACCEPTED.value, S.UPLOADED.value]),
-                Workflow.updated_at < cutoff,
-            )
-            .order_by(Workflow.updated_at)
-            .limit(limit)
-        ).scalars()
-    )
+    query = _lean_workflows().where(Workflow.status.in_([S.ACCEPTED.value, S.UPLOADED.value]))
+    return _oldest_first(session, query, Workflow.updated_at, cutoff, limit)
 
 
 @dataclass(frozen=True)

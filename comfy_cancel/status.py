@@ -256,44 +256,26 @@ def _cancel_values(by: Actor, outcome: CancelOutcome, now: datetime) -> dict[str
     }
 
 
-def _cancel(
-    session: Session,
-    workflow_id: str,
-    froms: Collection[S],
-    by: Actor,
-    outcome: CancelOutcome,
-    detail: Mapping[str, Any] | None,
-) -> Change:
-    return transition(
-        session,
-        workflow_id,
-        S.CANCELLED,
-        from_=froms,
-        by=by,
-        values=_cancel_values(by, outcome, utcnow()),
-        outcome=outcome.value,
-        detail=detail,
-    )
-
-
-def cancel_if_running(
-    session: Session,
-    workflow_id: str,
-    by: Actor,
-    outcome: CancelOutcome = CancelOutcome.CANCELLED,
-    detail: Mapping[str, Any] | None = None,
-) -> Change:
-    return _cancel(session, workflow_id, [S.RUNNING], by, outcome, detail)
-
-
 def cancel_if_active(
     session: Session,
     workflow_id: str,
     by: Actor,
     outcome: CancelOutcome = CancelOutcome.CANCELLED,
     detail: Mapping[str, Any] | None = None,
+    *,
+    from_: Collection[S] = CANCELLABLE,
 ) -> Change:
-    return _cancel(session, workflow_id, CANCELLABLE, by, outcome, detail)
+    """Queued or running (or only the statuses in ``from_``) -> cancelled, with its outcome."""
+    return transition(
+        session,
+        workflow_id,
+        S.CANCELLED,
+        from_=from_,
+        by=by,
+        values=_cancel_values(by, outcome, utcnow()),
+        outcome=outcome.value,
+        detail=detail,
+    )
 
 
 @dataclass(frozen=True)

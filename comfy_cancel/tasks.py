@@ -5,6 +5,7 @@ domain module imports this one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
@@ -32,7 +33,15 @@ RETRY_ON_DATABASE_ERRORS: dict[str, Any] = {
 }
 
 
-def _outcomes(outcomes: dict[str, CancelOutcome | None]) -> dict[str, str | None]:
+def _cancel_step(
+    step: Callable[[context.Context, Sequence[str], Actor], dict[str, CancelOutcome | None]],
+    workflow_ids: list[str],
+    source: str,
+    actor: str | None,
+    reason: str | None,
+) -> dict[str, str | None]:
+    """Run a step of the cancel path on these ids for this actor; its outcomes as JSON."""
+    outcomes = step(context.current(), workflow_ids, Actor(source, actor, reason))
     return {wid: outcome.value if outcome else None for wid, outcome in outcomes.items()}
 
 
@@ -45,8 +54,7 @@ def run_workflow(self, workflow_id: str) -> str | None:  # type: ignore[no-untyp
 def enforce_cancel_deadline(
     workflow_ids: list[str], source: str, actor: str | None = None, reason: str | None = None
 ) -> dict[str, str | None]:
-    by = Actor(source, actor, reason)
-    return _outcomes(cancel.enforce_deadline(context.current(), workflow_ids, by))
+    return _cancel_step(cancel.enforce_deadline, workflow_ids, source, actor, reason)
 
 
 @app.task(name=CANCEL_WORKFLOWS_TASK, **RETRY_ON_DATABASE_ERRORS)
@@ -54,8 +62,7 @@ def cancel_workflows(
     workflow_ids: list[str], source: str, actor: str | None = None, reason: str | None = None
 ) -> dict[str, str | None]:
     """Cancel requests: one id from the API, a chunk from bulk cancels and sweeps."""
-    by = Actor(source, actor, reason)
-    return _outcomes(cancel.handle_many(context.current(), workflow_ids, by))
+    return _cancel_step(cancel.handle_many, workflow_ids, source, actor, reason)
 
 
 @app.task(name=SWEEP_TASK)

@@ -310,8 +310,9 @@ class SimulatedRunners:
             by = status.Actor(
                 workflow.cancel_source or "runner", workflow.cancel_actor, workflow.cancel_reason
             )
-            change = status.cancel_if_running(
-                session, workflow_id, by, CancelOutcome.CANCELLED, workflow.cancel_timing()
+            change = status.cancel_if_active(
+                session, workflow_id, by, CancelOutcome.CANCELLED, workflow.cancel_timing(),
+                from_=[S.RUNNING],
             )
         self._record(workflow_id, "cancel", change)
 

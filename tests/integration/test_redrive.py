@@ -79,7 +79,7 @@ def test_redrive_hands_on_exactly_what_nobody_took_or_whose_deadline_passed(
     just_past_deadline = requested(ctx, S.RUNNING, published=grace + 2, taken=grace + 1)
     closed = requested(ctx, S.RUNNING, published=60)
     with ctx.db.transaction() as session:
-        status.cancel_if_running(session, closed, API)
+        status.cancel_if_active(session, closed, API, from_=[S.RUNNING])
 
     assert sorted(sweeps.redrive(ctx, dry_run=True).republished) == sorted(
         [not_taken, lost_deadline])

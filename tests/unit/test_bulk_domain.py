@@ -89,7 +89,7 @@ def other_side(domain: Domain, broker: Any) -> Iterator[OtherSide]:
                 with domain.ctx.db.transaction() as session:
                     for workflow_id in ids:
                         if workflow_id in side.acknowledging:
-                            status.cancel_if_running(session, workflow_id, by)
+                            status.cancel_if_active(session, workflow_id, by, from_=[S.RUNNING])
                         else:
                             status.complete_if_running(session, workflow_id, {})
             stop.wait(0.05)

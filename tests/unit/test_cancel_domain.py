@@ -132,7 +132,8 @@ def test_a_deadline_check_after_the_runner_acknowledged_changes_nothing(domain: 
     domain.request(acknowledged)
     assert cancel.handle_many(domain.ctx, [acknowledged], API) == {acknowledged: None}
     with domain.ctx.db.transaction() as session:
-        assert status.cancel_if_running(session, acknowledged, API).changed  # the runner's ack
+        # the runner's ack
+        assert status.cancel_if_active(session, acknowledged, API, from_=[S.RUNNING]).changed
     trail = domain.events(acknowledged)
 
     assert cancel.enforce_deadline(domain.ctx, [acknowledged], API) == {}

@@ -105,7 +105,9 @@ class StatusWriterMachine(RuleBasedStateMachine):
     def sweep_cancels_running(self, data: st.DataObject) -> None:
         wid = self._pick(data)
         with self.db.transaction() as session:
-            status.cancel_if_running(session, wid, SWEEP, CancelOutcome.RUNNER_LOST)
+            status.cancel_if_active(
+                session, wid, SWEEP, CancelOutcome.RUNNER_LOST, from_=[S.RUNNING]
+            )
 
     @rule()
     def operator_bulk_cancels_queued(self) -> None:

@@ -69,7 +69,7 @@ def test_a_cancel_of_a_completed_workflow_changes_nothing_and_records_too_late(
     with db.transaction() as session:
         assert status.complete_if_running(session, workflow_id, {"9": {}}).changed
     with db.transaction() as session:
-        change = status.cancel_if_running(session, workflow_id, by)
+        change = status.cancel_if_active(session, workflow_id, by, from_=[S.RUNNING])
         assert not change.changed and change.status == S.COMPLETED.value
         wf = manager.get_workflow(session, workflow_id)
         assert wf is not None
@@ -145,7 +145,7 @@ def _race(db: Database, workflow_id: str, by: status.Actor) -> dict[str, status.
     def cancel() -> None:
         barrier.wait()
         with db.transaction() as session:
-            results["cancel"] = status.cancel_if_running(session, workflow_id, by)
+            results["cancel"] = status.cancel_if_active(session, workflow_id, by, from_=[S.RUNNING])
 
     threads = [threading.Thread(target=complete), threading.Thread(target=cancel)]
     for t in threads:
