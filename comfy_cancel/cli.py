@@ -30,7 +30,7 @@ from comfy_cancel.config import ENV_PREFIX, Settings, get_settings
 from comfy_cancel.db import Database
 from comfy_cancel.egress import EgressDenied
 from comfy_cancel.encryption import SecretKeyError
-from comfy_cancel.models import WorkflowStatus, utcnow
+from comfy_cancel.models import CancelSource, WorkflowStatus, utcnow
 from comfy_cancel.redact import redact_setting, redact_url
 from comfy_cancel.schemas import RunnerCreate, RunnerView, error_message
 
@@ -567,9 +567,12 @@ def cmd_bulk_cancel(
     if planned.matched == 0:
         _print_summary(planned.to_dict() | {"dry_run": False}, as_json)
         return
-    if not yes and not _confirm(f"cancel {planned.matched} workflows ({planned.by_status})?"):
+    # Sorted: the database groups statuses in no particular order.
+    counts = dict(sorted(planned.by_status.items()))
+    if not yes and not _confirm(f"cancel {planned.matched} workflows ({counts})?"):
         raise CliError("not confirmed; nothing was changed")
-    by = Actor("bulk", f"operator:{os.environ.get('USER') or os.getuid()}@cli", reason)
+    operator = f"operator:{os.environ.get('USER') or os.getuid()}@cli"
+    by = Actor(CancelSource.BULK.value, operator, reason)
     with click.progressbar(
         length=planned.matched + planned.not_found, label="cancelling", show_pos=True,
         file=sys.stderr, hidden=as_json or not sys.stderr.isatty(),
