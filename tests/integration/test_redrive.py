@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import psycopg
@@ -204,13 +205,17 @@ def test_orphaned_queued_and_unclaimed_work_is_redispatched_then_failed(
     assert "submit it again" in (failed.exception_message or "")
 
 
+def accepted_on(ctx: Context, sim_url: str, name: str, prompt: dict[str, Any]) -> str:
+    """A workflow accepted for an account whose one runner is the simulated server."""
+    account_id, _ = make_account_and_runner(ctx.db, url=sim_url)
+    with ctx.db.transaction() as session:
+        return status.create_accepted(session, account_id, name=name, workflow_json=prompt).id
+
+
 def test_a_superseded_runner_task_leaves_without_touching_the_prompt(ctx: Context) -> None:
     sim = start_in_thread(time_scale=1.0)
     try:
-        account_id, _ = make_account_and_runner(ctx.db, url=sim.url)
-        with ctx.db.transaction() as session:
-            wid = status.create_accepted(session, account_id, name="long",
-                                         workflow_json=blur_chain(6)).id
+        wid = accepted_on(ctx, sim.url, "long", blur_chain(6))
         first_task = row(ctx, wid).runner_task_id
         # Another prompt keeps ComfyUI busy, so ours waits in its queue (status queued).
         blocker = httpx.post(f"{sim.url}/prompt", json={"prompt": blur_chain(4)})
@@ -260,10 +265,7 @@ def test_a_runner_task_rides_out_a_database_outage(
     admin = psycopg.connect(services.libpq_url(postgres_url), autocommit=True)
     name = database_name(ctx.settings.database_url)
     try:
-        account_id, _ = make_account_and_runner(ctx.db, url=sim.url)
-        with ctx.db.transaction() as session:
-            wid = status.create_accepted(session, account_id, name="through an outage",
-                                         workflow_json=blur_chain(8)).id
+        wid = accepted_on(ctx, sim.url, "through an outage", blur_chain(8))
         task_id = row(ctx, wid).runner_task_id
         results: dict[str, str | None] = {}
         thread = threading.Thread(target=lambda: results.update(

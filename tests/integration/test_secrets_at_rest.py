@@ -81,14 +81,20 @@ def test_migration_without_a_key_stops_and_keeps_the_headers(
     assert json.loads(str(stored)) == {"Authorization": "Bearer s3cret"}
 
 
+def _runner_with_headers(db: Database) -> tuple[int, str]:
+    """(account id, runner id) of a runner whose headers are sealed with the current key."""
+    with db.transaction() as session:
+        account = manager.get_or_create_account(session, "acme")
+        runner = manager.add_runner(session, account.id, name="r", endpoint_url="http://h:1",
+                                    headers={"X-Key": "v"})
+        return account.id, runner.id
+
+
 def test_a_wrong_key_is_a_clear_error(tmp_path: Path, secret_key: str,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"sqlite:///{tmp_path / 'k.db'}"
     db = migrated(url)
-    with db.transaction() as session:
-        account = manager.get_or_create_account(session, "acme")
-        runner_id = manager.add_runner(session, account.id, name="r", endpoint_url="http://h:1",
-                                       headers={"X-Key": "v"}).id
+    _, runner_id = _runner_with_headers(db)
     monkeypatch.setenv("COMFY_CANCEL_SECRET_KEY", encryption.new_key())
     get_settings.cache_clear()
     with db.transaction() as session:
@@ -147,11 +153,8 @@ def test_a_runner_worker_with_the_wrong_key_fails_the_workflow_clearly(
     queued), tells the customer nothing about keys, and tells the operator which setting."""
     url = f"sqlite:///{tmp_path / 'w.db'}"
     db = migrated(url)
-    with db.transaction() as session:
-        account = manager.get_or_create_account(session, "acme")
-        runner_id = manager.add_runner(session, account.id, name="r", endpoint_url="http://h:1",
-                                       headers={"X-Key": "v"}).id
-    workflow_id = seed_workflow(db, account.id, runner_id, WorkflowStatus.QUEUED)
+    account_id, runner_id = _runner_with_headers(db)
+    workflow_id = seed_workflow(db, account_id, runner_id, WorkflowStatus.QUEUED)
     monkeypatch.setenv("COMFY_CANCEL_DATABASE_URL", url)
     monkeypatch.setenv("COMFY_CANCEL_SECRET_KEY", encryption.new_key())
     get_settings.cache_clear()
