@@ -40,7 +40,7 @@ from typing import IO, TYPE_CHECKING, Any, Self
 
 from comfy_cancel import services
 from comfy_cancel.config import ENV_PREFIX, Settings
-from comfy_cancel.schemas import mask_password
+from comfy_cancel.redact import redact_url
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -376,7 +376,7 @@ class EmbeddedStack:
     def _start_redis(self) -> str:
         if self._redis_url is not None:
             self._check_redis(self._redis_url)
-            self._echo(f"redis: {mask_password(self._redis_url)} ({ENV_PREFIX}REDIS_URL)")
+            self._echo(f"redis: {redact_url(self._redis_url)} ({ENV_PREFIX}REDIS_URL)")
             return self._redis_url
         # A fresh password per start, for this stack's processes only (in their environment);
         # a person finds it in an owner-only file.
@@ -404,7 +404,7 @@ class EmbeddedStack:
             client.ping()
         except (redis.RedisError, ValueError) as exc:
             raise StackError(
-                f"Redis at {mask_password(url)} ({ENV_PREFIX}REDIS_URL) does not answer "
+                f"Redis at {redact_url(url)} ({ENV_PREFIX}REDIS_URL) does not answer "
                 f"({exc}): start it, or unset {ENV_PREFIX}REDIS_URL to use the embedded Redis"
             ) from exc
         finally:
@@ -423,10 +423,10 @@ class EmbeddedStack:
             detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             where = f" ({ENV_PREFIX}DATABASE_URL)" if given else ""
             raise StackError(
-                f"cannot migrate the database {mask_password(url)}{where}: {detail}; "
+                f"cannot migrate the database {redact_url(url)}{where}: {detail}; "
                 "check that it is reachable and writable"
             ) from exc
-        self._echo(f"database: {mask_password(url)} (migrated)")
+        self._echo(f"database: {redact_url(url)} (migrated)")
         return url
 
     def _register_sim(self) -> None:
@@ -741,8 +741,8 @@ def banner(stack: EmbeddedStack, heading: str) -> str:
         f"  ComfyUI      {stack.comfyui_url} (simulated; runner {SIM_RUNNER!r} of account "
         f"{stack.account!r})",
         f"  token        {stack.token}",
-        f"  Redis        {mask_password(stack.redis_url)} ({redis_kind})",
-        f"  database     {mask_password(stack.database_url)}",
+        f"  Redis        {redact_url(stack.redis_url)} ({redis_kind})",
+        f"  database     {redact_url(stack.database_url)}",
         f"  secret key   {key_source} (seals runner headers)",
         f"  logs         {stack.log_dir}/",
         "",

@@ -38,10 +38,6 @@ def iso_utc(value: datetime) -> str:
 UtcDatetime = Annotated[datetime, PlainSerializer(iso_utc, return_type=str, when_used="json")]
 
 
-# The one masking rule (comfy_cancel.redact), under the name the CLI and dev use.
-mask_password = redact_url
-
-
 def error_message(exc: ValidationError) -> str:
     """One sentence naming the first bad field of a pydantic error."""
     first = exc.errors(include_url=False)[0]
