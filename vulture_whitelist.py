@@ -32,7 +32,7 @@ _.user_id
 _._pool
 _._producer_pool
 _.celery
-# uvicorn calls these on its Server (tests/stack.py), Celery reads these settings.
+# uvicorn calls these on its Server (testbed/stack.py), Celery reads these settings.
 _.install_signal_handlers
 _.should_exit
 _.broker_url

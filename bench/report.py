@@ -244,7 +244,7 @@ def _figure_rows(figures: dict[str, Any]) -> list[list[Any]]:
 def _method_notes(results: dict[str, Any]) -> list[str]:
     sizes = results["sizes"]
     return [
-        "- **System.** `tests.stack.running_stack` (the acceptance tests' harness): one cancel "
+        "- **System.** `testbed.stack.running_stack` (the acceptance tests' harness): one cancel "
         "worker process and one runner worker process (Celery, threads pool, late acks, "
         "prefetch 1), the API (uvicorn, one process), the simulated ComfyUI at time scale 1; "
         "PostgreSQL and Redis started by the suite from their PyPI wheels, durable as in "

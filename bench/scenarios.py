@@ -26,13 +26,13 @@ from sqlalchemy import text
 from bench import cpu, seed
 from bench.stats import distribution_ms, median, ratio
 from bench.system import GRACE_SECONDS, REPO, System, epoch
-from comfy_cancel import manager, services
+from comfy_cancel import db, manager
 from comfy_cancel.config import Settings
 from comfy_cancel.context import Context
 from comfy_cancel.db import Database, make_engine
+from comfy_cancel.embedded.comfyui_sim import blur_chain
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.sweeps import sweep
-from tests.helpers import blur_chain
 
 Log = Callable[[str], None]
 
@@ -90,7 +90,7 @@ def _ok(requests: list[list[Any]]) -> list[list[Any]]:
 
 def pg_sessions(system: System) -> int:
     """Connections ever opened to the benchmark's database (PostgreSQL 14+)."""
-    with psycopg.connect(services.libpq_url(system.stack.settings.database_url),
+    with psycopg.connect(db.libpq_url(system.stack.settings.database_url),
                          autocommit=True) as conn:
         row = conn.execute(
             "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
@@ -424,7 +424,7 @@ def _mb(value: float) -> float:
 
 def _vacuum_analyze(database_url: str) -> None:
     """What autovacuum would do after a bulk load: fresh statistics and visibility map."""
-    with psycopg.connect(services.libpq_url(database_url), autocommit=True) as conn:
+    with psycopg.connect(db.libpq_url(database_url), autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE workflows")
 
 
@@ -509,7 +509,7 @@ def _sweep_plans(url: str) -> dict[str, str]:
         "ORDER BY updated_at LIMIT 500",
     }
     plans = {}
-    with psycopg.connect(services.libpq_url(url), autocommit=True) as conn:
+    with psycopg.connect(db.libpq_url(url), autocommit=True) as conn:
         for name, query in queries.items():
             lines = [row[0] for row in conn.execute(
                 "EXPLAIN (ANALYZE, COSTS OFF) " + query).fetchall()]

@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from comfy_cancel import manager, status
 from comfy_cancel.db import Database
-from tests.helpers import TINY_PROMPT
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 
 NOW = "(now() AT TIME ZONE 'utc')"  # naive UTC, as the models store times
 PROMPT = json.dumps(TINY_PROMPT)

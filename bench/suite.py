@@ -33,7 +33,7 @@ from bench.system import (
     started_services,
     started_system,
 )
-from comfy_cancel import services
+from comfy_cancel import db
 
 SCHEMA_VERSION = 1
 FIGURES: dict[str, Callable[[System, Sizes, Callable[[str], None]], dict[str, Any]]] = {
@@ -280,7 +280,7 @@ def _profile_cancel_path(system: System, out_dir: Path) -> dict[str, Any]:
     account_id, token = system.new_account("profile-cancel-path")
     ids = seed.queued(system.db, account_id, system.stack.runner_id, 1000)
     sessions = scenarios.pg_sessions(system)
-    url = services.libpq_url(system.stack.settings.database_url)
+    url = db.libpq_url(system.stack.settings.database_url)
     targets = {"api": system.api_pid, "cancel_worker": system.cancel_worker_pid}
     with profiling.pg_waits(url) as waits, \
             profiling.sampled(targets, out_dir, "cancel_path") as profiles:

@@ -1,13 +1,12 @@
 """The system under test, started by the suite, and what the scenarios do to it.
 
-:func:`tests.stack.running_stack` brings up the whole system (the acceptance tests' own
-harness, reused unchanged): Celery worker processes (one cancel worker, one runner
-worker; threads pool, late acks, prefetch 1), the simulated ComfyUI server and the HTTP
-API on a socket. Here it runs on a real PostgreSQL and a real Redis with its AOF on, as
-in ``docker-compose.yml``, started from their PyPI wheels by :mod:`comfy_cancel.services`.
-One more worker process serves the no-op baseline task (:mod:`bench.noop`) with the same
-settings.
-"""
+:func:`testbed.stack.running_stack` brings up the whole system (the acceptance tests' own
+harness, reused unchanged): Celery worker processes (one cancel worker, one runner worker;
+threads pool, late acks, prefetch 1), the simulated ComfyUI server and the HTTP API on a
+socket. Here it runs on a real PostgreSQL and a real Redis with its AOF on, as in ``docker-
+compose.yml``, started from their PyPI wheels by :mod:`comfy_cancel.embedded.redis_server`
+and :mod:`testbed.postgres`. One more worker process serves the no-op baseline task
+(:mod:`bench.noop`) with the same settings."""
 
 from __future__ import annotations
 
@@ -27,9 +26,10 @@ import redis
 from sqlalchemy import text
 
 from bench import seed
-from comfy_cancel import services
 from comfy_cancel.db import Database
-from tests.stack import Stack, running_stack, settings_env, stop_processes, wait_workers_ready
+from comfy_cancel.embedded import redis_server
+from testbed import postgres
+from testbed.stack import Stack, running_stack, settings_env, stop_processes, wait_workers_ready
 
 REPO = Path(__file__).resolve().parent.parent
 CANCEL_WORKER_CONCURRENCY = 50  # threads; the database pool holds 10 + 40 connections
@@ -41,8 +41,8 @@ SIM_TIME_SCALE = 1.0  # ComfyUI's node times as calibrated on a 2-core CPU
 @dataclass
 class System:
     stack: Stack
-    redis_server: services.RedisServer
-    postgres: services.PostgresServer
+    redis_server: redis_server.RedisServer
+    postgres: postgres.PostgresServer
     work_dir: Path
     noop_worker: subprocess.Popen[bytes]
     redis: redis.Redis = field(init=False)
@@ -172,8 +172,8 @@ def start_noop_worker(stack: Stack, log_path: Path) -> subprocess.Popen[bytes]:
 
 @dataclass
 class Services:
-    redis_server: services.RedisServer
-    postgres: services.PostgresServer
+    redis_server: redis_server.RedisServer
+    postgres: postgres.PostgresServer
 
 
 @contextmanager
@@ -181,9 +181,9 @@ def started_services(durable: bool = True) -> Iterator[Services]:
     """Redis (AOF on, fsync every second, as in docker-compose.yml) and PostgreSQL
     (``durable``: fsync and synchronous commit on, as in production)."""
     with ExitStack() as stack:
-        redis_server = stack.enter_context(services.start_redis(appendonly=True))
-        postgres = stack.enter_context(services.start_postgres(fast=not durable))
-        yield Services(redis_server, postgres)
+        redis = stack.enter_context(redis_server.start_redis(appendonly=True))
+        pg = stack.enter_context(postgres.start_postgres(fast=not durable))
+        yield Services(redis, pg)
 
 
 @contextmanager

@@ -394,7 +394,7 @@ def cmd_beat(schedule: Path | None, loglevel: str | None) -> int:
 def cmd_sim_comfyui(
     host: str | None, port: int | None, time_scale: float | None, no_jobs_api: bool
 ) -> int:
-    from comfy_cancel import sim_comfyui
+    from comfy_cancel.embedded import comfyui_sim
 
     argv: list[str] = []
     if host is not None:
@@ -405,14 +405,14 @@ def cmd_sim_comfyui(
         argv += ["--time-scale", str(time_scale)]
     if no_jobs_api:
         argv.append("--no-jobs-api")
-    return int(sim_comfyui.main(argv) or 0)
+    return int(comfyui_sim.main(argv) or 0)
 
 
 # --- the embedded stack --------------------------------------------------------------------
 
 
 def _run_embedded(run: Callable[[argparse.Namespace, Settings], int], **options: Any) -> int:
-    from comfy_cancel.dev import StackError
+    from comfy_cancel.embedded.dev import StackError
 
     settings = _settings()
     try:
@@ -443,7 +443,7 @@ def _run_embedded(run: Callable[[argparse.Namespace, Settings], int], **options:
 @click.option("--time-scale", type=TIME_SCALE, default=1.0, metavar="F", show_default=True,
               help="multiplies the simulated ComfyUI's node times")
 def cmd_dev(port: int | None, comfyui_port: int, data_dir: Path, time_scale: float) -> int:
-    from comfy_cancel import dev
+    from comfy_cancel.embedded import dev
 
     return _run_embedded(dev.main, port=port, comfyui_port=comfyui_port, data_dir=data_dir,
                          time_scale=time_scale)
@@ -462,7 +462,7 @@ def cmd_dev(port: int | None, comfyui_port: int, data_dir: Path, time_scale: flo
 @click.option("--keep-running", is_flag=True,
               help="leave the stack up afterwards, until Ctrl-C")
 def cmd_demo(data_dir: Path | None, port: int, time_scale: float, keep_running: bool) -> int:
-    from comfy_cancel import demo
+    from comfy_cancel.embedded import demo
 
     return _run_embedded(demo.main, data_dir=data_dir, port=port, time_scale=time_scale,
                          keep_running=keep_running)

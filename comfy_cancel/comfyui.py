@@ -1,7 +1,7 @@
 """The runner's client for one ComfyUI server: HTTP calls and the WebSocket event stream.
 
 It speaks ComfyUI's API as ``COMFYUI_API.md`` describes it and nothing else, so it
-drives a real ComfyUI server and the simulated one (:mod:`comfy_cancel.sim_comfyui`)
+drives a real ComfyUI server and the simulated one (:mod:`comfy_cancel.embedded.comfyui_sim`)
 alike. The runner's extra headers go on every call, the WebSocket included.
 
 Cancelling never uses a bare ``POST /interrupt``: on a shared server that stops

@@ -6,12 +6,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from comfy_cancel.config import get_settings
+
+
+def libpq_url(url: str) -> str:
+    """``postgresql+psycopg://...`` -> ``postgresql://...``, the form psycopg.connect takes."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+", 1)[0]
+    return urlunsplit(parts._replace(scheme="postgresql" if scheme == "postgres" else scheme))
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

@@ -21,9 +21,10 @@ from kombu import Queue
 from comfy_cancel import api, encryption, manager, worker
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database, engine_for
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
-from tests.helpers import LOOPBACK_ALLOWED, TINY_PROMPT, seed_workflow
+from tests.helpers import LOOPBACK_ALLOWED, seed_workflow
 
 S = WorkflowStatus
 worker_app = worker.app  # the Celery app the API publishes through

@@ -1,11 +1,10 @@
 """Shared fixtures: real Redis and PostgreSQL servers, started once per session.
 
 ``COMFY_CANCEL_TEST_REDIS_URL`` / ``COMFY_CANCEL_TEST_POSTGRES_URL`` point the tests at
-servers someone else runs; otherwise :mod:`comfy_cancel.services` starts local ones (the
-binaries come with the dev extras). A server that cannot be had skips its tests when run by
-hand, and fails them when ``CI=true``: in CI a silently skipped integration suite would
-look green.
-"""
+servers someone else runs; otherwise :mod:`comfy_cancel.embedded.redis_server` and
+:mod:`testbed.postgres` start local ones (the binaries come with the dev extras). A server
+that cannot be had skips its tests when run by hand, and fails them when ``CI=true``: in CI
+a silently skipped integration suite would look green."""
 
 from __future__ import annotations
 
@@ -19,7 +18,9 @@ import psycopg
 import pytest
 import redis
 
-from comfy_cancel import services
+from comfy_cancel import db
+from comfy_cancel.embedded import processes, redis_server
+from testbed import postgres
 
 REDIS_ENV = "COMFY_CANCEL_TEST_REDIS_URL"
 POSTGRES_ENV = "COMFY_CANCEL_TEST_POSTGRES_URL"
@@ -67,8 +68,8 @@ def redis_url() -> Iterator[str]:
         yield external
         return
     try:
-        server = services.start_redis()
-    except services.ServiceError as exc:
+        server = redis_server.start_redis()
+    except processes.ServiceError as exc:
         _unavailable("Redis", str(exc))
     try:
         yield server.url
@@ -112,9 +113,9 @@ def postgres_url() -> Iterator[str]:
     """SQLAlchemy URL (postgresql+psycopg://) of a real PostgreSQL server's maintenance db."""
     external = os.environ.get(POSTGRES_ENV)
     if external:
-        url = services.sqlalchemy_url(external)
+        url = postgres.sqlalchemy_url(external)
         try:
-            with psycopg.connect(services.libpq_url(url), connect_timeout=5) as conn:
+            with psycopg.connect(db.libpq_url(url), connect_timeout=5) as conn:
                 conn.execute("SELECT 1")
         except psycopg.Error as exc:
             _unavailable("PostgreSQL", f"cannot connect to {POSTGRES_ENV}={external} ({exc})")
@@ -122,8 +123,8 @@ def postgres_url() -> Iterator[str]:
         return
     try:
         # fast: no fsync; the data lives as long as the session.
-        server = services.start_postgres(fast=True)
-    except services.ServiceError as exc:
+        server = postgres.start_postgres(fast=True)
+    except processes.ServiceError as exc:
         _unavailable("PostgreSQL", str(exc))
     try:
         yield server.url
@@ -138,13 +139,13 @@ def pg_database_factory(postgres_url: str) -> Iterator[Callable[[], str]]:
 
     def make() -> str:
         name = f"cc_test_{uuid.uuid4().hex[:16]}"
-        url = services.create_database(postgres_url, name)
+        url = postgres.create_database(postgres_url, name)
         created.append(name)
         return url
 
     yield make
     for name in created:
-        services.drop_database(postgres_url, name)
+        postgres.drop_database(postgres_url, name)
 
 
 @pytest.fixture

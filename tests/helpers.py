@@ -7,18 +7,13 @@ from typing import Any
 from comfy_cancel import manager, status
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database, make_engine
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import WorkflowStatus
 
 S = WorkflowStatus
 
 # A small prompt that the simulated ComfyUI runs in well under a second at time_scale 1.
-TINY_PROMPT: dict[str, Any] = {
-    "1": {"class_type": "EmptyImage",
-          "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
-    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "tiny"}},
-}
 
 # Steps through the lifecycle from accepted to each status, via the status writer only.
 PATH_TO: dict[S, list[S]] = {
@@ -81,21 +76,3 @@ def advance(session: Any, workflow_id: str, to: S, runner_id: str) -> status.Cha
     if to is S.CANCELLED:
         return status.cancel_if_active(session, workflow_id, by)
     raise AssertionError(to)
-
-
-def blur_chain(blurs: int, size: int = 768, prefix: str = "out") -> dict[str, Any]:
-    """EmptyImage -> N x ImageBlur(radius 31) -> SaveImage: about 0.8 s a blur at 768² on
-    the simulated ComfyUI at time_scale 1, interruptible at each progress step."""
-    prompt: dict[str, Any] = {
-        "1": {"class_type": "EmptyImage",
-              "inputs": {"width": size, "height": size, "batch_size": 1, "color": 0}},
-    }
-    previous = "1"
-    for n in range(blurs):
-        node = str(n + 2)
-        prompt[node] = {"class_type": "ImageBlur",
-                        "inputs": {"image": [previous, 0], "blur_radius": 31, "sigma": 5.0}}
-        previous = node
-    prompt["save"] = {"class_type": "SaveImage",
-                      "inputs": {"images": [previous, 0], "filename_prefix": prefix}}
-    return prompt

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.stack import Stack, running_stack
+from testbed.stack import Stack, running_stack
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

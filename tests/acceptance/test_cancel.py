@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from comfy_cancel import manager, tasks
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT, blur_chain
 from comfy_cancel.models import WorkflowStatus
-from tests.helpers import TINY_PROMPT, blur_chain, seed_workflow
-from tests.stack import Stack, cancel, running_stack, sim_calls, sim_requests
+from testbed.stack import Stack, cancel, running_stack, sim_calls, sim_requests
+from tests.helpers import seed_workflow
 
 pytestmark = pytest.mark.acceptance
 S = WorkflowStatus

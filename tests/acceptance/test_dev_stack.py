@@ -23,8 +23,8 @@ import pytest
 from comfy_cancel import manager
 from comfy_cancel.config import ENV_PREFIX, Settings
 from comfy_cancel.db import Database, make_engine
-from comfy_cancel.dev import SIM_RUNNER, EmbeddedStack, StackError
-from comfy_cancel.sim_comfyui import blur_workflow
+from comfy_cancel.embedded.comfyui_sim import blur_workflow
+from comfy_cancel.embedded.dev import SIM_RUNNER, EmbeddedStack, StackError
 
 pytestmark = pytest.mark.acceptance
 

@@ -13,10 +13,11 @@ import redis
 
 from comfy_cancel import cli, manager, status
 from comfy_cancel.context import current
+from comfy_cancel.embedded.comfyui_sim import blur_chain
 from comfy_cancel.models import WorkflowStatus
 from comfy_cancel.sweeps import sweep
-from tests.helpers import blur_chain, seed_workflow
-from tests.stack import Stack, running_stack
+from testbed.stack import Stack, running_stack
+from tests.helpers import seed_workflow
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres]
 S = WorkflowStatus

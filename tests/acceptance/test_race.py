@@ -58,6 +58,7 @@ from sqlalchemy import select, update
 from comfy_cancel import manager, publish, status
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.models import (
     CancelOutcome,
     EventKind,
@@ -67,14 +68,14 @@ from comfy_cancel.models import (
     utcnow,
 )
 from comfy_cancel.signals import SignalKind, SignalListener
-from tests.helpers import PATH_TO, TINY_PROMPT, advance, make_account_and_runner, migrated
-from tests.stack import (
+from testbed.stack import (
     ALL_CANCEL_QUEUES,
     configured,
     start_worker,
     stop_processes,
     wait_workers_ready,
 )
+from tests.helpers import PATH_TO, advance, make_account_and_runner, migrated
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from comfy_cancel import manager, tasks
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT, blur_chain
 from comfy_cancel.worker import RUNNER_QUEUE
-from tests.helpers import TINY_PROMPT, blur_chain
-from tests.stack import Stack, running_stack, sim_requests, start_worker, wait_workers_ready
+from testbed.stack import Stack, running_stack, sim_requests, start_worker, wait_workers_ready
 
 TERMINAL = {"completed", "failed", "cancelled"}
 

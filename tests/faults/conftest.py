@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_cancel import services
+from comfy_cancel.embedded import processes
 from tests.conftest import _unavailable
 from tests.faults.harness import COUNTS, FULL, RESULTS, Harness, table
 
@@ -24,7 +24,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     h = Harness(tmp_path_factory.mktemp("faults"))
     try:
         h.start()
-    except services.ServiceError as exc:
+    except processes.ServiceError as exc:
         h.stop()
         _unavailable("Redis or PostgreSQL", str(exc))
     try:

@@ -35,12 +35,14 @@ from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from comfy_cancel import manager, services, worker
+from comfy_cancel import manager, worker
 from comfy_cancel.config import Settings
+from comfy_cancel.embedded import processes, redis_server
+from comfy_cancel.embedded.comfyui_sim import RunningSim, blur_chain, start_in_thread
 from comfy_cancel.models import ApiToken, Workflow, WorkflowEvent, utcnow
-from comfy_cancel.sim_comfyui import RunningSim, start_in_thread
-from tests.helpers import LOOPBACK, blur_chain, migrated
-from tests.stack import ALL_CANCEL_QUEUES, api_process, settings_env, start_worker, stop_processes
+from testbed import postgres
+from testbed.stack import ALL_CANCEL_QUEUES, api_process, settings_env, start_worker, stop_processes
+from tests.helpers import LOOPBACK, migrated
 
 FULL = os.environ.get("COMFY_CANCEL_FAULTS", "").strip().lower() == "full"
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -160,10 +162,10 @@ class Sim:
 
 def _sim_process(time_scale: float, log_path: Path) -> tuple[str, subprocess.Popen[bytes]]:
     """``comfy-cancel sim-comfyui`` in a process of its own (so it can be killed or frozen)."""
-    port = services.free_port()
+    port = processes.free_port()
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "comfy_cancel.sim_comfyui", "--port", str(port),
+        [sys.executable, "-m", "comfy_cancel.embedded.comfyui_sim", "--port", str(port),
          "--time-scale", str(time_scale)],
         stdout=log, stderr=subprocess.STDOUT,
     )
@@ -202,13 +204,13 @@ class Harness:
 
     def start(self) -> None:
         self.redis_dir = self.base / "redis"
-        self.redis = services.start_redis(data_dir=self.redis_dir, appendonly=True)
-        # Not under pytest's temp dir (see services.make_temp_dir), and durable commits
+        self.redis = redis_server.start_redis(data_dir=self.redis_dir, appendonly=True)
+        # Not under pytest's temp dir (see processes.make_temp_dir), and durable commits
         # (no fast=True): the fault stops and starts this server, and a shutdown that went
         # wrong must not silently drop acknowledged commits.
-        self.pg_root = services.make_temp_dir("comfy-cancel-pg-")
+        self.pg_root = processes.make_temp_dir("comfy-cancel-pg-")
         self.pg_dir = self.pg_root / "data"
-        self.pg = services.start_postgres(self.pg_dir)
+        self.pg = postgres.start_postgres(self.pg_dir)
         self.database_url = self.pg.create_database("faults")
         # Defaults for all that the promise is about; the simulated servers are on loopback,
         # which runners may reach only where the operator allows it.
@@ -394,7 +396,7 @@ class Harness:
 
     def start_redis_again(self) -> None:
         """The same port and data dir, AOF on: what an operator's restart does."""
-        self.redis = services.start_redis(
+        self.redis = redis_server.start_redis(
             port=self.redis.port, data_dir=self.redis_dir, appendonly=True
         )
 
@@ -404,7 +406,7 @@ class Harness:
         self.pg.stop()  # fast shutdown; the data dir is ours and stays
 
     def start_postgres_again(self) -> None:
-        self.pg = services.start_postgres(self.pg_dir, port=self.pg.port)
+        self.pg = postgres.start_postgres(self.pg_dir, port=self.pg.port)
 
     # ---------------------------------------------------------------- simulated ComfyUI
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from comfy_cancel import publish, services, worker
+from comfy_cancel import publish, worker
 from comfy_cancel.broker import DEAD_LETTER_KEY
+from comfy_cancel.embedded import redis_server
+from comfy_cancel.embedded.comfyui_sim import blur_chain
 from comfy_cancel.status import Actor
-from tests.helpers import blur_chain
-from tests.stack import (
+from testbed.stack import (
     ALL_CANCEL_QUEUES,
     Stack,
     cancel,
@@ -36,8 +37,8 @@ LONG = blur_chain(40)  # about 6 s at time scale 0.2
 
 
 @pytest.fixture
-def aof_redis(tmp_path: Path) -> Iterator[services.RedisServer]:
-    server = services.start_redis(data_dir=tmp_path / "redis", appendonly=True)
+def aof_redis(tmp_path: Path) -> Iterator[redis_server.RedisServer]:
+    server = redis_server.start_redis(data_dir=tmp_path / "redis", appendonly=True)
     try:
         yield server
     finally:
@@ -45,19 +46,21 @@ def aof_redis(tmp_path: Path) -> Iterator[services.RedisServer]:
 
 
 @pytest.fixture
-def stack(aof_redis: services.RedisServer, tmp_path: Path) -> Iterator[Stack]:
+def stack(aof_redis: redis_server.RedisServer, tmp_path: Path) -> Iterator[Stack]:
     with running_stack(f"sqlite:///{tmp_path / 'stack.db'}", aof_redis.url, tmp_path) as s:
         yield s
 
 
-def restart_redis(server: services.RedisServer, down_seconds: float) -> services.RedisServer:
+def restart_redis(
+    server: redis_server.RedisServer, down_seconds: float
+) -> redis_server.RedisServer:
     """SHUTDOWN NOSAVE, ``down_seconds`` of nothing, then the same port and AOF again."""
     client = redis.Redis.from_url(server.url)
     with contextlib.suppress(redis.ConnectionError):  # the server hangs up as it goes
         client.shutdown(nosave=True)
     server.process.wait(10)
     time.sleep(down_seconds)
-    return services.start_redis(port=server.port, data_dir=server.data_dir, appendonly=True)
+    return redis_server.start_redis(port=server.port, data_dir=server.data_dir, appendonly=True)
 
 
 def landed(stack: Stack, workflow_id: str) -> bool:
@@ -88,7 +91,7 @@ def all_logs(stack: Stack) -> str:
 
 
 def test_workers_ride_out_a_redis_restart_under_load(
-    stack: Stack, aof_redis: services.RedisServer
+    stack: Stack, aof_redis: redis_server.RedisServer
 ) -> None:
     ids = [stack.submit(LONG, name=f"w{i}") for i in range(8)]
     for workflow_id in ids:

@@ -12,8 +12,8 @@ from comfy_cancel import manager
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database
 from comfy_cancel.migrations import upgrade
+from testbed.stack import api_server
 from tests.apitest import UNREACHABLE
-from tests.stack import api_server
 
 
 def _exchange(url: str, request: bytes, wait: float = 10.0) -> tuple[bytes, float]:

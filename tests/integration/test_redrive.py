@@ -17,18 +17,12 @@ import pytest
 import redis
 from sqlalchemy import update
 
-from comfy_cancel import cancel, manager, runner, services, status, sweeps, worker
+from comfy_cancel import cancel, db, manager, runner, status, sweeps, worker
 from comfy_cancel.config import Settings
 from comfy_cancel.context import Context
+from comfy_cancel.embedded.comfyui_sim import blur_chain, start_in_thread
 from comfy_cancel.models import EventKind, Workflow, WorkflowStatus, utcnow
-from comfy_cancel.sim_comfyui import start_in_thread
-from tests.helpers import (
-    LOOPBACK,
-    blur_chain,
-    make_account_and_runner,
-    migrated,
-    seed_workflow,
-)
+from tests.helpers import LOOPBACK, make_account_and_runner, migrated, seed_workflow
 from tests.integration.test_sweeps import backdate, queued_messages
 
 S = WorkflowStatus
@@ -262,7 +256,7 @@ def test_a_runner_task_rides_out_a_database_outage(
     ctx: Context, postgres_url: str
 ) -> None:
     sim = start_in_thread(time_scale=1.0)
-    admin = psycopg.connect(services.libpq_url(postgres_url), autocommit=True)
+    admin = psycopg.connect(db.libpq_url(postgres_url), autocommit=True)
     name = database_name(ctx.settings.database_url)
     try:
         wid = accepted_on(ctx, sim.url, "through an outage", blur_chain(8))

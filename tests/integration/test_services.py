@@ -19,7 +19,8 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from comfy_cancel import services
+from comfy_cancel import db
+from testbed import postgres
 
 
 def _dbname(url: str) -> str:
@@ -85,7 +86,7 @@ def test_redis_client_starts_on_an_empty_dedicated_db(redis_client: redis.Redis,
 
 
 def test_postgres_is_a_real_server(pg_database_url: str) -> None:
-    with psycopg.connect(services.libpq_url(pg_database_url)) as conn:
+    with psycopg.connect(db.libpq_url(pg_database_url)) as conn:
         row = conn.execute("SELECT version(), current_database()").fetchone()
         assert row is not None
         assert row[0].startswith("PostgreSQL "), row[0]
@@ -97,7 +98,7 @@ def test_postgres_is_a_real_server(pg_database_url: str) -> None:
 
 
 def test_two_connections_see_each_others_committed_rows(pg_database_url: str) -> None:
-    url = services.libpq_url(pg_database_url)
+    url = db.libpq_url(pg_database_url)
     with psycopg.connect(url) as a, psycopg.connect(url) as b:
         pid_a = a.execute("SELECT pg_backend_pid()").fetchone()
         pid_b = b.execute("SELECT pg_backend_pid()").fetchone()
@@ -136,7 +137,7 @@ def test_sqlalchemy_uses_psycopg3_with_the_url(pg_database_url: str) -> None:
 
 @pytest.mark.parametrize("run", [1, 2])
 def test_each_test_gets_a_fresh_empty_database(pg_database_url: str, run: int) -> None:
-    with psycopg.connect(services.libpq_url(pg_database_url)) as conn:
+    with psycopg.connect(db.libpq_url(pg_database_url)) as conn:
         tables = conn.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
         ).fetchone()
@@ -151,10 +152,10 @@ def test_two_database_urls_are_distinct_databases(
 ) -> None:
     other_url = pg_database_factory()
     assert _dbname(other_url) != _dbname(pg_database_url)
-    with psycopg.connect(services.libpq_url(pg_database_url)) as first:
+    with psycopg.connect(db.libpq_url(pg_database_url)) as first:
         first.execute("CREATE TABLE only_here (x int)")
         first.commit()
-    with psycopg.connect(services.libpq_url(other_url)) as second:
+    with psycopg.connect(db.libpq_url(other_url)) as second:
         assert second.execute("SELECT current_database()").fetchone() == (_dbname(other_url),)
         found = second.execute("SELECT to_regclass('public.only_here')").fetchone()
         assert found == (None,)
@@ -162,9 +163,9 @@ def test_two_database_urls_are_distinct_databases(
 
 def test_dropped_databases_are_gone(postgres_url: str) -> None:
     name = f"cc_drop_{uuid.uuid4().hex[:12]}"
-    url = services.create_database(postgres_url, name)
-    with psycopg.connect(services.libpq_url(url)):  # an open session must not block the drop
-        services.drop_database(postgres_url, name)
-    with psycopg.connect(services.libpq_url(postgres_url)) as conn:
+    url = postgres.create_database(postgres_url, name)
+    with psycopg.connect(db.libpq_url(url)):  # an open session must not block the drop
+        postgres.drop_database(postgres_url, name)
+    with psycopg.connect(db.libpq_url(postgres_url)) as conn:
         row = conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,))
         assert row.fetchone() == (0,)

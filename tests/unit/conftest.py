@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from comfy_cancel.sim_comfyui import RunningSim, start_in_thread
+from comfy_cancel.embedded.comfyui_sim import RunningSim, start_in_thread
 from tests.apitest import broker, broker_down, env, private_env  # noqa: F401  (the API's fixtures)
 from tests.unit.domain import domain, revokes  # noqa: F401  (the domain's fixtures)
 

@@ -25,9 +25,9 @@ from comfy_cancel.comfyui import ComfyUIClient
 from comfy_cancel.config import Settings
 from comfy_cancel.context import Context
 from comfy_cancel.db import engine_for
+from comfy_cancel.embedded.comfyui_sim import RunningSim
 from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
 from comfy_cancel.signals import SignalKind
-from comfy_cancel.sim_comfyui import RunningSim
 from comfy_cancel.worker import ALL_QUEUES
 from tests.apitest import take_all, worker_app
 from tests.helpers import LOOPBACK, migrated, seed_workflow

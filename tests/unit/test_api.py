@@ -14,11 +14,11 @@ from fastapi import Depends
 
 from comfy_cancel import api, encryption, manager
 from comfy_cancel.db import engine_for
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.manager import Principal
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import EventKind, WorkflowStatus
 from tests.apitest import KEY, Env, error, files, make_env
-from tests.helpers import TINY_PROMPT
 
 S = WorkflowStatus
 PUBLISH_FAILED = (

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.models import WorkflowStatus
 from tests.apitest import Env, error
-from tests.helpers import TINY_PROMPT
 
 S = WorkflowStatus
 UNKNOWN = "7d1c3f6e-0000-4000-8000-000000000000"

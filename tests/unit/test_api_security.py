@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import event
 
 from comfy_cancel import status
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import WorkflowStatus
 from comfy_cancel.schemas import json_too_deep
 from tests.apitest import Env, error, files, make_env
-from tests.helpers import TINY_PROMPT
 
 S = WorkflowStatus
 DEPTH = 64  # the default COMFY_CANCEL_MAX_JSON_DEPTH

@@ -9,11 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 from comfy_cancel import cancel, signals, status
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT, RunningSim, blur_chain
 from comfy_cancel.models import CancelOutcome, EventKind, WorkflowStatus
 from comfy_cancel.signals import SignalKind
-from comfy_cancel.sim_comfyui import RunningSim
 from comfy_cancel.status import Actor
-from tests.helpers import TINY_PROMPT, blur_chain
 from tests.unit.domain import API, GRACE_SECONDS, Domain, wait_until
 
 S = WorkflowStatus

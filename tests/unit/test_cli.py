@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-import comfy_cancel
+import comfy_cancel.embedded
 from comfy_cancel import cli, context, encryption, manager, tasks
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.db import Database, engine_for
@@ -372,15 +372,15 @@ def test_sim_comfyui_delegates_its_options(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     received: list[list[str]] = []
-    fake = types.ModuleType("comfy_cancel.sim_comfyui")
+    fake = types.ModuleType("comfy_cancel.embedded.comfyui_sim")
     def fake_main(argv: list[str]) -> int:
         received.append(argv)
         return 0
 
     fake.main = fake_main  # type: ignore[attr-defined]
     # Both places an import looks, in case the real module was imported earlier.
-    monkeypatch.setitem(sys.modules, "comfy_cancel.sim_comfyui", fake)
-    monkeypatch.setattr(comfy_cancel, "sim_comfyui", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "comfy_cancel.embedded.comfyui_sim", fake)
+    monkeypatch.setattr(comfy_cancel.embedded, "comfyui_sim", fake, raising=False)
     assert run(capsys, "sim-comfyui", "--port", "8190", "--time-scale", "0.5",
                "--no-jobs-api")[0] == 0
     assert received == [["--port", "8190", "--time-scale", "0.5", "--no-jobs-api"]]
@@ -432,7 +432,7 @@ def test_the_dev_options_reach_the_stack_typed(
     database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    from comfy_cancel import dev
+    from comfy_cancel.embedded import dev
 
     seen: list[Any] = []
 

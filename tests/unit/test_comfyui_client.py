@@ -24,8 +24,8 @@ from comfy_cancel.comfyui import (
     was_interrupted,
 )
 from comfy_cancel.config import get_settings
+from comfy_cancel.embedded.comfyui_sim import RunningSim, blur_workflow
 from comfy_cancel.redact import redact_url
-from comfy_cancel.sim_comfyui import RunningSim, blur_workflow
 
 FAST = 0.05
 SLOW = 0.1  # for prompts that must still run while the test acts on them

@@ -6,7 +6,7 @@ import stat
 from pathlib import Path
 
 from comfy_cancel import encryption
-from comfy_cancel.dev import private_dir, stack_secret_key, with_network, write_private
+from comfy_cancel.embedded.dev import private_dir, stack_secret_key, with_network, write_private
 
 
 def mode(path: Path) -> int:

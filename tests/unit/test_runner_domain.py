@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 
 from comfy_cancel import cancel, runner
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT, RunningSim, blur_chain
 from comfy_cancel.models import CancelOutcome, WorkflowStatus
-from comfy_cancel.sim_comfyui import RunningSim
-from tests.helpers import TINY_PROMPT, blur_chain
 from tests.unit.domain import API, Domain, wait_until
 
 S = WorkflowStatus

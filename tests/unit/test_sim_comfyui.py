@@ -12,7 +12,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from comfy_cancel.sim_comfyui import RunningSim, blur_workflow
+from comfy_cancel.embedded.comfyui_sim import RunningSim, blur_workflow
 
 FAST = 0.05  # time scale of most tests: the 6 s workflow takes 0.3 s
 SLOW = 0.1  # for prompts that must still run while the test acts on them

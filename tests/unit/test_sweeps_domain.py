@@ -10,10 +10,9 @@ import time
 from typing import Any
 
 from comfy_cancel import cancel, runner, sweeps
+from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT, RunningSim
 from comfy_cancel.models import CancelOutcome, WorkflowStatus
-from comfy_cancel.sim_comfyui import RunningSim
 from comfy_cancel.status import Actor
-from tests.helpers import TINY_PROMPT
 from tests.unit.domain import Domain
 
 S = WorkflowStatus

@@ -1,6 +1,6 @@
 """``comfy-cancel demo``: every way a cancel can end, shown on a real stack in about a minute.
 
-It starts :class:`~comfy_cancel.dev.EmbeddedStack`, then, over the HTTP API with the
+It starts :class:`~comfy_cancel.embedded.dev.EmbeddedStack`, then, over the HTTP API with the
 stack's token, submits four workflows to the single simulated ComfyUI runner (which runs
 one prompt at a time):
 
@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from comfy_cancel.config import Settings
-from comfy_cancel.dev import (
+from comfy_cancel.embedded.dev import (
     EmbeddedStack,
     StackError,
     banner,
@@ -87,7 +87,7 @@ def _when(value: str) -> datetime:
 
 class Demo:
     def __init__(self, stack: EmbeddedStack, time_scale: float) -> None:
-        from comfy_cancel.sim_comfyui import blur_workflow
+        from comfy_cancel.embedded.comfyui_sim import blur_workflow
 
         self.stack = stack
         self.time_scale = time_scale

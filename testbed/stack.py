@@ -17,10 +17,11 @@ from typing import Any
 import httpx
 import uvicorn
 
-from comfy_cancel import context, manager, services, worker
+from comfy_cancel import context, manager, worker
 from comfy_cancel.config import ENV_PREFIX, Settings, get_settings
 from comfy_cancel.db import Database
-from comfy_cancel.sim_comfyui import RunningSim, start_in_thread
+from comfy_cancel.embedded import processes
+from comfy_cancel.embedded.comfyui_sim import RunningSim, start_in_thread
 from tests.helpers import LOOPBACK, migrated
 
 ALL_CANCEL_QUEUES = f"{worker.CANCEL_QUEUE},{worker.BULK_QUEUE},{worker.SWEEP_QUEUE}"
@@ -151,7 +152,7 @@ class _Server(uvicorn.Server):
 def api_server(settings: Settings) -> Iterator[str]:
     from comfy_cancel.api import create_app
 
-    port = services.free_port()
+    port = processes.free_port()
     config = uvicorn.Config(
         create_app(settings), host="127.0.0.1", port=port, log_level="warning"
     )
@@ -173,7 +174,7 @@ def api_server(settings: Settings) -> Iterator[str]:
 @contextmanager
 def api_process(settings: Settings, log_path: Path) -> Iterator[tuple[str, int]]:
     """``comfy-cancel api`` in a process of its own, as a deployment runs it: (url, pid)."""
-    port = services.free_port()
+    port = processes.free_port()
     env = {**os.environ, **settings_env(settings), f"{ENV_PREFIX}API_PORT": str(port),
            f"{ENV_PREFIX}LOG_LEVEL": "WARNING"}
     log = log_path.open("wb")

@@ -38,14 +38,14 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self
 
-from comfy_cancel import services
 from comfy_cancel.config import ENV_PREFIX, Settings
+from comfy_cancel.embedded import processes, redis_server
 from comfy_cancel.redact import redact_url
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from comfy_cancel.services import RedisServer
+    from comfy_cancel.embedded.redis_server import RedisServer
 
 DEFAULT_DATA_DIR = Path(".comfy-cancel")
 ACCOUNT = "demo"
@@ -126,12 +126,6 @@ def absolute_database_url(url: str) -> str:
         )
     path = Path(parsed.database or "").expanduser().resolve()
     return parsed.set(database=str(path)).render_as_string(hide_password=False)
-
-
-def _death_signal_hook(sig: int) -> Callable[[], None] | None:
-    # services' helper, when this version of it has one: main thread and Linux only.
-    helper = getattr(services, "_parent_death_signal", None)
-    return helper(sig) if callable(helper) else None
 
 
 def _ensure_port_free(host: str, port: int, what: str, option: str) -> None:
@@ -333,12 +327,12 @@ class EmbeddedStack:
         if self._api_port:
             _ensure_port_free(host, self._api_port, "API", "--port")
         else:
-            self._api_port = services.free_port()
+            self._api_port = processes.free_port()
         if self._comfyui_port:
             _ensure_port_free("127.0.0.1", self._comfyui_port, "simulated ComfyUI",
                               "--comfyui-port")
         else:
-            self._comfyui_port = services.free_port()
+            self._comfyui_port = processes.free_port()
         redis_url = self._start_redis()
         database_url = self._migrate()
         self._settings = self.base_settings.model_copy(
@@ -383,9 +377,10 @@ class EmbeddedStack:
         password = secrets.token_hex(24)
         write_private(self.redis_password_path, password + "\n")
         try:
-            self._redis = services.start_redis(data_dir=self.data_dir / "redis", appendonly=True,
-                                               password=password)
-        except services.ServiceError as exc:
+            self._redis = redis_server.start_redis(
+                data_dir=self.data_dir / "redis", appendonly=True, password=password
+            )
+        except processes.ServiceError as exc:
             raise StackError(
                 f"{exc} Or point {ENV_PREFIX}REDIS_URL at a running Redis."
             ) from exc
@@ -470,7 +465,7 @@ class EmbeddedStack:
             write_private(token_path, self._token + "\n")  # a bearer credential
 
     def _write_example_workflow(self) -> None:
-        from comfy_cancel.sim_comfyui import blur_workflow
+        from comfy_cancel.embedded.comfyui_sim import blur_workflow
 
         # About 10 s at time scale 1: long enough to cancel by hand.
         prompt = blur_workflow(768, 12, filename_prefix="example")
@@ -544,7 +539,7 @@ class EmbeddedStack:
                     cwd=self.data_dir,
                     env=env,
                     start_new_session=True,
-                    preexec_fn=_death_signal_hook(child.death_signal),
+                    preexec_fn=processes.parent_death_signal(child.death_signal),
                 )
             except OSError as exc:
                 raise StackError(f"cannot start the {child.name}: {exc}") from exc

@@ -47,7 +47,7 @@ Test hooks (neither exists in ComfyUI; the runner must never rely on them):
   without these exact header values gets 401, so tests can prove the runner
   sends its extra headers on every call.
 
-Run it with ``python -m comfy_cancel.sim_comfyui --port 8188 --time-scale 1.0``.
+Run it with ``python -m comfy_cancel.embedded.comfyui_sim --port 8188 --time-scale 1.0``.
 """
 
 from __future__ import annotations
@@ -67,436 +67,22 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-log = logging.getLogger(__name__)
+from comfy_cancel.embedded.comfyui_sim.nodes import NODE_TYPES, Tensor, plan
+from comfy_cancel.embedded.comfyui_sim.validation import (
+    comfy_error,
+    execution_order,
+    validate_prompt,
+)
 
+log = logging.getLogger(__name__)
 SIM_VERSION = "0.3.64-sim"
-MAX_RESOLUTION = 16384
 HISTORY_LIMIT = 10_000
 REQUEST_LOG_LIMIT = 10_000
-BLUR_STEPS = 10
-
-UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
-LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
-CROP_METHODS = ("disabled", "center")
-
-
-# --------------------------------------------------------------------------- node types
-
-
-@dataclass(frozen=True)
-class _Input:
-    """One input of a node type: a value type (INT, FLOAT, STRING), a link type
-    (IMAGE, LATENT) or a combo (a tuple of allowed strings)."""
-
-    type: str | tuple[str, ...]
-    default: Any = None
-    min: float | None = None
-    max: float | None = None
-
-    @property
-    def is_link(self) -> bool:
-        return self.type in ("IMAGE", "LATENT")
-
-    def config(self) -> list[Any]:
-        """ComfyUI's ``input_config``: ``[type, options]``."""
-        options: dict[str, Any] = {}
-        if self.default is not None:
-            options["default"] = self.default
-        if self.min is not None:
-            options["min"] = self.min
-        if self.max is not None:
-            options["max"] = self.max
-        kind: Any = list(self.type) if isinstance(self.type, tuple) else self.type
-        return [kind, options]
-
-
-@dataclass(frozen=True)
-class _NodeType:
-    inputs: dict[str, _Input]
-    return_types: tuple[str, ...]
-    output_node: bool = False
-
-
-def _size_inputs(minimum: int, default: int = 512) -> dict[str, _Input]:
-    return {
-        "width": _Input("INT", default, minimum, MAX_RESOLUTION),
-        "height": _Input("INT", default, minimum, MAX_RESOLUTION),
-    }
-
-
-NODE_TYPES: dict[str, _NodeType] = {
-    "EmptyImage": _NodeType(
-        {
-            **_size_inputs(1),
-            "batch_size": _Input("INT", 1, 1, 4096),
-            "color": _Input("INT", 0, 0, 0xFFFFFF),
-        },
-        ("IMAGE",),
-    ),
-    "ImageScale": _NodeType(
-        {
-            "image": _Input("IMAGE"),
-            "upscale_method": _Input(UPSCALE_METHODS),
-            **_size_inputs(0),
-            "crop": _Input(CROP_METHODS),
-        },
-        ("IMAGE",),
-    ),
-    "ImageScaleBy": _NodeType(
-        {
-            "image": _Input("IMAGE"),
-            "upscale_method": _Input(UPSCALE_METHODS),
-            "scale_by": _Input("FLOAT", 1.0, 0.01, 8.0),
-        },
-        ("IMAGE",),
-    ),
-    "ImageInvert": _NodeType({"image": _Input("IMAGE")}, ("IMAGE",)),
-    "ImageBlur": _NodeType(
-        {
-            "image": _Input("IMAGE"),
-            "blur_radius": _Input("INT", 1, 1, 31),
-            "sigma": _Input("FLOAT", 1.0, 0.1, 10.0),
-        },
-        ("IMAGE",),
-    ),
-    "SaveImage": _NodeType(
-        {"images": _Input("IMAGE"), "filename_prefix": _Input("STRING", "ComfyUI")},
-        (),
-        output_node=True,
-    ),
-    "PreviewImage": _NodeType({"images": _Input("IMAGE")}, (), output_node=True),
-    "EmptyLatentImage": _NodeType(
-        {**_size_inputs(16), "batch_size": _Input("INT", 1, 1, 4096)}, ("LATENT",)
-    ),
-    "LatentUpscale": _NodeType(
-        {
-            "samples": _Input("LATENT"),
-            "upscale_method": _Input(LATENT_UPSCALE_METHODS),
-            **_size_inputs(0),
-            "crop": _Input(CROP_METHODS),
-        },
-        ("LATENT",),
-    ),
-}
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    """What flows along a link: only the shape matters to the simulation."""
-
-    width: int
-    height: int
-    batch: int
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height * self.batch
-
-    def resized(self, width: int, height: int) -> _Tensor:
-        # ComfyUI's 0 means "keep the aspect ratio from the other side".
-        if width == 0 and height == 0:
-            return self
-        if width == 0:
-            width = max(1, round(self.width * height / self.height))
-        if height == 0:
-            height = max(1, round(self.height * width / self.width))
-        return _Tensor(width, height, self.batch)
-
-
-@dataclass(frozen=True)
-class _Work:
-    """How long a node takes (before ``time_scale``), in how many interruptible
-    progress steps (1: no progress bar), and what it returns."""
-
-    seconds: float
-    steps: int
-    outputs: tuple[_Tensor, ...]
-
-
-def _plan(class_type: str, args: Mapping[str, Any]) -> _Work:
-    """The simulated cost of one node, calibrated on a 2-core CPU."""
-    if class_type == "EmptyImage":
-        out = _Tensor(args["width"], args["height"], args["batch_size"])
-        return _Work(0.005 + 1.5e-8 * out.pixels, 1, (out,))
-    if class_type == "EmptyLatentImage":
-        return _Work(0.005, 1, (_Tensor(args["width"], args["height"], args["batch_size"]),))
-    if class_type in ("ImageScale", "LatentUpscale"):
-        src = args["image"] if class_type == "ImageScale" else args["samples"]
-        out = src.resized(args["width"], args["height"])
-        return _Work(0.01 + 4e-8 * max(src.pixels, out.pixels), 1, (out,))
-    if class_type == "ImageScaleBy":
-        src = args["image"]
-        scale = args["scale_by"]
-        out = _Tensor(
-            max(1, round(src.width * scale)), max(1, round(src.height * scale)), src.batch
-        )
-        return _Work(0.01 + 4e-8 * max(src.pixels, out.pixels), 1, (out,))
-    if class_type == "ImageInvert":
-        return _Work(0.005 + 2e-8 * args["image"].pixels, 1, (args["image"],))
-    if class_type == "ImageBlur":
-        # Cost grows with pixels and kernel width: 0.35 s at 512x512, 0.8 s at 768x768, r=31.
-        kernel = (2 * args["blur_radius"] + 1) / 63
-        src = args["image"]
-        return _Work(0.01 + 1.32e-6 * src.pixels * kernel, BLUR_STEPS, (src,))
-    if class_type == "SaveImage":
-        return _Work(0.02 + 5e-8 * args["images"].pixels, 1, ())
-    if class_type == "PreviewImage":
-        return _Work(0.01 + 3e-8 * args["images"].pixels, 1, ())
-    raise RuntimeError(f"node type {class_type} has no simulation")
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _error(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, Any]:
-    return {"type": kind, "message": message, "details": details, "extra_info": extra}
-
-
-@dataclass
-class _Validation:
-    error: dict[str, Any] | None
-    outputs: list[str] = field(default_factory=list)
-    node_errors: dict[str, Any] = field(default_factory=dict)
-
-
-def _validate_prompt(prompt: Any) -> _Validation:
-    """ComfyUI's validation, with its error shapes. Converts values in place."""
-    if not isinstance(prompt, dict) or not prompt:
-        return _Validation(_error("no_prompt", "No prompt provided", "No prompt provided"))
-    outputs: list[str] = []
-    for node_id, node in prompt.items():
-        if not isinstance(node, dict) or "class_type" not in node:
-            return _Validation(
-                _error(
-                    "invalid_prompt",
-                    "Cannot execute because a node is missing the class_type property.",
-                    f"Node ID '#{node_id}'",
-                )
-            )
-        class_type = node["class_type"]
-        node_type = NODE_TYPES.get(class_type) if isinstance(class_type, str) else None
-        if node_type is None:
-            return _Validation(
-                _error(
-                    "invalid_prompt",
-                    f"Cannot execute because node {class_type} does not exist.",
-                    f"Node ID '#{node_id}'",
-                )
-            )
-        if not isinstance(node.get("inputs"), dict):
-            node["inputs"] = {}
-        if node_type.output_node:
-            outputs.append(node_id)
-    if not outputs:
-        return _Validation(_error("prompt_no_outputs", "Prompt has no outputs"))
-
-    validated: dict[str, tuple[bool, list[dict[str, Any]]]] = {}
-    good: list[str] = []
-    node_errors: dict[str, Any] = {}
-    messages: list[str] = []
-    for output_id in sorted(outputs):
-        if _validate_node(prompt, output_id, validated, set()):
-            good.append(output_id)
-            continue
-        for node_id, (ok, reasons) in validated.items():
-            # Nodes downstream of a bad node are invalid without reasons: not reported.
-            if ok or not reasons:
-                continue
-            entry = node_errors.setdefault(
-                node_id,
-                {
-                    "errors": reasons,
-                    "dependent_outputs": [],
-                    "class_type": prompt[node_id]["class_type"],
-                },
-            )
-            if output_id not in entry["dependent_outputs"]:
-                entry["dependent_outputs"].append(output_id)
-        messages += [f"{r['message']}: {r['details']}" for r in validated[output_id][1]]
-    if not good:
-        error = _error(
-            "prompt_outputs_failed_validation",
-            "Prompt outputs failed validation",
-            "\n".join(messages),
-        )
-        return _Validation(error, [], node_errors)
-    return _Validation(None, good, node_errors)
-
-
-def _validate_node(
-    prompt: dict[str, Any],
-    node_id: str,
-    validated: dict[str, tuple[bool, list[dict[str, Any]]]],
-    visiting: set[str],
-) -> bool:
-    if node_id in validated:
-        return validated[node_id][0]
-    visiting.add(node_id)
-    node = prompt[node_id]
-    inputs: dict[str, Any] = node["inputs"]
-    node_type = NODE_TYPES[node["class_type"]]
-    errors: list[dict[str, Any]] = []
-    valid = True
-    for name, spec in node_type.inputs.items():
-        if name not in inputs:
-            errors.append(
-                _error("required_input_missing", "Required input is missing", name, input_name=name)
-            )
-            continue
-        value = inputs[name]
-        if isinstance(value, list):
-            link_error = _check_link(prompt, name, spec, value)
-            if link_error is not None:
-                errors.append(link_error)
-                continue
-            source = value[0]
-            if source in visiting:
-                errors.append(
-                    _error(
-                        "exception_during_validation",
-                        "Exception when validating node",
-                        f"Dependency cycle detected through node {source}",
-                        exception_type="DependencyCycleError",
-                        traceback=[],
-                    )
-                )
-                continue
-            if not _validate_node(prompt, source, validated, visiting):
-                valid = False
-            continue
-        if spec.is_link:
-            errors.append(
-                _error(
-                    "return_type_mismatch",
-                    "Return type mismatch between linked nodes",
-                    f"{name}, received a value where a link to {spec.type} is required",
-                    input_name=name,
-                    input_config=spec.config(),
-                    received_value=value,
-                )
-            )
-            continue
-        value_error = _check_value(inputs, name, spec)
-        if value_error is not None:
-            errors.append(value_error)
-    visiting.discard(node_id)
-    validated[node_id] = (valid and not errors, errors)
-    return validated[node_id][0]
-
-
-def _check_link(
-    prompt: dict[str, Any], name: str, spec: _Input, link: list[Any]
-) -> dict[str, Any] | None:
-    if len(link) != 2:
-        return _error(
-            "bad_linked_input",
-            "Bad linked input, must be a length-2 list of [node_id, slot_index]",
-            name,
-            input_name=name,
-            input_config=spec.config(),
-            received_value=link,
-        )
-    source, slot = link
-    source_node = prompt.get(source) if isinstance(source, str) else None
-    if source_node is None:
-        # ComfyUI fails on the lookup (KeyError) and reports the exception.
-        return _error(
-            "exception_during_validation",
-            "Exception when validating node",
-            repr(str(source)),
-            exception_type="KeyError",
-            traceback=[],
-            input_name=name,
-            linked_node=link,
-        )
-    return_types = NODE_TYPES[source_node["class_type"]].return_types
-    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < len(return_types):
-        return _error(
-            "exception_during_validation",
-            "Exception when validating node",
-            "tuple index out of range",
-            exception_type="IndexError",
-            traceback=[],
-            input_name=name,
-            linked_node=link,
-        )
-    received = return_types[slot]
-    if received != spec.type:
-        return _error(
-            "return_type_mismatch",
-            "Return type mismatch between linked nodes",
-            f"{name}, {received} != {spec.type}",
-            input_name=name,
-            input_config=spec.config(),
-            received_type=received,
-            linked_node=link,
-        )
-    return None
-
-
-def _check_value(inputs: dict[str, Any], name: str, spec: _Input) -> dict[str, Any] | None:
-    value = inputs[name]
-    if isinstance(value, dict) and "__value__" in value:
-        value = value["__value__"]
-    if spec.type in ("INT", "FLOAT", "STRING"):
-        convert: Callable[[Any], Any] = {"INT": int, "FLOAT": float, "STRING": str}[spec.type]
-        try:
-            value = convert(value)
-        except (TypeError, ValueError) as exc:
-            return _error(
-                "invalid_input_type",
-                f"Failed to convert an input value to a {spec.type} value",
-                f"{name}, {value}, {exc}",
-                input_name=name,
-                input_config=spec.config(),
-                received_value=value,
-                exception_message=str(exc),
-            )
-        inputs[name] = value
-    extra = {"input_name": name, "input_config": spec.config(), "received_value": value}
-    if spec.min is not None and value < spec.min:
-        return _error(
-            "value_smaller_than_min", f"Value {value} smaller than min of {spec.min}", name, **extra
-        )
-    if spec.max is not None and value > spec.max:
-        return _error(
-            "value_bigger_than_max", f"Value {value} bigger than max of {spec.max}", name, **extra
-        )
-    if isinstance(spec.type, tuple) and value not in spec.type:
-        return _error(
-            "value_not_in_list",
-            "Value not in list",
-            f"{name}: '{value}' not in {list(spec.type)}",
-            **extra,
-        )
-    return None
-
-
-def _execution_order(prompt: Mapping[str, Any], outputs: Sequence[str]) -> list[str]:
-    """Every node the outputs depend on, each after its inputs."""
-    order: list[str] = []
-    seen: set[str] = set()
-
-    def visit(node_id: str) -> None:
-        if node_id in seen:
-            return
-        seen.add(node_id)
-        for value in prompt[node_id]["inputs"].values():
-            if isinstance(value, list):
-                visit(value[0])
-        order.append(node_id)
-
-    for output_id in outputs:
-        visit(output_id)
-    return order
-
-
-# --------------------------------------------------------------------------- the server
 
 
 @dataclass
@@ -697,13 +283,15 @@ class SimComfyUI:
     async def _post_prompt(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
         if not isinstance(body, dict):
-            error = _error("invalid_prompt", "Invalid request body", "expected a JSON object")
+            error = comfy_error("invalid_prompt", "Invalid request body", "expected a JSON object")
             return web.json_response({"error": error, "node_errors": {}}, status=400)
         if "number" in body:
             try:
                 number: int | float = float(body["number"])
             except (TypeError, ValueError):
-                error = _error("invalid_prompt", "Invalid number", f"number: {body['number']!r}")
+                error = comfy_error(
+                    "invalid_prompt", "Invalid number", f"number: {body['number']!r}"
+                )
                 return web.json_response({"error": error, "node_errors": {}}, status=400)
         else:
             number = self._number
@@ -711,7 +299,7 @@ class SimComfyUI:
                 number = -number
             self._number += 1
         prompt = copy.deepcopy(body.get("prompt"))
-        validation = _validate_prompt(prompt)
+        validation = validate_prompt(prompt)
         if validation.error is not None:
             log.info("invalid prompt: %s", validation.error["message"])
             return web.json_response(
@@ -938,12 +526,12 @@ class SimComfyUI:
 
         await add_message("execution_start", {"prompt_id": prompt_id})
         await add_message("execution_cached", {"nodes": [], "prompt_id": prompt_id})
-        values: dict[str, tuple[_Tensor, ...]] = {}
+        values: dict[str, tuple[Tensor, ...]] = {}
         executed: list[str] = []
         outputs: dict[str, Any] = {}
         meta: dict[str, Any] = {}
         success = False
-        for node_id in _execution_order(item.prompt, item.outputs_to_execute):
+        for node_id in execution_order(item.prompt, item.outputs_to_execute):
             class_type = item.prompt[node_id]["class_type"]
             args: dict[str, Any] = {}
             try:
@@ -1021,7 +609,7 @@ class SimComfyUI:
         class_type: str,
         args: dict[str, Any],
         client: str | None,
-    ) -> tuple[tuple[_Tensor, ...], dict[str, Any] | None]:
+    ) -> tuple[tuple[Tensor, ...], dict[str, Any] | None]:
         if (
             class_type == "SaveImage"
             and self.fail_prefix is not None
@@ -1031,7 +619,7 @@ class SimComfyUI:
                 f"Simulated failure: SaveImage filename_prefix {args['filename_prefix']!r} "
                 f"starts with {self.fail_prefix!r}"
             )
-        work = _plan(class_type, args)
+        work = plan(class_type, args)
         step_seconds = work.seconds * self.time_scale / work.steps
         for step in range(1, work.steps + 1):
             await asyncio.sleep(step_seconds)
@@ -1047,7 +635,7 @@ class SimComfyUI:
     def _ui_output(self, class_type: str, args: dict[str, Any]) -> dict[str, Any] | None:
         if class_type not in ("SaveImage", "PreviewImage"):
             return None
-        images: _Tensor = args["images"]
+        images: Tensor = args["images"]
         if class_type == "SaveImage":
             subfolder, _, name = str(args["filename_prefix"]).rpartition("/")
             kind = "output"
@@ -1064,7 +652,7 @@ class SimComfyUI:
 
 
 def _resolve_inputs(
-    node: Mapping[str, Any], values: Mapping[str, tuple[_Tensor, ...]]
+    node: Mapping[str, Any], values: Mapping[str, tuple[Tensor, ...]]
 ) -> dict[str, Any]:
     args: dict[str, Any] = {}
     for name in NODE_TYPES[node["class_type"]].inputs:
@@ -1108,54 +696,6 @@ async def _json_body(request: web.Request) -> Any:
         return json.loads(raw)
     except ValueError:
         return {}
-
-
-# --------------------------------------------------------------------------- workflows
-
-
-def blur_workflow(
-    size: int = 768,
-    blurs: int = 8,
-    *,
-    blur_radius: int = 31,
-    output_size: int = 256,
-    filename_prefix: str = "comfy-cancel",
-) -> dict[str, Any]:
-    """A no-model workflow: EmptyImage -> ``blurs`` x ImageBlur -> ImageInvert ->
-    ImageScale -> SaveImage. With the defaults it runs about 6 s at ``time_scale`` 1."""
-    prompt: dict[str, Any] = {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": size, "height": size, "batch_size": 1, "color": 0x808080},
-        }
-    }
-    last = "1"
-    for index in range(blurs):
-        node_id = str(10 + index)
-        prompt[node_id] = {
-            "class_type": "ImageBlur",
-            "inputs": {"image": [last, 0], "blur_radius": blur_radius, "sigma": 5.0},
-        }
-        last = node_id
-    prompt["2"] = {"class_type": "ImageInvert", "inputs": {"image": [last, 0]}}
-    prompt["3"] = {
-        "class_type": "ImageScale",
-        "inputs": {
-            "image": ["2", 0],
-            "upscale_method": "bilinear",
-            "width": output_size,
-            "height": output_size,
-            "crop": "disabled",
-        },
-    }
-    prompt["4"] = {
-        "class_type": "SaveImage",
-        "inputs": {"images": ["3", 0], "filename_prefix": filename_prefix},
-    }
-    return prompt
-
-
-# --------------------------------------------------------------------------- running it
 
 
 @dataclass
@@ -1284,7 +824,7 @@ async def serve(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m comfy_cancel.sim_comfyui",
+        prog="python -m comfy_cancel.embedded.comfyui_sim",
         description="Run the simulated ComfyUI server (ComfyUI's HTTP and WebSocket API, "
         "no-model nodes, simulated time).",
     )
@@ -1333,7 +873,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     log.info("Simulated ComfyUI stopped")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
