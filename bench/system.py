@@ -11,8 +11,6 @@ and :mod:`testbed.postgres`. One more worker process serves the no-op baseline t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -26,10 +24,13 @@ import redis
 from sqlalchemy import text
 
 from bench import seed
+from comfy_cancel.config import child_environment
 from comfy_cancel.db import Database
 from comfy_cancel.embedded import redis_server
+from comfy_cancel.embedded.celery_workers import CeleryWorker
+from comfy_cancel.embedded.processes import Child
 from testbed import postgres
-from testbed.stack import Stack, running_stack, settings_env, stop_processes, wait_workers_ready
+from testbed.stack import Stack, running_stack, wait_workers_ready
 
 REPO = Path(__file__).resolve().parent.parent
 CANCEL_WORKER_CONCURRENCY = 50  # threads; the database pool holds 10 + 40 connections
@@ -44,7 +45,7 @@ class System:
     redis_server: redis_server.RedisServer
     postgres: postgres.PostgresServer
     work_dir: Path
-    noop_worker: subprocess.Popen[bytes]
+    noop_worker: CeleryWorker
     redis: redis.Redis = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,14 +100,19 @@ class System:
         argv += ["--count", str(count or 1000)]
         if rate:
             argv += ["--rate", str(rate)]
-        run(argv, timeout=duration + 120)
+        self.run(f"loadgen-{label}", argv, timeout=duration + 120)
         return dict(json.loads(out.read_text()))
 
     def loadgen_noop(self, label: str, count: int, counter_key: str) -> dict[str, Any]:
         out = self.path(f"loadgen-{label}.json")
-        run([sys.executable, "-m", "bench.loadgen", "noop", "--count", str(count),
-             "--counter-key", counter_key, "--out", str(out)], timeout=300)
+        self.run(f"loadgen-{label}", [sys.executable, "-m", "bench.loadgen", "noop", "--count",
+                 str(count), "--counter-key", counter_key, "--out", str(out)], timeout=300)
         return dict(json.loads(out.read_text()))
+
+    def run(self, name: str, argv: list[str], *, timeout: float) -> None:
+        """Run ``argv`` to its end (its output in ``<name>.log``); an error with the end of
+        that log if it fails or outlasts ``timeout``."""
+        Child(name, argv, self.path(f"{name}.log"), cwd=REPO).run(timeout)
 
     def cancel_url(self) -> str:
         return self.stack.api_url + "/v1/workflow/{id}/cancel"
@@ -148,26 +154,14 @@ def epoch(naive_utc: datetime | None) -> float | None:
     return None if naive_utc is None else naive_utc.replace(tzinfo=UTC).timestamp()
 
 
-def run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> None:
-    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=timeout, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv[:4])}... exited {result.returncode}: {result.stderr[-2000:]}"
-        )
-
-
-def start_noop_worker(stack: Stack, log_path: Path) -> subprocess.Popen[bytes]:
+def start_noop_worker(stack: Stack, log_path: Path) -> CeleryWorker:
     """A worker process like the cancel worker (same app, pool, concurrency), on the
     no-op queue only."""
-    env = {**os.environ, **settings_env(stack.settings)}
-    log = log_path.open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "bench.noop", "worker", "-Q", "bench.noop",
-         "-P", "threads", "-c", str(CANCEL_WORKER_CONCURRENCY), "--loglevel", "INFO",
-         "--without-mingle", "--without-gossip", "-n", f"{log_path.stem}@%h"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    return CeleryWorker(
+        log_path.stem, ["bench.noop"], log_path, env=child_environment(stack.settings),
+        app="bench.noop", options=["-P", "threads", "-c", str(CANCEL_WORKER_CONCURRENCY)],
+        cwd=REPO,
+    ).start()
 
 
 @dataclass
@@ -203,7 +197,7 @@ def started_system(servers: Services, work_dir: Path) -> Iterator[System]:
     ) as stack:
         noop_worker = start_noop_worker(stack, log_dir / "worker-noop.log")
         try:
-            wait_workers_ready(len(stack.workers) + 1, log_dir)
+            wait_workers_ready(stack.settings, [noop_worker])
             yield System(stack, servers.redis_server, servers.postgres, work_dir, noop_worker)
         finally:
-            stop_processes([noop_worker])
+            noop_worker.stop()

@@ -412,7 +412,7 @@ def cmd_sim_comfyui(
 
 
 def _run_embedded(run: Callable[[argparse.Namespace, Settings], int], **options: Any) -> int:
-    from comfy_cancel.embedded.dev import StackError
+    from comfy_cancel.embedded.errors import StackError
 
     settings = _settings()
     try:

@@ -7,6 +7,7 @@ them all).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from pydantic import Field, field_validator
@@ -208,6 +209,19 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings; tests call ``get_settings.cache_clear()`` after changing env."""
     return Settings()
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """``settings`` as the ``COMFY_CANCEL_*`` variables that read back as them."""
+    return {ENV_PREFIX + name.upper(): str(value)
+            for name, value in settings.model_dump().items() if value is not None}
+
+
+def child_environment(settings: Settings) -> dict[str, str]:
+    """This process's environment with ``settings`` in place of its ``COMFY_CANCEL_*``
+    variables: what a child process needs to run on the same settings."""
+    inherited = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
+    return inherited | settings_environment(settings)
 
 
 def secret_keys() -> str:

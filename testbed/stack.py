@@ -4,11 +4,10 @@ simulated ComfyUI server, the HTTP API on a real socket, and SQLite or PostgreSQ
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +17,22 @@ import httpx
 import uvicorn
 
 from comfy_cancel import context, manager, worker
-from comfy_cancel.config import ENV_PREFIX, Settings, get_settings
+from comfy_cancel.config import (
+    ENV_PREFIX,
+    Settings,
+    child_environment,
+    get_settings,
+    settings_environment,
+)
 from comfy_cancel.db import Database
 from comfy_cancel.embedded import processes
+from comfy_cancel.embedded.celery_workers import CeleryWorker, Pinger
 from comfy_cancel.embedded.comfyui_sim import RunningSim, start_in_thread
+from comfy_cancel.embedded.processes import Child
 from tests.helpers import LOOPBACK, migrated
 
-ALL_CANCEL_QUEUES = f"{worker.CANCEL_QUEUE},{worker.BULK_QUEUE},{worker.SWEEP_QUEUE}"
+# A failing start quotes this much of the child's log: a test's log is what explains it.
+TAIL_LINES = 40
 
 
 @dataclass
@@ -38,7 +46,7 @@ class Stack:
     account_id: int
     runner_id: str
     log_dir: Path
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workers: list[CeleryWorker] = field(default_factory=list)
     api_pid: int = field(default_factory=os.getpid)  # this process unless api_process
 
     def client(self, token: str | None = None) -> httpx.Client:
@@ -95,52 +103,26 @@ class Stack:
         return "\n".join(parts)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[ENV_PREFIX + name.upper()] = str(value)
-    return env
-
-
 def start_worker(
-    settings: Settings, queues: str, log_path: Path, concurrency: int = 50
-) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings_env(settings)}
-    log = log_path.open("wb")
-    return subprocess.Popen(
-        [
-            sys.executable, "-m", "celery", "-A", "comfy_cancel.worker", "worker",
-            "-Q", queues, "-P", "threads", "-c", str(concurrency), "--loglevel", "INFO",
-            "--without-mingle", "--without-gossip", "-n", f"{log_path.stem}@%h",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    settings: Settings, queues: Sequence[str], log_path: Path, concurrency: int = 50
+) -> CeleryWorker:
+    """A worker process on ``queues``, threads pool; its node name follows the log's."""
+    return CeleryWorker(
+        log_path.stem, queues, log_path, env=child_environment(settings),
+        options=["-P", "threads", "-c", str(concurrency)],
+    ).start()
 
 
-def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
-    """Terminate them all, then wait: a process that ignores SIGTERM for 15 s is killed."""
-    for proc in processes:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in processes:
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def wait_workers_ready(count: int, log_dir: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        replies = worker.app.control.ping(timeout=0.5)
-        if len(replies) >= count:
-            return
-    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in log_dir.glob("*.log"))
-    raise AssertionError(f"{count} Celery workers did not answer a ping in {timeout}s:\n{logs}")
+def wait_workers_ready(
+    settings: Settings, workers: Sequence[CeleryWorker], timeout: float = 60.0
+) -> None:
+    """Until each worker answers a ping; fails early with the log of one that exited."""
+    pinger = Pinger(settings)
+    try:
+        processes.wait_ready([(w, pinger.probe(w)) for w in workers], timeout,
+                             tail_lines=TAIL_LINES)
+    finally:
+        pinger.close()
 
 
 class _Server(uvicorn.Server):
@@ -175,27 +157,17 @@ def api_server(settings: Settings) -> Iterator[str]:
 def api_process(settings: Settings, log_path: Path) -> Iterator[tuple[str, int]]:
     """``comfy-cancel api`` in a process of its own, as a deployment runs it: (url, pid)."""
     port = processes.free_port()
-    env = {**os.environ, **settings_env(settings), f"{ENV_PREFIX}API_PORT": str(port),
-           f"{ENV_PREFIX}LOG_LEVEL": "WARNING"}
-    log = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "comfy_cancel.cli", "api"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    env = child_environment(settings) | {f"{ENV_PREFIX}API_PORT": str(port),
+                                         f"{ENV_PREFIX}LOG_LEVEL": "WARNING"}
+    api = Child("API process", [sys.executable, "-m", "comfy_cancel.cli", "api"], log_path,
+                env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the API process did not start:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        yield url, proc.pid
+        api.start().wait_ready(lambda: processes.http_ok(f"{url}/healthz"), 30,
+                               tail_lines=TAIL_LINES)
+        yield url, api.pid
     finally:
-        stop_processes([proc])
-        log.close()
+        api.stop()
 
 
 @contextmanager
@@ -249,27 +221,27 @@ def _stack(
         operator_token = manager.create_token(session, operator, operator=True, rate_limit=0)
         runner = manager.add_runner(session, account.id, name="sim", endpoint_url=sim.url)
         account_id, runner_id = account.id, runner.id
-    processes: list[subprocess.Popen[bytes]] = []
+    workers: list[CeleryWorker] = []
     try:
         if separate_runner:
-            processes.append(start_worker(settings, ALL_CANCEL_QUEUES,
-                                          log_dir / "worker-cancel.log", cancel_concurrency))
-            processes.append(start_worker(settings, worker.RUNNER_QUEUE,
-                                          log_dir / "worker-runner.log", concurrency=100))
+            workers.append(start_worker(settings, worker.CANCEL_QUEUES,
+                                        log_dir / "worker-cancel.log", cancel_concurrency))
+            workers.append(start_worker(settings, [worker.RUNNER_QUEUE],
+                                        log_dir / "worker-runner.log", concurrency=100))
         else:
-            processes.append(start_worker(settings, f"{ALL_CANCEL_QUEUES},{worker.RUNNER_QUEUE}",
-                                          log_dir / "worker-all.log", concurrency=100))
-        wait_workers_ready(len(processes), log_dir)
+            workers.append(start_worker(settings, worker.ALL_QUEUES,
+                                        log_dir / "worker-all.log", concurrency=100))
+        wait_workers_ready(settings, workers)
         if separate_api:
             with api_process(settings, log_dir / "api.log") as (api_url, api_pid):
                 yield Stack(settings, db, sim, api_url, token, operator_token, account_id,
-                            runner_id, log_dir, processes, api_pid)
+                            runner_id, log_dir, workers, api_pid)
         else:
             with api_server(settings) as api_url:
                 yield Stack(settings, db, sim, api_url, token, operator_token, account_id,
-                            runner_id, log_dir, processes)
+                            runner_id, log_dir, workers)
     finally:
-        stop_processes(processes)
+        processes.stop_all(workers)
         sim.stop()
         db.engine.dispose()
 
@@ -279,7 +251,7 @@ def configured(settings: Settings) -> Iterator[None]:
     """Point this process (settings, context, Celery publishing) at ``settings``; the
     environment is restored afterwards."""
     saved_env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
-    os.environ.update(settings_env(settings))
+    os.environ.update(settings_environment(settings))
     get_settings.cache_clear()
     context.reset()
     worker.configure(settings)

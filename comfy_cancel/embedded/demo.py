@@ -1,6 +1,6 @@
 """``comfy-cancel demo``: every way a cancel can end, shown on a real stack in about a minute.
 
-It starts :class:`~comfy_cancel.embedded.dev.EmbeddedStack`, then, over the HTTP API with the
+It starts :class:`~comfy_cancel.embedded.stack.EmbeddedStack`, then, over the HTTP API with the
 stack's token, submits four workflows to the single simulated ComfyUI runner (which runs
 one prompt at a time):
 
@@ -30,14 +30,9 @@ from typing import Any
 import httpx
 
 from comfy_cancel.config import Settings
-from comfy_cancel.embedded.dev import (
-    EmbeddedStack,
-    StackError,
-    banner,
-    explicit_setting,
-    say,
-    sigterm_as_interrupt,
-)
+from comfy_cancel.embedded.dev import banner, say, sigterm_as_interrupt
+from comfy_cancel.embedded.errors import StackError
+from comfy_cancel.embedded.stack import EmbeddedStack, explicit_setting
 from comfy_cancel.models import TERMINAL
 
 SHORT_BLURS = 4  # about 3.5 s on the simulated ComfyUI at time scale 1

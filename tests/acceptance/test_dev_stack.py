@@ -24,7 +24,9 @@ from comfy_cancel import manager
 from comfy_cancel.config import ENV_PREFIX, Settings
 from comfy_cancel.db import Database, make_engine
 from comfy_cancel.embedded.comfyui_sim import blur_workflow
-from comfy_cancel.embedded.dev import SIM_RUNNER, EmbeddedStack, StackError
+from comfy_cancel.embedded.database import SIM_RUNNER
+from comfy_cancel.embedded.errors import StackError
+from comfy_cancel.embedded.stack import EmbeddedStack
 
 pytestmark = pytest.mark.acceptance
 

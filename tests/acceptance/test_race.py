@@ -36,7 +36,6 @@ import heapq
 import itertools
 import os
 import random
-import subprocess
 import threading
 import time
 import traceback
@@ -55,10 +54,12 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
-from comfy_cancel import manager, publish, status
+from comfy_cancel import manager, publish, status, worker
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database
+from comfy_cancel.embedded.celery_workers import CeleryWorker
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
+from comfy_cancel.embedded.processes import stop_all
 from comfy_cancel.models import (
     CancelOutcome,
     EventKind,
@@ -68,13 +69,7 @@ from comfy_cancel.models import (
     utcnow,
 )
 from comfy_cancel.signals import SignalKind, SignalListener
-from testbed.stack import (
-    ALL_CANCEL_QUEUES,
-    configured,
-    start_worker,
-    stop_processes,
-    wait_workers_ready,
-)
+from testbed.stack import configured, start_worker, wait_workers_ready
 from tests.helpers import PATH_TO, advance, make_account_and_runner, migrated
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres]
@@ -353,15 +348,15 @@ class SimulatedApi:
 
 
 @contextmanager
-def cancel_workers(settings: Settings, log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
+def cancel_workers(settings: Settings, log_dir: Path) -> Iterator[list[CeleryWorker]]:
+    workers: list[CeleryWorker] = []
     try:
         for n in range(CANCEL_WORKERS):
-            processes.append(start_worker(settings, ALL_CANCEL_QUEUES,
-                                          log_dir / f"worker-cancel{n}.log", CANCEL_CONCURRENCY))
-        yield processes
+            workers.append(start_worker(settings, worker.CANCEL_QUEUES,
+                                        log_dir / f"worker-cancel{n}.log", CANCEL_CONCURRENCY))
+        yield workers
     finally:
-        stop_processes(processes)
+        stop_all(workers)
 
 
 @contextmanager
@@ -463,7 +458,7 @@ def test_a_thousand_cancels_racing_completions_leave_one_consistent_end_each(
         listener = stack.enter_context(listening(signal_client))
         for workflow_id in ids:
             listener.register(workflow_id, runners.handler(workflow_id))
-        wait_workers_ready(CANCEL_WORKERS, tmp_path)
+        wait_workers_ready(settings, processes)
 
         start = time.monotonic()
         last = 0.0
@@ -503,7 +498,7 @@ def test_a_thousand_cancels_racing_completions_leave_one_consistent_end_each(
         # Deadline tasks still pending can only add audit rows for terminal workflows; let
         # them run, then stop every writer before the snapshot.
         time.sleep(GRACE_SECONDS + 0.5)
-        stop_processes(processes)
+        stop_all(processes)
 
         with db.transaction() as session:
             workflows = {w.id: w for w in session.execute(select(Workflow)).scalars()}

@@ -94,9 +94,9 @@ def test_a_redelivered_runner_task_adopts_its_prompt_instead_of_resubmitting(
         runner_proc = stack.workers[1]
         runner_proc.send_signal(signal.SIGKILL)  # the worker dies mid-run
         runner_proc.wait(10)
-        replacement = start_worker(stack.settings, RUNNER_QUEUE, tmp_path / "worker-r2.log")
+        replacement = start_worker(stack.settings, [RUNNER_QUEUE], tmp_path / "worker-r2.log")
         stack.workers.append(replacement)
-        wait_workers_ready(2, tmp_path)
+        wait_workers_ready(stack.settings, [replacement])
         # What Redis does after the visibility timeout: deliver the same task again.
         with stack.db.transaction() as session:
             row = manager.get_workflow(session, workflow_id)

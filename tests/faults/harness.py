@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,17 +29,18 @@ from typing import Any
 
 import httpx
 import redis
-from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from comfy_cancel import manager, worker
-from comfy_cancel.config import Settings
+from comfy_cancel.config import Settings, child_environment
 from comfy_cancel.embedded import processes, redis_server
+from comfy_cancel.embedded.celery_workers import CeleryWorker
 from comfy_cancel.embedded.comfyui_sim import RunningSim, blur_chain, start_in_thread
+from comfy_cancel.embedded.processes import Child
 from comfy_cancel.models import ApiToken, Workflow, WorkflowEvent, utcnow
 from testbed import postgres
-from testbed.stack import ALL_CANCEL_QUEUES, api_process, settings_env, start_worker, stop_processes
+from testbed.stack import TAIL_LINES, api_process, start_worker, wait_workers_ready
 from tests.helpers import LOOPBACK, migrated
 
 FULL = os.environ.get("COMFY_CANCEL_FAULTS", "").strip().lower() == "full"
@@ -143,14 +142,13 @@ class Sim:
     url: str
     tag: str
     in_process: RunningSim | None = None
-    process: subprocess.Popen[bytes] | None = None
+    process: Child | None = None
 
     def stop(self) -> None:
         if self.in_process is not None:
             self.in_process.stop()
-        if self.process is not None and self.process.poll() is None:
+        if self.process is not None:
             self.process.kill()  # also ends a SIGSTOPped one
-            self.process.wait(10)
 
     def prompts_submitted(self) -> int:
         """POST /prompt calls the server accepted (the sim's request log)."""
@@ -160,25 +158,20 @@ class Sim:
                    and r["status"] == 200)
 
 
-def _sim_process(time_scale: float, log_path: Path) -> tuple[str, subprocess.Popen[bytes]]:
+def _sim_process(time_scale: float, log_path: Path) -> tuple[str, Child]:
     """``comfy-cancel sim-comfyui`` in a process of its own (so it can be killed or frozen)."""
     port = processes.free_port()
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "comfy_cancel.embedded.comfyui_sim", "--port", str(port),
-         "--time-scale", str(time_scale)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    log.close()
+    sim = Child("simulated ComfyUI", [sys.executable, "-m", "comfy_cancel.embedded.comfyui_sim",
+                                      "--port", str(port), "--time-scale", str(time_scale)],
+                log_path)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"the simulated ComfyUI did not start:\n{log_path.read_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/system_stats", timeout=1).status_code == 200:
-                return url, proc
-        time.sleep(0.05)
+    try:
+        sim.start().wait_ready(lambda: processes.http_ok(f"{url}/system_stats"), 30,
+                               tail_lines=TAIL_LINES)
+    except BaseException:
+        sim.stop()
+        raise
+    return url, sim
 
 
 # --------------------------------------------------------------------------- the harness
@@ -194,8 +187,8 @@ class Harness:
         self.logs = base / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self._exit = ExitStack()
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.extra_beats: list[subprocess.Popen[bytes]] = []
+        self.processes: dict[str, Child] = {}
+        self.extra_beats: list[Child] = []
         self._starts: dict[str, int] = {}
         self._sims: list[Sim] = []
         self._sim_count = 0
@@ -222,7 +215,6 @@ class Harness:
             self.token = manager.create_token(session, account)
             self.account_id = account.id
             session.execute(update(ApiToken).values(rate_limit=HARNESS_RATE_LIMIT))
-        self._control: Celery | None = None
         for role in self.ROLES:
             self.start_role(role)
         self.wait_workers_ready()
@@ -239,10 +231,7 @@ class Harness:
         with contextlib.suppress(Exception):
             self.http.close()
         self._exit.close()
-        stop_processes([*self.processes.values(), *self.extra_beats])
-        if self._control is not None:
-            with contextlib.suppress(Exception):
-                self._control.close()
+        processes.stop_all([*self.processes.values(), *self.extra_beats])
         self.db.engine.dispose()
         self.pg.stop()
         shutil.rmtree(self.pg_root, ignore_errors=True)
@@ -254,22 +243,18 @@ class Harness:
         self._starts[role] = self._starts.get(role, 0) + 1
         return self.logs / f"{role}-{self._starts[role]}.log"
 
-    def _spawn(self, role: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, role: str) -> Child:
         log_path = self._log(role)
         if role == "cancel":
-            return start_worker(self.settings, ALL_CANCEL_QUEUES, log_path, concurrency=50)
+            return start_worker(self.settings, worker.CANCEL_QUEUES, log_path, concurrency=50)
         if role == "runner":
-            return start_worker(self.settings, worker.RUNNER_QUEUE, log_path,
+            return start_worker(self.settings, [worker.RUNNER_QUEUE], log_path,
                                 concurrency=self.settings.runner_concurrency)
         if role.startswith("beat"):
-            env = {**os.environ, **settings_env(self.settings)}
             schedule = self.base / f"{log_path.stem}.schedule"
-            with log_path.open("wb") as log:
-                return subprocess.Popen(
-                    [sys.executable, "-m", "comfy_cancel.cli", "beat",
-                     f"--schedule={schedule}"],
-                    env=env, stdout=log, stderr=subprocess.STDOUT,
-                )
+            return Child(log_path.stem, [sys.executable, "-m", "comfy_cancel.cli", "beat",
+                                         f"--schedule={schedule}"],
+                         log_path, env=child_environment(self.settings)).start()
         raise ValueError(role)
 
     def start_role(self, role: str) -> None:
@@ -279,19 +264,17 @@ class Harness:
         self.extra_beats.append(self._spawn(f"beat-extra{len(self.extra_beats) + 1}"))
 
     def stop_extra_beats(self) -> None:
-        stop_processes(self.extra_beats)
+        processes.stop_all(self.extra_beats)
         self.extra_beats.clear()
 
     def alive(self, role: str) -> bool:
-        return self.processes[role].poll() is None
+        return self.processes[role].running
 
     def kill(self, role: str) -> None:
-        proc = self.processes[role]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        self.processes[role].kill()
 
     def stop_role(self, role: str) -> None:
-        stop_processes([self.processes[role]])
+        self.processes[role].stop()
 
     def restart(self, role: str) -> None:
         """Start ``role`` again and wait until it answers (a worker) — the fault's end."""
@@ -301,31 +284,16 @@ class Harness:
         if role in ("cancel", "runner"):
             self.wait_workers_ready([role])
 
-    def control(self) -> Celery:
-        if self._control is None:
-            self._control = worker.create_app(self.settings)
-        return self._control
-
     def wait_workers_ready(
         self, roles: Iterable[str] = ("cancel", "runner"), timeout: float = 60.0
     ) -> None:
         """The workers answer a ping (a restarted one has a new node name)."""
-        wanted = {f"{self._log_stem(role)}@" for role in roles}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                replies = self.control().control.ping(timeout=0.5)
-            except Exception:  # the broker is coming back: a new app, a new connection
-                if self._control is not None:
-                    with contextlib.suppress(Exception):
-                        self._control.close()
-                self._control = None
-                time.sleep(0.2)
-                continue
-            names = {name for reply in replies for name in reply}
-            if all(any(n.startswith(w) for n in names) for w in wanted):
-                return
-        raise AssertionError(f"workers did not answer a ping in {timeout:g}s\n{self.tail_logs()}")
+        wait_workers_ready(self.settings, [self._worker(role) for role in roles], timeout)
+
+    def _worker(self, role: str) -> CeleryWorker:
+        child = self.processes[role]
+        assert isinstance(child, CeleryWorker), role
+        return child
 
     def _log_stem(self, role: str) -> str:
         return f"{role}-{self._starts[role]}"
@@ -342,8 +310,8 @@ class Harness:
         return "\n".join(parts)
 
     def exited(self) -> list[str]:
-        return [f"{role} (exit {p.returncode})" for role, p in self.processes.items()
-                if p.poll() is not None]
+        return [f"{role} (exit {p.poll()})" for role, p in self.processes.items()
+                if not p.running]
 
     def ensure_healthy(self) -> list[str]:
         """Bring back whatever an earlier fault left broken; returns what was restarted."""

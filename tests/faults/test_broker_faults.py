@@ -21,14 +21,7 @@ from comfy_cancel.broker import DEAD_LETTER_KEY
 from comfy_cancel.embedded import redis_server
 from comfy_cancel.embedded.comfyui_sim import blur_chain
 from comfy_cancel.status import Actor
-from testbed.stack import (
-    ALL_CANCEL_QUEUES,
-    Stack,
-    cancel,
-    running_stack,
-    start_worker,
-    wait_workers_ready,
-)
+from testbed.stack import Stack, cancel, running_stack, start_worker, wait_workers_ready
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis]
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -112,7 +105,7 @@ def test_workers_ride_out_a_redis_restart_under_load(
                 in TERMINAL), response.text
         after = [w for w in after if stack.workflow(w).get("cancel")]
         wait_landed(stack, after, timeout=10)
-        assert all(p.poll() is None for p in stack.workers), stack.worker_logs()
+        assert all(p.running for p in stack.workers), stack.worker_logs()
         assert len(ping(stack)) == len(stack.workers)
         logs = all_logs(stack)
         assert "Unrecoverable error" not in logs
@@ -136,7 +129,7 @@ def test_garbage_on_the_queues_goes_to_the_dead_letter_list(stack: Stack) -> Non
     stack.wait_status(workflow_id, {"running"})
     assert cancel(stack, workflow_id).status_code == 200
     wait_landed(stack, [workflow_id], timeout=10)
-    assert all(p.poll() is None for p in stack.workers)
+    assert all(p.running for p in stack.workers)
 
 
 @pytest.mark.slow
@@ -160,8 +153,9 @@ def test_a_killed_cancel_workers_message_comes_back_and_a_runners_does_not(
     runner_worker.wait(10)
     killed = time.monotonic()
     log = tmp_path / "worker-cancel-2.log"
-    stack.workers.append(start_worker(stack.settings, ALL_CANCEL_QUEUES, log, 10))
-    wait_workers_ready(1, tmp_path)
+    replacement = start_worker(stack.settings, worker.CANCEL_QUEUES, log, 10)
+    stack.workers.append(replacement)
+    wait_workers_ready(stack.settings, [replacement])
 
     def redelivered() -> bool:
         return "enforce_cancel_deadline" in log.read_text(errors="replace").split("ready.")[-1]

@@ -6,7 +6,8 @@ import stat
 from pathlib import Path
 
 from comfy_cancel import encryption
-from comfy_cancel.embedded.dev import private_dir, stack_secret_key, with_network, write_private
+from comfy_cancel.embedded.data_dir import private_dir, stack_secret_key, write_private
+from comfy_cancel.embedded.stack import with_network
 
 
 def mode(path: Path) -> int:
