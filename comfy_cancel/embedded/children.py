@@ -67,8 +67,9 @@ class Children:
         env = _environment(settings)
         cli = [sys.executable, "-m", "comfy_cancel.cli"]
 
-        def child(name: str, argv: list[str]) -> Child:
-            return Child(name, argv, data_dir.log_path(name), env=env, cwd=data_dir.path)
+        def child(name: str, argv: list[str], death_signal: int = signal.SIGTERM) -> Child:
+            return Child(name, argv, data_dir.log_path(name), env=env, cwd=data_dir.path,
+                         death_signal=death_signal)
 
         def celery_worker(name: str, queues: tuple[str, ...]) -> CeleryWorker:
             return CeleryWorker(name, queues, data_dir.log_path(name), env=env,
@@ -82,10 +83,10 @@ class Children:
         cancel_worker = celery_worker(CANCEL_WORKER, worker.CANCEL_QUEUES)
         runner_worker = celery_worker(RUNNER_WORKER, (worker.RUNNER_QUEUE,))
         # Celery's SIGTERM is a warm shutdown: should we die, beat gets SIGKILL too.
-        beat = Child(BEAT, [*cli, "beat", f"--schedule={data_dir.path / 'celerybeat-schedule'}"],
-                     data_dir.log_path(BEAT), env=env, cwd=data_dir.path,
+        beat = child(BEAT, [*cli, "beat", f"--schedule={data_dir.path / 'celerybeat-schedule'}"],
                      death_signal=signal.SIGKILL)
-        self._ready: dict[str, tuple[Child, Probe]] = {
+        # Each child by name, with the probe that says it is ready.
+        self._children: dict[str, tuple[Child, Probe]] = {
             SIM: (sim, lambda: processes.http_ok(f"{comfyui_url}/system_stats")),
             API: (api, lambda: processes.http_ok(f"{api_url}/healthz")),
             CANCEL_WORKER: (cancel_worker, self._pinger.probe(cancel_worker)),
@@ -98,9 +99,9 @@ class Children:
         """Start them all and wait until each is ready; :class:`StackError` if one cannot
         start, exits or is not ready within ``timeout`` (the caller stops the rest)."""
         try:
-            for child, _probe in self._ready.values():
+            for child, _probe in self._children.values():
                 self._started.append(child.start())
-            processes.wait_ready(self._ready.values(), timeout, on_ready=self._say_ready)
+            processes.wait_ready(self._children.values(), timeout, on_ready=self._say_ready)
         except processes.ServiceError as exc:
             raise StackError(str(exc)) from exc
 
@@ -118,12 +119,12 @@ class Children:
     def running(self) -> list[str]:
         """The names of those still running, in the order they stop."""
         return [name for group in STOP_ORDER for name in group
-                if self._ready[name][0].running]
+                if self._children[name][0].running]
 
     def stop(self) -> None:
         """Stop them in :data:`STOP_ORDER`, each group together. Idempotent."""
         for group in STOP_ORDER:
-            processes.stop_all([self._ready[name][0] for name in group],
+            processes.stop_all([self._children[name][0] for name in group],
                                on_slow=self._say_slow)
         self._pinger.close()
 

@@ -49,7 +49,8 @@ class ServiceError(RuntimeError):
 
 
 class Server(Protocol):
-    """A server started here: stopped at exit by the process that started it."""
+    """A server or child process started here: stopped at exit by the process that
+    started it."""
 
     _owner_pid: int
 
