@@ -6,7 +6,7 @@ threads pool, late acks, prefetch 1), the simulated ComfyUI server and the HTTP 
 socket. Here it runs on a real PostgreSQL and a real Redis with its AOF on, as in ``docker-
 compose.yml``, started from their PyPI wheels by :mod:`comfy_cancel.embedded.redis_server`
 and :mod:`testbed.postgres`. One more worker process serves the no-op baseline task
-(:mod:`bench.noop`) with the same settings."""
+(:mod:`bench.noop`) with the cancel worker's settings."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
-from bench import seed
+from bench import noop, seed
 from comfy_cancel.db import Database
 from comfy_cancel.embedded import redis_server
 from testbed import postgres
@@ -158,13 +158,13 @@ def run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -
 
 
 def start_noop_worker(stack: Stack, log_path: Path) -> subprocess.Popen[bytes]:
-    """A worker process like the cancel worker (same app, pool, concurrency), on the
-    no-op queue only."""
+    """A worker process like the cancel worker (same app; the pool, concurrency and
+    prefetch the running cancel worker reports), on the no-op queue only."""
     env = {**os.environ, **settings_env(stack.settings)}
     log = log_path.open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "bench.noop", "worker", "-Q", "bench.noop",
-         "-P", "threads", "-c", str(CANCEL_WORKER_CONCURRENCY), "--loglevel", "INFO",
+         *noop.worker_options(stack.workers[0].pid), "--loglevel", "INFO",
          "--without-mingle", "--without-gossip", "-n", f"{log_path.stem}@%h"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
