@@ -1,4 +1,9 @@
-"""Where the machine's CPU went during a scenario, by process role (psutil)."""
+"""Where the machine's CPU went during a scenario, by process role (psutil).
+
+Only the benchmark's own processes count: itself and its descendants (the servers it
+started, PostgreSQL's backends under its postmaster, the workers, the API, the load
+generators). Another tenant's PostgreSQL or Redis on a shared machine is not the system
+under test; what it used shows as not attributed."""
 
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ def _snapshot(known: dict[int, str]) -> dict[int, tuple[str, float]]:
     PostgreSQL postmaster reaps one backend per closed connection, and the benchmark
     reaps its load generators and commands."""
     seen: dict[int, tuple[str, float]] = {}
-    for proc in psutil.process_iter():
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
         role = _role(proc, known)
         if role is None:
             continue

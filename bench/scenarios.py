@@ -1,7 +1,8 @@
-"""The seven measurements of issue 5, each beside its baseline, on the running system.
+"""The measurements, each beside its baseline, on the running system.
 
-Each function takes the :class:`~bench.system.System` and its sizes and returns a
-JSON-ready dict. Times that cross processes are wall-clock (``time.time()`` in the load
+Each function takes the :class:`~bench.system.System`, its sizes and a log, plus the
+figures it is measured against (the no-op round trip, measured first in the run), and
+returns a JSON-ready dict. Times that cross processes are wall-clock (``time.time()`` in the load
 generator, ``utcnow()`` where the cancel worker or the runner stamps
 ``cancel_finished_at``, ``time.time()`` in the simulated ComfyUI): one machine, one clock.
 """
@@ -23,7 +24,7 @@ import httpx
 import psycopg
 from sqlalchemy import text
 
-from bench import cpu, seed
+from bench import cpu, noop, seed
 from bench.stats import distribution_ms, median, ratio
 from bench.system import GRACE_SECONDS, REPO, System, epoch
 from comfy_cancel import db, manager
@@ -32,6 +33,7 @@ from comfy_cancel.context import Context
 from comfy_cancel.db import Database, make_engine
 from comfy_cancel.embedded.comfyui_sim import blur_chain
 from comfy_cancel.migrations import upgrade
+from comfy_cancel.models import CancelOutcome, CancelSource, EventKind, WorkflowStatus
 from comfy_cancel.sweeps import sweep
 
 Log = Callable[[str], None]
@@ -57,7 +59,10 @@ class Sizes:
     sweep_passes: int
     load_seconds: float
     clients: int = 32
-    latency_rates: tuple[int, int] = (50, 200)
+    # Queued latency: the goal's offered rate is this fraction of the no-op round trip
+    # rate of the same run; a fixed rate is reported beside it.
+    latency_noop_fraction: float = 0.3
+    latency_fixed_rate: int = 50
 
 
 FULL = Sizes(
@@ -78,6 +83,25 @@ QUICK = Sizes(
 def _known_pids(system: System) -> dict[int, str]:
     return {system.api_pid: "api", system.cancel_worker_pid: "cancel worker",
             system.runner_worker_pid: "runner worker", system.noop_worker.pid: "no-op worker"}
+
+
+# What a cancel costs: every process of the system under test (the runner worker too: the
+# revoke broadcast reaches it). Not the load generator, the benchmark or the no-op worker.
+CANCEL_ROLES = ("api", "cancel worker", "runner worker", "postgresql", "redis")
+# What a no-op task costs, besides its producer's publishing (measured in the producer).
+NOOP_ROLES = ("no-op worker", "redis")
+
+
+def _cpu_ms_per(used: dict[str, Any], roles: tuple[str, ...], count: int,
+                extra: dict[str, float] | None = None) -> dict[str, Any]:
+    """CPU milliseconds per item of ``count``, summed over ``roles`` of a
+    :func:`bench.cpu.cpu_by_role` result (and ``extra`` CPU seconds by name)."""
+    seconds = {role: used["cpu_seconds_by_role"].get(role, 0.0) for role in roles}
+    seconds |= extra or {}
+    if not count:
+        return {"total": None, "by_process": {}}
+    return {"total": round(1000 * sum(seconds.values()) / count, 3),
+            "by_process": {k: round(1000 * v / count, 3) for k, v in seconds.items()}}
 
 
 def _codes(requests: list[list[Any]]) -> dict[str, int]:
@@ -112,18 +136,52 @@ def warm_up(system: System, log: Log) -> None:
 
 
 def _wait_counter(system: System, key: str, target: int, timeout: float) -> float | None:
+    # Every 10 ms: finer polling would add the poll's own Redis CPU to the no-op baseline.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if int(system.redis.get(key) or 0) >= target:
             return time.time()
-        time.sleep(0.002)
+        time.sleep(0.01)
     return None
+
+
+# --- 0. the no-op Celery round trip, the baseline of throughput, latency and CPU --------------
+
+
+def noop_baseline(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+    """``noop_tasks`` no-op tasks published by one producer process and run by a worker
+    with the cancel worker's settings (both workers report theirs, and they are compared)."""
+    settings = {"cancel_worker": noop.worker_settings(system.cancel_worker_pid),
+                "noop_worker": noop.worker_settings(system.noop_worker.pid)}
+    differ = sorted(k for k, v in settings["cancel_worker"].items()
+                    if settings["noop_worker"].get(k) != v)
+    if differ:
+        log(f"warning: the no-op worker's settings differ from the cancel worker's: {differ}")
+    key = f"bench:noop:{uuid.uuid4().hex}"
+    with cpu.cpu_by_role(_known_pids(system)) as used:
+        published = system.loadgen_noop("noop", sizes.noop_tasks, key)
+        done_at = _wait_counter(system, key, sizes.noop_tasks, 300)
+    rate = sizes.noop_tasks / (done_at - published["started"]) if done_at else None
+    per_task = _cpu_ms_per(used, NOOP_ROLES, sizes.noop_tasks,
+                           {"producer (publishing)": published["publish_cpu_seconds"]})
+    log(f"no-op round trip {_round(rate)} tasks/s, {per_task['total']} ms CPU a task")
+    return {
+        "tasks": sizes.noop_tasks, "completed": done_at is not None,
+        "per_second": _round(rate),
+        "publish_seconds": round(published["finished"] - published["started"], 3),
+        "cpu_ms_per_task": per_task["total"],
+        "cpu_ms_per_task_by_process": per_task["by_process"],
+        "cpu": used,
+        "worker_settings": settings,
+        "settings_that_differ": differ,
+    }
 
 
 # --- 1. throughput ---------------------------------------------------------------------------
 
 
-def throughput(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+def throughput(system: System, sizes: Sizes, log: Log,
+               noop_run: dict[str, Any]) -> dict[str, Any]:
     account_id, token = system.new_account("throughput")
     ids = seed.queued(system.db, account_id, system.stack.runner_id, sizes.throughput_cancels)
     sessions_before = pg_sessions(system)
@@ -135,40 +193,48 @@ def throughput(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
     finished = [t for _, t, _ in system.cancel_times(account_id).values() if t is not None]
     start = min(r[2] for r in load["requests"])
     cancel_rate = len(finished) / (max(finished) - start) if finished else None
-    log(f"throughput: {cancel_rate:.0f} cancels/s end to end")
-
-    key = f"bench:noop:{uuid.uuid4().hex}"
-    with cpu.cpu_by_role(_known_pids(system)) as noop_cpu:
-        published = system.loadgen_noop("noop", sizes.noop_tasks, key)
-        done_at = _wait_counter(system, key, sizes.noop_tasks, 300)
-    noop_rate = sizes.noop_tasks / (done_at - published["started"]) if done_at else None
-    log(f"throughput: no-op round trip {noop_rate:.0f} tasks/s")
+    per_cancel = _cpu_ms_per(cancel_cpu, CANCEL_ROLES, len(finished))
+    log(f"throughput: {_round(cancel_rate)} cancels/s end to end, {per_cancel['total']} ms "
+        "CPU a cancel")
     return {
         "cancels": len(ids), "cancelled": len(finished), "settled": settled,
         "clients": sizes.clients, "cancel_worker_processes": 1,
         "cancel_per_second": _round(cancel_rate),
-        "noop_tasks": sizes.noop_tasks,
-        "noop_per_second": _round(noop_rate),
-        "noop_publish_seconds": round(published["finished"] - published["started"], 3),
-        "ratio": ratio(cancel_rate, noop_rate),
+        "noop_tasks": noop_run["tasks"],
+        "noop_per_second": noop_run["per_second"],
+        "noop_publish_seconds": noop_run["publish_seconds"],
+        "ratio": ratio(cancel_rate, noop_run["per_second"]),
         "api_response": distribution_ms([r[3] - r[2] for r in _ok(load["requests"])]),
         "http_codes": _codes(load["requests"]),
         "new_postgresql_connections": new_connections,
-        "cpu_cancel": cancel_cpu, "cpu_noop": noop_cpu,
+        "cpu_cancel": cancel_cpu, "cpu_noop": noop_run["cpu"],
+        "cpu_ms_per_cancel": per_cancel["total"],
+        "cpu_ms_per_cancel_by_process": per_cancel["by_process"],
+        "cpu_ms_per_noop_task": noop_run["cpu_ms_per_task"],
+        "cpu_ratio": ratio(per_cancel["total"], noop_run["cpu_ms_per_task"]),
     }
 
 
 # --- 2. queued latency -----------------------------------------------------------------------
 
 
-def queued_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+def queued_latency(system: System, sizes: Sizes, log: Log,
+                   noop_run: dict[str, Any]) -> dict[str, Any]:
+    """Open-loop load at the goal's offered rate (a fraction of the no-op round trip rate
+    of this run) and at a fixed rate; entries keyed by label, the goal's marked."""
+    if not noop_run.get("per_second"):
+        raise RuntimeError("no no-op round trip rate to derive the offered rate from")
+    fraction = sizes.latency_noop_fraction
+    runs = ((f"{sizes.latency_fixed_rate}/s", float(sizes.latency_fixed_rate), None),
+            (f"{fraction:g}x no-op", round(fraction * noop_run["per_second"], 1), fraction))
     result: dict[str, Any] = {}
-    for rate in sizes.latency_rates:
-        count = int(rate * sizes.latency_seconds)
-        account_id, token = system.new_account(f"latency-{rate}")
+    for label, rate, of_noop in runs:
+        name = "latency-" + label.replace("/", "-per-").replace(" ", "-")
+        count = max(1, int(rate * sizes.latency_seconds))
+        account_id, token = system.new_account(name)
         ids = seed.queued(system.db, account_id, system.stack.runner_id, count)
         with cpu.cpu_by_role(_known_pids(system)) as used:
-            load = system.loadgen_http(f"latency-{rate}", system.cancel_url(), method="POST",
+            load = system.loadgen_http(name, system.cancel_url(), method="POST",
                                        token=token, ids=ids, rate=rate,
                                        concurrency=sizes.clients,
                                        duration=sizes.latency_seconds * 4 + 30)
@@ -184,8 +250,11 @@ def queued_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
                 early += 1  # cancelled before the client had read the 200
             latencies.append(max(0.0, finished - done))
         span = max(r[3] for r in ok) - min(r[2] for r in ok) if ok else None
-        result[str(rate)] = {
+        result[label] = {
             "offered_per_second": rate,
+            "goal": of_noop is not None,
+            "offered_as": "fixed" if of_noop is None else
+            f"{of_noop:g}x the no-op round trip ({noop_run['per_second']} tasks/s)",
             "requests": len(load["requests"]),
             "achieved_per_second": _round(len(ok) / span if span else None),
             "settled": settled,
@@ -197,8 +266,8 @@ def queued_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
             "cpu": used,
             "samples_ms": [round(v * 1000, 2) for v in latencies],
         }
-        p99 = result[str(rate)]["latency_200_to_cancelled"]["p99_ms"]
-        log(f"queued latency at {rate}/s: p99 {p99} ms")
+        p99 = result[label]["latency_200_to_cancelled"]["p99_ms"]
+        log(f"queued latency at {rate}/s ({label}): p99 {p99} ms")
     return result
 
 
@@ -356,13 +425,18 @@ def _measured_cli(system: System, label: str, command: list[str]) -> dict[str, A
 
 def bulk(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
     runner_id = system.stack.runner_id
+    database_url = system.stack.settings.database_url
     accounts = {}
+    bare = {}
     for size in sizes.bulk_sizes:
         name = f"bulk-{size}"
         account_id, _ = system.new_account(name)
         seed.queued(system.db, account_id, runner_id, size)
         accounts[size] = (name, account_id)
-    _vacuum_analyze(system.stack.settings.database_url)
+        # The bare SQL baseline's own account, seeded alike, in the same state.
+        bare[size], _ = system.new_account(f"bulk-sql-{size}")
+        seed.queued(system.db, bare[size], runner_id, size)
+    _vacuum_analyze(database_url)
 
     # One at a time through the API, on a sample, in this run.
     account_id, token = system.new_account("one-at-a-time")
@@ -388,6 +462,11 @@ def bulk(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
     }
     for size in sizes.bulk_sizes:
         name, account_id = accounts[size]
+        sql = bare_sql_cancel(database_url, bare[size])
+        # Its dead row versions cleaned up, as autovacuum would: the command then meets
+        # the table in the state the SQL met it in.
+        _vacuum_analyze(database_url)
+        log(f"bulk {size}: bare SQL {sql['seconds']} s")
         started = time.time()
         with cpu.cpu_by_role(_known_pids(system)) as used:
             command = _measured_cli(system, name, [
@@ -408,6 +487,8 @@ def bulk(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
             "peak_rss_mb": _mb(command["peak_rss_bytes"]),
             "one_at_a_time_estimate_seconds": round(estimate_one_at_a_time, 1),
             "ratio_vs_one_at_a_time": ratio(estimate_one_at_a_time, command["wall_seconds"]),
+            "bare_sql": sql,
+            "ratio_vs_bare_sql": ratio(command["wall_seconds"], sql["seconds"]),
             "exit_code": command["exit_code"],
             "cpu": used,
         }
@@ -420,6 +501,37 @@ def bulk(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
 
 def _mb(value: float) -> float:
     return round(value / 2**20, 1)
+
+
+def bare_sql_cancel(database_url: str, account_id: int) -> dict[str, Any]:
+    """The floor of a bulk cancel: the account's queued workflows set to ``cancelled``
+    by one ``UPDATE`` and their audit rows written by one ``INSERT ... SELECT``, in one
+    transaction on the system's own server (so as durable as it); timed from the first
+    statement to the end of the commit, the connection made beforehand."""
+    now = "(now() AT TIME ZONE 'utc')"  # naive UTC, as the models store times
+    values = {"a": account_id, "cancelled": WorkflowStatus.CANCELLED.value,
+              "queued": WorkflowStatus.QUEUED.value, "source": CancelSource.BULK.value,
+              "actor": "operator:bench@sql", "outcome": CancelOutcome.CANCELLED.value,
+              "kind": EventKind.TRANSITION.value}
+    with psycopg.connect(db.libpq_url(database_url)) as conn:
+        conn.execute("SELECT 1")
+        conn.commit()
+        started = time.perf_counter()
+        with conn.transaction():
+            updated = conn.execute(
+                f"UPDATE workflows SET status = %(cancelled)s, updated_at = {now}, "
+                f"completed_at = {now}, cancel_requested_at = {now}, "
+                "cancel_source = %(source)s, cancel_actor = %(actor)s, "
+                f"cancel_outcome = %(outcome)s, cancel_finished_at = {now} "
+                "WHERE account_id = %(a)s AND status = %(queued)s", values).rowcount
+            audited = conn.execute(
+                "INSERT INTO workflow_events (workflow_id, at, kind, from_status, to_status, "
+                "source, actor, outcome) "
+                f"SELECT id, {now}, %(kind)s, %(queued)s, %(cancelled)s, %(source)s, "
+                "%(actor)s, %(outcome)s FROM workflows WHERE account_id = %(a)s", values
+            ).rowcount
+        seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 3), "updated": updated, "audit_rows": audited}
 
 
 def _vacuum_analyze(database_url: str) -> None:
@@ -522,8 +634,10 @@ def _sweep_plans(url: str) -> dict[str, str]:
 
 def endpoint_load(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
     account_id, token = system.new_account("endpoint-load")
+    # Enough distinct workflows for 1,000 cancels a second: the closed loop must not run
+    # out before its time is up.
     ids = seed.queued(system.db, account_id, system.stack.runner_id,
-                      int(400 * sizes.load_seconds) + 500)
+                      int(1000 * sizes.load_seconds) + 500)
     result: dict[str, Any] = {"clients": sizes.clients, "seconds": sizes.load_seconds}
     for label, url, method, items, auth in (
         ("cancel", system.cancel_url(), "POST", ids, token),

@@ -6,7 +6,7 @@ threads pool, late acks, prefetch 1), the simulated ComfyUI server and the HTTP 
 socket. Here it runs on a real PostgreSQL and a real Redis with its AOF on, as in ``docker-
 compose.yml``, started from their PyPI wheels by :mod:`comfy_cancel.embedded.redis_server`
 and :mod:`testbed.postgres`. One more worker process serves the no-op baseline task
-(:mod:`bench.noop`) with the same settings."""
+(:mod:`bench.noop`) with the cancel worker's settings."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
-from bench import seed
+from bench import noop, seed
 from comfy_cancel.config import child_environment
 from comfy_cancel.db import Database
 from comfy_cancel.embedded import redis_server
@@ -155,12 +155,11 @@ def epoch(naive_utc: datetime | None) -> float | None:
 
 
 def start_noop_worker(stack: Stack, log_path: Path) -> CeleryWorker:
-    """A worker process like the cancel worker (same app, pool, concurrency), on the
-    no-op queue only."""
+    """A worker process like the cancel worker (same app; the pool, concurrency and
+    prefetch the running cancel worker reports), on the no-op queue only."""
     return CeleryWorker(
         log_path.stem, ["bench.noop"], log_path, env=child_environment(stack.settings),
-        app="bench.noop", options=["-P", "threads", "-c", str(CANCEL_WORKER_CONCURRENCY)],
-        cwd=REPO,
+        app="bench.noop", options=noop.worker_options(stack.workers[0].pid), cwd=REPO,
     ).start()
 
 

@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.acceptance, pytest.mark.redis, pytest.mark.postgres,
               pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
-FIGURES = {"throughput", "queued_latency", "running_latency", "endpoint_load", "at_once",
-           "bulk", "sweep"}
+FIGURES = {"noop", "throughput", "queued_latency", "running_latency", "endpoint_load",
+           "at_once", "bulk", "sweep"}
 GOAL_FIELDS = {"id", "figure", "goal", "result", "baseline", "ratio", "met", "headroom"}
 
 
@@ -53,12 +53,22 @@ def test_quick_mode_runs_and_writes_valid_results(tmp_path: Path) -> None:
     assert machine["cores"] >= 1 and machine["redis"] and machine["postgresql"]
 
     figures = results["figures"]
+    noop = figures["noop"]
+    assert noop["completed"] and _number(noop["per_second"])
+    # The baseline's worker runs with the cancel worker's pool, concurrency, prefetch, acks.
+    assert noop["settings_that_differ"] == [], noop["worker_settings"]
     through = figures["throughput"]
-    assert _number(through["cancel_per_second"]) and _number(through["noop_per_second"])
+    assert _number(through["cancel_per_second"])
+    assert through["noop_per_second"] == noop["per_second"]
     assert through["cancelled"] == through["cancels"]
+    assert _number(through["cpu_ms_per_cancel"]) and _number(through["cpu_ms_per_noop_task"])
     for entry in figures["queued_latency"].values():
         assert entry["settled"]
         _distribution(entry["latency_200_to_cancelled"])
+    # The goal's offered rate comes from the no-op round trip of the same run.
+    (offered,) = [e["offered_per_second"] for e in figures["queued_latency"].values()
+                  if e["goal"]]
+    assert offered == round(results["sizes"]["latency_noop_fraction"] * noop["per_second"], 1)
     running = figures["running_latency"]
     _distribution(running["to_comfyui_cancel_call"])
     _distribution(running["to_cancelled"])
@@ -68,6 +78,7 @@ def test_quick_mode_runs_and_writes_valid_results(tmp_path: Path) -> None:
     for size, entry in figures["bulk"]["sizes"].items():
         assert entry["exit_code"] == 0 and entry["cancelled"] == int(size)
         assert _number(entry["peak_rss_mb"])
+        assert entry["bare_sql"]["updated"] == entry["bare_sql"]["audit_rows"] == int(size)
     for entry in figures["sweep"]["sizes"].values():
         # The seeded tables hold no orphaned runner work.
         assert entry["found"] == {"republished": 25, "runner_lost": 25, "overdue": 25,
@@ -77,7 +88,8 @@ def test_quick_mode_runs_and_writes_valid_results(tmp_path: Path) -> None:
     assert _number(load["cancel"]["ok_per_second"]) and _number(load["healthz"]["ok_per_second"])
 
     goals = results["goals"]
-    assert {g["id"] for g in goals} >= {"queued_p99", "running_p99", "throughput", "bulk_time",
+    assert {g["id"] for g in goals} >= {"queued_p99", "running_p99", "throughput",
+                                        "cpu_per_cancel", "endpoint_vs_healthz", "bulk_time",
                                         "bulk_vs_api", "bulk_memory", "sweep"}
     for goal in goals:
         assert set(goal) == GOAL_FIELDS
