@@ -15,10 +15,10 @@ from sqlalchemy import event
 
 from comfy_cancel import status
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
-from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import WorkflowStatus
 from comfy_cancel.schemas import json_too_deep
 from tests.apitest import Env, error, files, make_env
+from tests.helpers import migrate
 
 S = WorkflowStatus
 DEPTH = 64  # the default COMFY_CANCEL_MAX_JSON_DEPTH
@@ -191,7 +191,7 @@ def any_env(request: pytest.FixtureRequest, tmp_path: Path, broker: Any) -> Iter
         url = f"sqlite:///{tmp_path / 'api.db'}"
     else:
         url = request.getfixturevalue("pg_database_url")
-    upgrade(url)
+    migrate(url)
     yield from make_env(url)
 
 
@@ -264,7 +264,7 @@ def test_lone_surrogates_are_400(any_env: Env, broker: Any) -> None:
 @pytest.fixture
 def strict_env(tmp_path: Path, broker: Any) -> Iterator[Env]:
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
+    migrate(url)
     yield from make_env(url, body_read_timeout_seconds=0.5)
 
 
