@@ -49,7 +49,7 @@ def database_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
 
 @pytest.fixture
 def migrated(database_url: str) -> str:
-    # The schema `comfy-cancel migrate` leaves (the command has its own test above), copied
+    # The schema `comfy-cancel migrate` leaves (the command has its own test below), copied
     # from a database migrated once: a migration costs about 0.2 s, and most tests need one.
     migrate(database_url)
     return database_url
