@@ -22,9 +22,8 @@ from comfy_cancel import api, encryption, manager, worker
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database, engine_for
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
-from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
-from tests.helpers import LOOPBACK_ALLOWED, seed_workflow
+from tests.helpers import LOOPBACK_ALLOWED, migrate, seed_workflow
 
 S = WorkflowStatus
 worker_app = worker.app  # the Celery app the API publishes through
@@ -139,7 +138,7 @@ def make_env(url: str, **settings: Any) -> Iterator[Env]:
 @pytest.fixture
 def env(tmp_path: Path, broker: Any) -> Iterator[Env]:
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
+    migrate(url)
     yield from make_env(url, secret_key=KEY)
 
 
@@ -147,7 +146,7 @@ def env(tmp_path: Path, broker: Any) -> Iterator[Env]:
 def private_env(tmp_path: Path, broker: Any) -> Iterator[Env]:
     """An operator who lets runners reach a private network."""
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
+    migrate(url)
     yield from make_env(url, secret_key=KEY, runner_allowed_networks="10.0.0.0/8")
 
 

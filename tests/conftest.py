@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 import redis
+from hypothesis import settings
 
 from comfy_cancel import db
 from comfy_cancel.embedded import processes, redis_server
@@ -26,6 +27,15 @@ REDIS_ENV = "COMFY_CANCEL_TEST_REDIS_URL"
 POSTGRES_ENV = "COMFY_CANCEL_TEST_POSTGRES_URL"
 # Tests use their own db index so a shared server's db 0 is never flushed.
 REDIS_TEST_DB = 15
+
+
+# Property tests (tests/unit/test_status_properties.py): enough examples by default to
+# walk every rule many times within a few seconds; `--hypothesis-profile=thorough` (the
+# Hypothesis plugin's option) for a long search. Loaded here, before any test module makes
+# its settings; the option, if given, replaces it afterwards.
+settings.register_profile("quick", max_examples=30)
+settings.register_profile("thorough", max_examples=1000)
+settings.load_profile("quick")
 
 
 def in_ci() -> bool:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from comfy_cancel.migrations import upgrade
 from tests.apitest import UNREACHABLE, Env, error, make_env
+from tests.helpers import migrate
 
 LIMIT, WINDOW = 5, 2
 
@@ -19,7 +19,7 @@ LIMIT, WINDOW = 5, 2
 @pytest.fixture
 def limited(tmp_path: Path, broker: Any, redis_db_url: str) -> Iterator[Env]:
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
+    migrate(url)
     yield from make_env(url, redis_url=redis_db_url, rate_limit_requests=LIMIT,
                         rate_limit_window_seconds=WINDOW)
 
@@ -69,7 +69,7 @@ def test_without_redis_requests_are_served_unlimited_and_it_is_logged(
     tmp_path: Path, broker: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
+    migrate(url)
     for env in make_env(url, redis_url=UNREACHABLE, rate_limit_requests=1):
         headers = env.auth()
         with caplog.at_level(logging.WARNING, logger="comfy_cancel.ratelimit"):

@@ -23,8 +23,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from comfy_cancel.migrations import upgrade
 from tests.apitest import Env, make_env
+from tests.helpers import migrate
 
 EXAMPLES_PER_OPERATION = 40
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
@@ -34,7 +34,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 @pytest.fixture
 def api(tmp_path: Path, broker: Any, redis_db_url: str) -> Iterator[Env]:
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
+    migrate(url)
     yield from make_env(url, redis_url=redis_db_url)
 
 

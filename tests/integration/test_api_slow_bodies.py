@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 from comfy_cancel import manager
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database
-from comfy_cancel.migrations import upgrade
 from testbed.stack import api_server
 from tests.apitest import UNREACHABLE
+from tests.helpers import migrate
 
 
 def _exchange(url: str, request: bytes, wait: float = 10.0) -> tuple[bytes, float]:
@@ -32,7 +32,7 @@ def test_a_content_length_larger_than_the_body_is_408_not_a_held_connection(
     tmp_path: Path,
 ) -> None:
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
+    migrate(url)
     settings = Settings(database_url=url, redis_url=UNREACHABLE, body_read_timeout_seconds=1)
     with api_server(settings) as api_url:
         no_token, _ = _exchange(api_url, b"POST /v1/runner HTTP/1.1\r\nHost: x\r\n"

@@ -16,9 +16,9 @@ from comfy_cancel import api, encryption, manager
 from comfy_cancel.db import engine_for
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.manager import Principal
-from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import EventKind, WorkflowStatus
 from tests.apitest import KEY, Env, error, files, make_env
+from tests.helpers import migrate
 
 S = WorkflowStatus
 PUBLISH_FAILED = (
@@ -147,7 +147,7 @@ SMALL_LIMIT = 4000
 @pytest.fixture
 def small_env(tmp_path: Path, broker: Any) -> Iterator[Env]:
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
+    migrate(url)
     yield from make_env(url, max_workflow_bytes=SMALL_LIMIT)
 
 
@@ -550,7 +550,7 @@ def test_runner_url_secrets_are_masked_in_every_answer(private_env: Env) -> None
 
 def test_runner_headers_without_a_secret_key_are_refused(tmp_path: Path, broker: Any) -> None:
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
+    migrate(url)
     for env in make_env(url, secret_key=None):
         headers = env.auth()
         refused = env.client.post("/v1/runner", headers=headers, json={
@@ -570,7 +570,7 @@ def test_runner_headers_without_a_secret_key_are_refused(tmp_path: Path, broker:
 def test_runners_list_with_a_wrong_key(tmp_path: Path, broker: Any) -> None:
     """Listing needs no key (names are kept in clear): a wrong key breaks no read."""
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(url)
+    migrate(url)
     for env in make_env(url, secret_key=KEY):
         created = env.client.post("/v1/runner", headers=env.auth(), json={
             "name": "r", "endpoint_url": "http://h:1", "headers": {"X-Key": "v"}})

@@ -145,8 +145,9 @@ class StatusWriterMachine(RuleBasedStateMachine):
                     assert wf.cancel_outcome == CancelOutcome.TOO_LATE.value
 
 
+# The number of examples comes from the Hypothesis profile (tests/conftest.py): a quick
+# run by default, many more with --hypothesis-profile=thorough.
 StatusWriterMachine.TestCase.settings = settings(
-    max_examples=60,
     stateful_step_count=25,
     deadline=None,
     # The explain phase traces every line; through SQLAlchemy that is far too slow.
