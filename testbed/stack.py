@@ -29,7 +29,7 @@ from comfy_cancel.embedded import processes
 from comfy_cancel.embedded.celery_workers import CeleryWorker, Pinger
 from comfy_cancel.embedded.comfyui_sim import RunningSim, start_in_thread
 from comfy_cancel.embedded.processes import Child
-from tests.helpers import LOOPBACK, migrated
+from testbed.database import LOOPBACK, migrated
 
 # A failing start quotes this much of the child's log: a test's log is what explains it.
 TAIL_LINES = 40

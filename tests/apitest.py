@@ -23,7 +23,8 @@ from comfy_cancel.config import Settings
 from comfy_cancel.db import Database, engine_for
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
-from tests.helpers import LOOPBACK_ALLOWED, migrate, seed_workflow
+from testbed.database import LOOPBACK_ALLOWED, migrate
+from tests.helpers import seed_workflow
 
 S = WorkflowStatus
 worker_app = worker.app  # the Celery app the API publishes through

@@ -69,8 +69,9 @@ from comfy_cancel.models import (
     utcnow,
 )
 from comfy_cancel.signals import SignalKind, SignalListener
+from testbed.database import migrated
 from testbed.stack import configured, start_worker, wait_workers_ready
-from tests.helpers import PATH_TO, advance, make_account_and_runner, migrated
+from tests.helpers import PATH_TO, advance, make_account_and_runner
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres]
 

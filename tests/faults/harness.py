@@ -40,8 +40,8 @@ from comfy_cancel.embedded.comfyui_sim import RunningSim, blur_chain, start_in_t
 from comfy_cancel.embedded.processes import Child
 from comfy_cancel.models import ApiToken, Workflow, WorkflowEvent, utcnow
 from testbed import postgres
+from testbed.database import LOOPBACK, migrated
 from testbed.stack import TAIL_LINES, api_process, start_worker, wait_workers_ready
-from tests.helpers import LOOPBACK, migrated
 
 FULL = os.environ.get("COMFY_CANCEL_FAULTS", "").strip().lower() == "full"
 TERMINAL = frozenset({"completed", "failed", "cancelled"})

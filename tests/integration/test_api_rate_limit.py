@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from testbed.database import migrate
 from tests.apitest import UNREACHABLE, Env, error, make_env
-from tests.helpers import migrate
 
 LIMIT, WINDOW = 5, 2
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from testbed.database import migrate
 from tests.apitest import Env, make_env
-from tests.helpers import migrate
 from tests.unit.test_api_security import (  # noqa: F401  (collected here too)
     test_a_nul_character_in_any_string_input_is_400,
     test_lone_surrogates_are_400,

@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 from comfy_cancel import manager
 from comfy_cancel.config import Settings
 from comfy_cancel.db import Database
+from testbed.database import migrate
 from testbed.stack import api_server
 from tests.apitest import UNREACHABLE
-from tests.helpers import migrate
 
 
 def _exchange(url: str, request: bytes, wait: float = 10.0) -> tuple[bytes, float]:

@@ -22,7 +22,8 @@ from comfy_cancel.config import Settings
 from comfy_cancel.context import Context
 from comfy_cancel.embedded.comfyui_sim import blur_chain, start_in_thread
 from comfy_cancel.models import EventKind, Workflow, WorkflowStatus, utcnow
-from tests.helpers import LOOPBACK, make_account_and_runner, migrated, seed_workflow
+from testbed.database import LOOPBACK, migrated
+from tests.helpers import make_account_and_runner, seed_workflow
 from tests.integration.test_sweeps import backdate, queued_messages
 
 S = WorkflowStatus

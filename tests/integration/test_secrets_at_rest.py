@@ -17,7 +17,8 @@ from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.db import Database, engine_for, make_engine
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import Runner, WorkflowStatus
-from tests.helpers import migrated, seed_workflow
+from testbed.database import migrated
+from tests.helpers import seed_workflow
 
 KEY = encryption.new_key()
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from comfy_cancel.db import Database
-from tests.helpers import migrated
+from testbed.database import migrated
 from tests.unit.test_status_writer import (  # noqa: F401  (collected here too)
     test_a_cancel_of_a_completed_workflow_changes_nothing_and_records_too_late,
     test_cancel_queued_many_changes_only_queued_rows_and_audits_each,

@@ -19,7 +19,8 @@ from comfy_cancel.config import Settings
 from comfy_cancel.context import Context
 from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
 from comfy_cancel.sweeps import SweepReport, sweep
-from tests.helpers import make_account_and_runner, migrated, seed_workflow
+from testbed.database import migrated
+from tests.helpers import make_account_and_runner, seed_workflow
 
 S = WorkflowStatus
 LONG_AGO = timedelta(hours=3)

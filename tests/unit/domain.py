@@ -29,8 +29,9 @@ from comfy_cancel.embedded.comfyui_sim import RunningSim
 from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
 from comfy_cancel.signals import SignalKind
 from comfy_cancel.worker import ALL_QUEUES
+from testbed.database import LOOPBACK, migrated
 from tests.apitest import take_all, worker_app
-from tests.helpers import LOOPBACK, migrated, seed_workflow
+from tests.helpers import seed_workflow
 
 S = WorkflowStatus
 API = status.Actor("api", "alice", "no longer needed")

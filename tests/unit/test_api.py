@@ -17,8 +17,8 @@ from comfy_cancel.db import engine_for
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.manager import Principal
 from comfy_cancel.models import EventKind, WorkflowStatus
+from testbed.database import migrate
 from tests.apitest import KEY, Env, error, files, make_env
-from tests.helpers import migrate
 
 S = WorkflowStatus
 PUBLISH_FAILED = (

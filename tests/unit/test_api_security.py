@@ -17,8 +17,8 @@ from comfy_cancel import status
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.models import WorkflowStatus
 from comfy_cancel.schemas import json_too_deep
+from testbed.database import migrate
 from tests.apitest import Env, error, files, make_env
-from tests.helpers import migrate
 
 S = WorkflowStatus
 DEPTH = 64  # the default COMFY_CANCEL_MAX_JSON_DEPTH

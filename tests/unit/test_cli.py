@@ -26,7 +26,8 @@ from comfy_cancel import cli, context, encryption, manager, tasks
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.db import Database, engine_for
 from comfy_cancel.models import ApiToken, WorkflowStatus, utcnow
-from tests.helpers import make_account_and_runner, migrate, seed_workflow
+from testbed.database import migrate
+from tests.helpers import make_account_and_runner, seed_workflow
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from comfy_cancel import retries
 from comfy_cancel.comfyui import ComfyUIError
 from comfy_cancel.models import Account
-from tests.helpers import migrated
+from testbed.database import migrated
 
 
 def test_a_transient_database_error_reruns_the_whole_transaction(tmp_path: Path) -> None:

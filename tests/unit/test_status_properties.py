@@ -16,7 +16,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from comfy_cancel import manager, status
 from comfy_cancel.models import TERMINAL, CancelOutcome, WorkflowStatus
-from tests.helpers import make_account_and_runner, migrated
+from testbed.database import migrated
+from tests.helpers import make_account_and_runner
 
 S = WorkflowStatus
 CANCEL_OUTCOMES_OF_CANCELLED = {

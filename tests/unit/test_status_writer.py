@@ -13,7 +13,8 @@ from sqlalchemy import select
 from comfy_cancel import manager, status
 from comfy_cancel.db import Database
 from comfy_cancel.models import CancelOutcome, Workflow, WorkflowEvent, WorkflowStatus
-from tests.helpers import advance, make_account_and_runner, migrated, seed_workflow
+from testbed.database import migrated
+from tests.helpers import advance, make_account_and_runner, seed_workflow
 
 S = WorkflowStatus
 
