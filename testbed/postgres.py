@@ -20,8 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+from typing import ClassVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from comfy_cancel.db import libpq_url
@@ -77,7 +76,7 @@ def drop_database(server_url: str, name: str) -> None:
 
 
 @dataclass(eq=False)
-class PostgresServer:
+class PostgresServer(processes.ServerProcess):
     url: str
     port: int
     process: subprocess.Popen[bytes]
@@ -99,22 +98,12 @@ class PostgresServer:
     def drop_database(self, name: str) -> None:
         drop_database(self.url, name)
 
-    def stop(self) -> None:
-        """Stop the server (idempotent) and delete its data dir if it was a temporary one."""
-        # SIGINT is PostgreSQL's "fast" shutdown: disconnect clients, checkpoint, exit.
-        processes.terminate(self.process, signal.SIGINT, grace=15)
-        processes.forget(self)
-        if self._temp_root is not None:
-            shutil.rmtree(self._temp_root, ignore_errors=True)
+    # SIGINT is PostgreSQL's "fast" shutdown: disconnect clients, checkpoint, exit.
+    stop_signal: ClassVar[int] = signal.SIGINT
+    stop_grace: ClassVar[float] = 15.0
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def temporary_dir(self) -> Path | None:
+        return self._temp_root
 
 
 def _pg_bin_dirs() -> list[tuple[str, Path]]:

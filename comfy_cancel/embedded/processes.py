@@ -31,7 +31,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Protocol, Self
+from types import TracebackType
+from typing import IO, ClassVar, Protocol, Self
 
 HOST = "127.0.0.1"
 STOP_GRACE = 10.0
@@ -55,6 +56,37 @@ class Server(Protocol):
     _owner_pid: int
 
     def stop(self) -> None: ...
+
+
+class ServerProcess:
+    """A local server we started (a dataclass below gives the fields): a context manager
+    that stops it with its own signal and grace, then removes its temporary dir."""
+
+    process: subprocess.Popen[bytes]
+    _owner_pid: int
+    stop_signal: ClassVar[int] = signal.SIGTERM
+    stop_grace: ClassVar[float] = 10.0
+
+    def temporary_dir(self) -> Path | None:
+        """The dir to delete once stopped: one we made for this server, else None."""
+        return None
+
+    def stop(self) -> None:
+        """Stop the server (idempotent) and delete its dir if it was a temporary one."""
+        terminate(self.process, self.stop_signal, grace=self.stop_grace)
+        forget(self)
+        temp = self.temporary_dir()
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 def free_port() -> int:

@@ -15,8 +15,6 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 from urllib.parse import quote
 
 from comfy_cancel.embedded import processes
@@ -27,7 +25,7 @@ REDIS_START_TIMEOUT = 15.0
 
 
 @dataclass(eq=False)
-class RedisServer:
+class RedisServer(processes.ServerProcess):
     url: str
     port: int
     process: subprocess.Popen[bytes]
@@ -41,21 +39,8 @@ class RedisServer:
     def log_path(self) -> Path:
         return self.data_dir / "redis.log"
 
-    def stop(self) -> None:
-        """Stop the server (idempotent) and delete its data dir if it was a temporary one."""
-        processes.terminate(self.process, signal.SIGTERM, grace=10)
-        processes.forget(self)
-        if self._owns_data_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def temporary_dir(self) -> Path | None:
+        return self.data_dir if self._owns_data_dir else None
 
 
 def _redis_binaries(binary: str | None) -> list[str]:
