@@ -336,14 +336,8 @@ def _try_start_postgres(
     for key, value in settings.items():
         argv += ["-c", f"{key}={value}"]
     started = time.monotonic()
-    try:
-        proc = processes.spawn_server(
-            argv, log_path=log_path, cwd=pgdata, run_as=run_as, death_signal=signal.SIGINT
-        )
-    except OSError as exc:
-        return f"cannot execute postgres: {exc}"
 
-    def probe() -> tuple[str | None, str] | None:
+    def probe(_proc: subprocess.Popen[bytes]) -> tuple[str | None, str] | None:
         identity = _pg_identity(port)
         if identity is None:
             return None
@@ -351,12 +345,14 @@ def _try_start_postgres(
         ours = Path(served).resolve() == pgdata.resolve()
         return (None if ours else f"PostgreSQL ({served})"), version
 
-    version, why = processes.wait_until_serving(
-        proc, log_path, port, timeout=PG_START_TIMEOUT, stop_signal=signal.SIGQUIT,
+    launched = processes.launch_server(
+        argv, log_path=log_path, cwd=pgdata, port=port, run_as=run_as,
+        death_signal=signal.SIGINT, timeout=PG_START_TIMEOUT, stop_signal=signal.SIGQUIT,
         probe=probe, silence="not accepting connections",
     )
-    if version is None:
-        return why
+    if isinstance(launched, str):
+        return launched
+    proc, version = launched
     server = PostgresServer(
         url=f"postgresql+psycopg://{PG_SUPERUSER}@{processes.HOST}:{port}/postgres",
         port=port, process=proc, data_dir=pgdata, bin_dir=bin_dir, version=version,

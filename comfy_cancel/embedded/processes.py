@@ -222,6 +222,39 @@ def log_tail(path: Path, lines: int = 3) -> str:
 _PORT_TAKEN = "is served by another"
 
 
+# Who answers on the port (None: our server), and the version it answers with; None
+# while nothing answers. Given the process we spawned, to tell it from a stranger.
+ServerProbe = Callable[[subprocess.Popen[bytes]], tuple[str | None, str] | None]
+
+
+def launch_server(
+    argv: list[str],
+    *,
+    log_path: Path,
+    cwd: Path,
+    port: int,
+    run_as: pwd.struct_passwd | None = None,
+    death_signal: int,
+    timeout: float,
+    stop_signal: int,
+    probe: ServerProbe,
+    silence: str,
+) -> tuple[subprocess.Popen[bytes], str] | str:
+    """Spawn a server and wait until it serves on ``port``: (the process, its version),
+    or why not (it could not run, exited, another server has the port, or it was silent)."""
+    try:
+        proc = spawn_server(
+            argv, log_path=log_path, cwd=cwd, run_as=run_as, death_signal=death_signal
+        )
+    except OSError as exc:
+        return f"cannot execute {Path(argv[0]).name}: {exc}"
+    version, why = wait_until_serving(
+        proc, log_path, port, timeout=timeout, stop_signal=stop_signal,
+        probe=lambda: probe(proc), silence=silence,
+    )
+    return (proc, version) if version is not None else why
+
+
 def wait_until_serving(
     proc: subprocess.Popen[bytes],
     log_path: Path,

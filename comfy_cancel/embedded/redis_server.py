@@ -151,26 +151,22 @@ def _try_start_redis(
             file.write(f'requirepass "{password}"\n')
         argv.insert(1, str(conf))
     started = time.monotonic()
-    try:
-        proc = processes.spawn_server(
-            argv, log_path=log_path, cwd=directory, run_as=None, death_signal=signal.SIGTERM
-        )
-    except OSError as exc:
-        return f"cannot execute: {exc}"
 
-    def probe() -> tuple[str | None, str] | None:
+    def probe(proc: subprocess.Popen[bytes]) -> tuple[str | None, str] | None:
         identity = _redis_identity(port, password)
         if identity is None:
             return None
         pid, version = identity
         return (None if pid == proc.pid else f"Redis (pid {pid})"), version
 
-    version, why = processes.wait_until_serving(
-        proc, log_path, port, timeout=REDIS_START_TIMEOUT, stop_signal=signal.SIGKILL,
-        probe=probe, silence="no PING answer",
+    launched = processes.launch_server(
+        argv, log_path=log_path, cwd=directory, port=port, death_signal=signal.SIGTERM,
+        timeout=REDIS_START_TIMEOUT, stop_signal=signal.SIGKILL, probe=probe,
+        silence="no PING answer",
     )
-    if version is None:
-        return why
+    if isinstance(launched, str):
+        return launched
+    proc, version = launched
     auth = f":{quote(password, safe='')}@" if password else ""
     server = RedisServer(
         url=f"redis://{auth}{processes.HOST}:{port}/0",
