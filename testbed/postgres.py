@@ -75,17 +75,11 @@ def drop_database(server_url: str, name: str) -> None:
         )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class PostgresServer(processes.ServerProcess):
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    data_dir: Path
     bin_dir: Path
-    version: str = ""
     run_as: str | None = None
     _temp_root: Path | None = field(default=None, repr=False)
-    _owner_pid: int = field(default_factory=os.getpid, repr=False)
 
     @property
     def log_path(self) -> Path:

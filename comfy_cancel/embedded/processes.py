@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -58,12 +59,17 @@ class Server(Protocol):
     def stop(self) -> None: ...
 
 
+@dataclass(eq=False, kw_only=True)
 class ServerProcess:
-    """A local server we started (a dataclass below gives the fields): a context manager
+    """A local server we started, listening on ``port`` of 127.0.0.1: a context manager
     that stops it with its own signal and grace, then removes its temporary dir."""
 
+    url: str
+    port: int
     process: subprocess.Popen[bytes]
-    _owner_pid: int
+    data_dir: Path
+    version: str = ""
+    _owner_pid: int = field(default_factory=os.getpid, repr=False)
     stop_signal: ClassVar[int] = signal.SIGTERM
     stop_grace: ClassVar[float] = 10.0
 

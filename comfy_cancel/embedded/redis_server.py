@@ -24,16 +24,10 @@ log = logging.getLogger(__name__)
 REDIS_START_TIMEOUT = 15.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class RedisServer(processes.ServerProcess):
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    data_dir: Path
     binary: str = ""
-    version: str = ""
     _owns_data_dir: bool = field(default=False, repr=False)
-    _owner_pid: int = field(default_factory=os.getpid, repr=False)
 
     @property
     def log_path(self) -> Path:
