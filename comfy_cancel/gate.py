@@ -67,6 +67,15 @@ def error_response(code: int, message: str, headers: dict[str, str] | None = Non
     return JSONResponse({"status": code, "message": message}, status_code=code, headers=headers)
 
 
+def unknown_token() -> ApiError:
+    return ApiError(
+        401,
+        "the token is unknown or expired: ask your operator for a new one "
+        "(comfy-cancel token create)",
+        CHALLENGE,
+    )
+
+
 def database_unavailable(method: str, path: str, exc: Exception) -> JSONResponse:
     # The driver's error only: SQLAlchemy's own text would add the statement's parameters.
     cause = getattr(exc, "orig", None) or exc
@@ -174,25 +183,12 @@ class Gate:
             raise ApiError(
                 401, "missing token: send the header 'Authorization: Bearer cfc_...'", CHALLENGE
             )
-        operator_route = scope["path"].startswith("/v1/admin/")
-        # The database and Redis clients block: off the event loop.
-        return await anyio.to_thread.run_sync(self._check, token, operator_route)
-
-    def _check(self, token: str, operator_route: bool) -> Principal:
         key = auth.hash_token(token)
         principal = self.tokens.get(key)
         if principal is None:
-            with self.db.transaction() as session:
-                principal = manager.authenticate(session, token)
-            if principal is None:
-                raise ApiError(
-                    401,
-                    "the token is unknown or expired: ask your operator for a new one "
-                    "(comfy-cancel token create)",
-                    CHALLENGE,
-                )
-            self.tokens.put(key, principal)
-        if operator_route and not principal.is_operator:
+            # The database client blocks: off the event loop (a cached token needs none).
+            principal = await anyio.to_thread.run_sync(self._authenticate, token, key)
+        if scope["path"].startswith("/v1/admin/") and not principal.is_operator:
             raise ApiError(
                 403,
                 "this call needs an operator token "
@@ -201,7 +197,7 @@ class Gate:
         limit = principal.rate_limit
         if limit is None:
             limit = self.settings.rate_limit_requests
-        verdict = self.limiter.hit(principal.token_id, limit)
+        verdict = await self.limiter.hit(principal.token_id, limit)
         if not verdict.allowed:
             raise ApiError(
                 429,
@@ -210,6 +206,14 @@ class Gate:
                 f"{verdict.retry_after} s",
                 {"Retry-After": str(verdict.retry_after)},
             )
+        return principal
+
+    def _authenticate(self, token: str, key: str) -> Principal:
+        with self.db.transaction() as session:
+            principal = manager.authenticate(session, token)
+        if principal is None:
+            raise unknown_token()
+        self.tokens.put(key, principal)
         return principal
 
     # --- the body ------------------------------------------------------------------------
