@@ -221,6 +221,9 @@ class Gate:
     async def _body(self, scope: Scope, receive: Receive) -> Receive:
         """The ``receive`` the route gets: the workflow upload streams through, counted
         and timed; any other body is read here whole, its depth checked, and replayed."""
+        declared = _content_length(scope)
+        if not _has_body(scope, declared):
+            return receive  # nothing to read, time or check (every GET, a bare cancel)
         settings = self.settings
         upload = is_workflow_upload(scope)
         if upload:
@@ -235,7 +238,6 @@ class Gate:
                 f"{'COMFY_CANCEL_MAX_ADMIN_BODY_BYTES' if admin else 'COMFY_CANCEL_MAX_BODY_BYTES'}"
                 "); nothing was done",
             )
-        declared = _content_length(scope)
         if declared is not None and declared > limit:
             raise too_large
         deadline = anyio.current_time() + settings.body_read_timeout_seconds
@@ -260,6 +262,17 @@ def _content_length(scope: Scope) -> int | None:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
     return None
+
+
+def _has_body(scope: Scope, declared: int | None) -> bool:
+    """Whether the request may have a body. In HTTP/1.x it has one only when it declares a
+    length above 0 or is sent in chunks (the server reads nothing else as its body); a
+    later version may send one without either."""
+    if declared is not None:
+        return declared > 0
+    if scope.get("http_version") not in ("1.0", "1.1"):
+        return True
+    return any(name == b"transfer-encoding" for name, _ in scope["headers"])
 
 
 def _is_json(scope: Scope) -> bool:
