@@ -503,7 +503,10 @@ class EmbeddedStack:
                     "--time-scale", str(self.time_scale)],
                    self.log_path("sim-comfyui"),
                    lambda _c: _http_ok(f"{self.comfyui_url}/system_stats")),
-            _Child("api", [*cli, "api", "--port", str(self._api_port)], self.log_path("api"),
+            # One API process is plenty on a developer's machine, and leaves no orphan if
+            # this supervisor is killed.
+            _Child("api", [*cli, "api", "--workers", "1", "--port", str(self._api_port)],
+                   self.log_path("api"),
                    lambda _c: _http_ok(f"{self.api_url}/healthz")),
             _Child("worker-cancel", celery_worker(CANCEL_QUEUES, cancel_node),
                    self.log_path("worker-cancel"), lambda _c: self._pong(cancel_node),
