@@ -13,7 +13,9 @@ changes nothing and reads the status that won. Each verb returns a
 :class:`Change` saying what actually happened.
 
 The functions take a session inside a transaction (``Database.transaction()``)
-so a caller can make a status change part of a larger unit of work.
+so a caller can make a status change part of a larger unit of work; the one
+exception, :func:`request_cancel_as_caller`, is the API's whole unit of work in one
+statement and takes the database.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, func, insert, literal, select, text, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import TextClause
 
 from comfy_cancel import manager
 from comfy_cancel.db import Database
@@ -400,7 +403,8 @@ _AUDIT_VALUES = (
 )
 
 
-def _statement(sql: str) -> Any:
+def _statement(sql: str) -> TextClause:
+    # Times are stored as naive UTC on both databases: the column type converts :now.
     return text(sql).bindparams(bindparam("now", type_=UTCDateTime()))
 
 
