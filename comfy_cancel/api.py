@@ -44,6 +44,7 @@ from comfy_cancel.gate import (
     error_response,
     principal_of,
     too_deep,
+    unknown_token,
     workflow_too_large,
 )
 from comfy_cancel.manager import Principal, WorkflowFilter
@@ -105,7 +106,11 @@ OPERATOR_ERRORS: dict[int | str, dict[str, Any]] = {
 bearer = HTTPBearer(auto_error=False, bearerFormat="cfc_...", description="An API token.")
 
 
-def get_db(request: Request) -> Database:
+# The dependencies below block on nothing: async, so FastAPI calls them on the event loop
+# instead of handing each to a thread of its pool.
+
+
+async def get_db(request: Request) -> Database:
     db: Database = request.app.state.db
     return db
 
@@ -113,7 +118,7 @@ def get_db(request: Request) -> Database:
 DB = Annotated[Database, Depends(get_db)]
 
 
-def require_principal(
+async def require_principal(
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
@@ -126,7 +131,9 @@ def require_principal(
     return principal
 
 
-def require_operator(principal: Annotated[Principal, Depends(require_principal)]) -> Principal:
+async def require_operator(
+    principal: Annotated[Principal, Depends(require_principal)],
+) -> Principal:
     """The caller of an operator-only route; 403 for a customer's token (the gate refuses
     it first, before the body; this keeps the rule next to the routes)."""
     if not principal.is_operator:
@@ -375,31 +382,36 @@ def cancel_workflow(
     The request is committed before it is published, so a lost message loses no cancel:
     the sweep re-publishes open requests. A repeat while it is in flight is accepted again.
 
-    The hot path, so one transaction (the gate checked the token, usually from its cache):
-    the request is recorded by a compare-and-set scoped to the caller's account; the status
-    is read only to explain a refusal (404 or 400).
+    The hot path: the gate admitted the token (usually from its cache), then one statement
+    checks the token again and records the request with its audit row, scoped to the
+    caller's account, then one publish. A second read only explains a refusal.
     """
     by = status.Actor(CancelSource.API.value, principal.actor, body.reason if body else None)
     canonical = _canonical_id("workflow", workflow_id)
-
-    def refused(session: Session, missed: list[str]) -> list[str]:
-        current = manager.workflow_status(session, canonical, principal.account_id)
-        if current is None:
-            raise _not_found("workflow", workflow_id)
-        if current not in CANCELLABLE:
-            raise _not_cancellable(canonical, current)
-        return missed  # it became queued between the two statements: the next try records it
-
-    handed = publish.request_cancels(
-        db, [canonical], by, account_id=principal.account_id, unrecorded=refused
-    )
-    if not handed.published:
+    while not status.request_cancel_as_caller(
+        db, canonical, account_id=principal.account_id, token_id=principal.token_id, by=by
+    ):
+        _explain_refusal(db, workflow_id, canonical, principal)
+    if not publish.hand_on([canonical], by):
         raise ApiError(
             500,
             "the cancel request is recorded but could not be handed to the cancel queue; "
             "retrying is safe",
         )
     return Response(status_code=200)
+
+
+def _explain_refusal(db: Database, workflow_id: str, canonical: str, principal: Principal) -> None:
+    """Raise the answer to a cancel that was not recorded; return when the workflow has
+    become cancellable since (it was queued in between), so the caller tries again."""
+    with db.transaction() as session:
+        if not manager.token_is_valid(session, principal.token_id):
+            raise unknown_token()
+        current = manager.workflow_status(session, canonical, principal.account_id)
+    if current is None:
+        raise _not_found("workflow", workflow_id)
+    if current not in CANCELLABLE:
+        raise _not_cancellable(canonical, current)
 
 
 @contextmanager
@@ -633,7 +645,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         Gate,
         settings=settings,
         db=app.state.db,
-        limiter=RateLimiter(app.state.redis, settings.rate_limit_window_seconds),
+        limiter=RateLimiter(settings.redis_url, settings.rate_limit_window_seconds),
     )
     app.add_middleware(CatchAll)
     return app

@@ -9,7 +9,7 @@ what to do next, and exit code 1 (2 for a command line click refuses). Heavy imp
 from __future__ import annotations
 
 import argparse
-import logging
+import copy
 import os
 import sys
 import tempfile
@@ -318,21 +318,35 @@ def cmd_settings() -> None:
 @root.command("api", help="run the HTTP API")
 @click.option("--host", help="default: COMFY_CANCEL_API_HOST")
 @click.option("--port", type=PORT, metavar="PORT", help="default: COMFY_CANCEL_API_PORT")
-def cmd_api(host: str | None, port: int | None) -> None:
+@click.option("--workers", type=POSITIVE, metavar="N",
+              help="processes serving the API (default: COMFY_CANCEL_API_WORKERS, the cores)")
+def cmd_api(host: str | None, port: int | None, workers: int | None) -> None:
     import uvicorn
 
-    from comfy_cancel.api import create_app
-
     settings = _settings()
-    # uvicorn configures only its own loggers; this shows the API's warnings beside them.
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Each process builds the app from the environment's settings, the ones checked above.
     uvicorn.run(
-        create_app(settings),
+        "comfy_cancel.api:create_app",
+        factory=True,
+        workers=workers or settings.api_workers,
         host=host or settings.api_host,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
+        log_config=_api_log_config(settings.log_level.upper()),
     )
+
+
+def _api_log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, and the API's own warnings beside it, in every API process
+    (uvicorn applies this in each process it starts)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["app"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    config["handlers"]["app"] = {"class": "logging.StreamHandler", "formatter": "app",
+                                 "stream": "ext://sys.stderr"}
+    config["root"] = {"handlers": ["app"], "level": level}
+    return config
 
 
 def _celery_app() -> Celery:

@@ -7,8 +7,10 @@ them all).
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +19,33 @@ from comfy_cancel.egress import parse_networks
 from comfy_cancel.encryption import SecretKeyError, check_keys
 
 ENV_PREFIX = "COMFY_CANCEL_"
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cores(cgroup: Path = CGROUP) -> int:
+    """The cores this process may use: the CPUs it may run on, bounded by the CPU quota of
+    its container (cgroup v2 ``cpu.max``, or v1's CFS quota), which ``os.cpu_count()``
+    does not see."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # "max 100000", v2
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())  # -1: none, v1
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 class Settings(BaseSettings):
@@ -45,6 +74,13 @@ class Settings(BaseSettings):
     )
     api_host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
     api_port: int = Field(8000, description="Port of the HTTP API.")
+    api_workers: int = Field(
+        default_factory=available_cores,
+        ge=1,
+        description="HTTP API processes `comfy-cancel api` starts: its Python code is bound "
+        "by one core per process (the GIL). Default: the cores this machine or container may "
+        "use.",
+    )
 
     cancel_grace_seconds: float = Field(
         10.0,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from comfy_cancel.config import get_settings
@@ -39,8 +42,29 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     # per checkout under load: that churn cost more than the cancels themselves.
     kwargs.setdefault("pool_size", settings.db_pool_size)
     kwargs.setdefault("max_overflow", settings.db_max_overflow)
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    _discard_closed_connections(engine)
+    return engine
+
+
+def _discard_closed_connections(engine: Engine) -> None:
+    """Hand out no pooled connection that the server has closed (a restart, a killed
+    backend), checked without a round trip: an idle connection's socket has nothing to
+    read unless the server said goodbye (or, rarely, sent a notice; that connection is
+    replaced too). ``pool_pre_ping`` would send a query on every checkout instead: a
+    second round trip for a one-statement transaction such as the API's cancel."""
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        try:
+            poller = select.poll()  # not select.select: a busy process has fds past 1024
+            poller.register(dbapi_connection.fileno(), select.POLLIN)
+            closed = bool(poller.poll(0))
+        except (OSError, ValueError, psycopg.Error):
+            closed = True
+        if closed:
+            # The pool throws it away and checks out another (or connects anew).
+            raise sa_exc.DisconnectionError("the server closed this pooled connection")
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -75,6 +99,8 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # The same pool; each statement commits on its own.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @classmethod
     def from_url(cls, url: str) -> Database:
@@ -85,3 +111,10 @@ class Database:
         """A session whose work commits on success and rolls back on error."""
         with self._sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A Core connection on which each statement commits by itself: for a unit of work
+        that is one statement, without the BEGIN and COMMIT round trips."""
+        with self._autocommit.connect() as connection:
+            yield connection

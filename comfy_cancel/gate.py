@@ -67,6 +67,15 @@ def error_response(code: int, message: str, headers: dict[str, str] | None = Non
     return JSONResponse({"status": code, "message": message}, status_code=code, headers=headers)
 
 
+def unknown_token() -> ApiError:
+    return ApiError(
+        401,
+        "the token is unknown or expired: ask your operator for a new one "
+        "(comfy-cancel token create)",
+        CHALLENGE,
+    )
+
+
 def database_unavailable(method: str, path: str, exc: Exception) -> JSONResponse:
     # The driver's error only: SQLAlchemy's own text would add the statement's parameters.
     cause = getattr(exc, "orig", None) or exc
@@ -174,25 +183,12 @@ class Gate:
             raise ApiError(
                 401, "missing token: send the header 'Authorization: Bearer cfc_...'", CHALLENGE
             )
-        operator_route = scope["path"].startswith("/v1/admin/")
-        # The database and Redis clients block: off the event loop.
-        return await anyio.to_thread.run_sync(self._check, token, operator_route)
-
-    def _check(self, token: str, operator_route: bool) -> Principal:
         key = auth.hash_token(token)
         principal = self.tokens.get(key)
         if principal is None:
-            with self.db.transaction() as session:
-                principal = manager.authenticate(session, token)
-            if principal is None:
-                raise ApiError(
-                    401,
-                    "the token is unknown or expired: ask your operator for a new one "
-                    "(comfy-cancel token create)",
-                    CHALLENGE,
-                )
-            self.tokens.put(key, principal)
-        if operator_route and not principal.is_operator:
+            # The database client blocks: off the event loop (a cached token needs none).
+            principal = await anyio.to_thread.run_sync(self._authenticate, token, key)
+        if scope["path"].startswith("/v1/admin/") and not principal.is_operator:
             raise ApiError(
                 403,
                 "this call needs an operator token "
@@ -201,7 +197,7 @@ class Gate:
         limit = principal.rate_limit
         if limit is None:
             limit = self.settings.rate_limit_requests
-        verdict = self.limiter.hit(principal.token_id, limit)
+        verdict = await self.limiter.hit(principal.token_id, limit)
         if not verdict.allowed:
             raise ApiError(
                 429,
@@ -212,11 +208,22 @@ class Gate:
             )
         return principal
 
+    def _authenticate(self, token: str, key: str) -> Principal:
+        with self.db.transaction() as session:
+            principal = manager.authenticate(session, token)
+        if principal is None:
+            raise unknown_token()
+        self.tokens.put(key, principal)
+        return principal
+
     # --- the body ------------------------------------------------------------------------
 
     async def _body(self, scope: Scope, receive: Receive) -> Receive:
         """The ``receive`` the route gets: the workflow upload streams through, counted
         and timed; any other body is read here whole, its depth checked, and replayed."""
+        declared = _content_length(scope)
+        if not _has_body(scope, declared):
+            return receive  # nothing to read, time or check (every GET, a bare cancel)
         settings = self.settings
         upload = is_workflow_upload(scope)
         if upload:
@@ -231,7 +238,6 @@ class Gate:
                 f"{'COMFY_CANCEL_MAX_ADMIN_BODY_BYTES' if admin else 'COMFY_CANCEL_MAX_BODY_BYTES'}"
                 "); nothing was done",
             )
-        declared = _content_length(scope)
         if declared is not None and declared > limit:
             raise too_large
         deadline = anyio.current_time() + settings.body_read_timeout_seconds
@@ -256,6 +262,17 @@ def _content_length(scope: Scope) -> int | None:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
     return None
+
+
+def _has_body(scope: Scope, declared: int | None) -> bool:
+    """Whether the request may have a body. In HTTP/1.x it has one only when it declares a
+    length above 0 or is sent in chunks (the server reads nothing else as its body); a
+    later version may send one without either."""
+    if declared is not None:
+        return declared > 0
+    if scope.get("http_version") not in ("1.0", "1.1"):
+        return True
+    return any(name == b"transfer-encoding" for name, _ in scope["headers"])
 
 
 def _is_json(scope: Scope) -> bool:

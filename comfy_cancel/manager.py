@@ -136,6 +136,16 @@ def authenticate(session: Session, token: str) -> Principal | None:
                      api_token.rate_limit, api_token.expires_at)
 
 
+def token_is_valid(session: Session, token_id: int) -> bool:
+    """Whether the token still exists and has not expired."""
+    return session.execute(
+        select(ApiToken.id).where(
+            ApiToken.id == token_id,
+            ApiToken.expires_at.is_(None) | (ApiToken.expires_at > utcnow()),
+        )
+    ).first() is not None
+
+
 # --- runners -----------------------------------------------------------------------------
 
 

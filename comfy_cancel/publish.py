@@ -4,19 +4,18 @@ Producers (the API, bulk cancels, the sweeps, the cancel domain) send tasks by *
 (``app.send_task``), so nothing that publishes imports the task bodies in tasks.py, and
 tasks.py can import the domain at top level without an import cycle.
 
-:func:`request_cancels` is the one way to record a cancel and hand it on; a broker that is
+:func:`request_cancels` records cancels and hands them on; a broker that is
 down is one of :data:`BROKER_ERRORS`, caught in one place (:func:`hand_on`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 from kombu import exceptions as kombu_errors
-from sqlalchemy.orm import Session
 
 from comfy_cancel import status
 from comfy_cancel.db import Database
@@ -146,41 +145,28 @@ class Handed:
     published: bool
 
 
-# Called, in the recording transaction, with the ids whose request was not recorded;
-# returns those to try again, or raises (the API explains a refusal this way).
-Unrecorded = Callable[[Session, list[str]], Sequence[str]]
-
-
 def request_cancels(
     db: Database,
     workflow_ids: Sequence[str],
     by: Actor,
     *,
     only_new: bool = False,
-    account_id: int | None = None,
-    unrecorded: Unrecorded | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> Handed:
     """Record cancel requests on the cancellable ones of ``workflow_ids``, commit, then
-    publish them: the one way the API, bulk cancels and the sweeps hand a cancel on.
+    publish them: how bulk cancels and the sweeps hand cancels on (the API's one cancel
+    has its own statement, :func:`status.request_cancel_as_caller`, then :func:`hand_on`).
 
     The request is committed before it is published, so a lost message loses no cancel.
     It is stamped as published with the request (``cancel_published_at``): the re-drive
     pass hands on an open request ``redrive_after_seconds`` after that stamp, whether the
-    publish then worked or not, so a failed publish costs no extra write. ``only_new`` and
-    ``account_id`` as in :func:`status.request_cancel_many`.
+    publish then worked or not, so a failed publish costs no extra write. ``only_new`` as
+    in :func:`status.request_cancel_many`.
     """
     if not workflow_ids:
         return Handed([], published=True)
-    recorded: list[str] = []
     with db.transaction() as session:
-        pending = list(workflow_ids)
-        while pending:
-            got = status.request_cancel_many(
-                session, pending, by, only_new=only_new, publishing=True, account_id=account_id
-            )
-            recorded.extend(got)
-            done = set(got)
-            missed = [wid for wid in pending if wid not in done]
-            pending = list(unrecorded(session, missed)) if missed and unrecorded else []
+        recorded = status.request_cancel_many(
+            session, workflow_ids, by, only_new=only_new, publishing=True
+        )
     return Handed(recorded, published=hand_on(recorded, by, chunk_size))

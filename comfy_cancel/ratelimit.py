@@ -8,17 +8,21 @@ window's length; that is the price of one round trip and an exact ``Retry-After`
 When Redis cannot be reached the limiter fails open: requests are served unlimited, one
 warning is logged, and Redis is not asked again for a few seconds, so an outage costs no
 request more than one timeout.
+
+The client is asyncio's: the gate counts a request on the event loop, without handing it
+to a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +41,24 @@ ALLOWED = Verdict(True, 0)
 
 
 class RateLimiter:
-    def __init__(self, client: redis.Redis, window_seconds: int) -> None:
-        self.client = client
+    def __init__(self, redis_url: str, window_seconds: int) -> None:
+        self.redis_url = redis_url
         self.window = window_seconds
         self._down_until = 0.0
-        self._lock = threading.Lock()
+        self._client: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis] | None = None
 
-    def hit(self, token_id: int, limit: int) -> Verdict:
+    def _redis(self) -> redis.asyncio.Redis:
+        # An asyncio client's connections belong to the loop that opened them: one client
+        # per loop (a server has one; a test client may start another).
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client[0] is not loop:
+            client = redis.asyncio.Redis.from_url(
+                self.redis_url, socket_connect_timeout=2, socket_timeout=2
+            )
+            self._client = (loop, client)
+        return self._client[1]
+
+    async def hit(self, token_id: int, limit: int) -> Verdict:
         """Count one request of the token; refused once it made ``limit`` in this window.
 
         ``limit`` 0 means unlimited (nothing is counted).
@@ -54,13 +69,12 @@ class RateLimiter:
         window_index = int(now // self.window)
         key = f"{KEY_PREFIX}:{token_id}:{window_index}"
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.incr(key)
-            pipe.expire(key, self.window + 1)
-            count, _ = pipe.execute()
+            async with self._redis().pipeline(transaction=False) as pipe:
+                pipe.incr(key)
+                pipe.expire(key, self.window + 1)
+                count, _ = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
-            with self._lock:
-                self._down_until = time.monotonic() + RETRY_REDIS_AFTER_SECONDS
+            self._down_until = time.monotonic() + RETRY_REDIS_AFTER_SECONDS
             log.warning(
                 "rate limits not enforced for %.0f s: Redis unreachable (%s)",
                 RETRY_REDIS_AFTER_SECONDS, type(exc).__name__,

@@ -13,7 +13,9 @@ changes nothing and reads the status that won. Each verb returns a
 :class:`Change` saying what actually happened.
 
 The functions take a session inside a transaction (``Database.transaction()``)
-so a caller can make a status change part of a larger unit of work.
+so a caller can make a status change part of a larger unit of work; the one
+exception, :func:`request_cancel_as_caller`, is the API's whole unit of work in one
+statement and takes the database.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, literal, select, update
+from sqlalchemy import bindparam, func, insert, literal, select, text, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import TextClause
 
 from comfy_cancel import manager
+from comfy_cancel.db import Database
 from comfy_cancel.models import (
     CANCELLABLE,
     CancelOutcome,
     CancelSource,
     EventKind,
+    UTCDateTime,
     Workflow,
     WorkflowEvent,
     WorkflowStatus,
@@ -320,12 +325,7 @@ def cancel_queued_many(
 
 
 def request_cancel(
-    session: Session,
-    workflow_id: str,
-    by: Actor,
-    *,
-    publishing: bool = False,
-    account_id: int | None = None,
+    session: Session, workflow_id: str, by: Actor, *, publishing: bool = False
 ) -> bool:
     """Record a cancel request on a cancellable workflow; True when it was recorded.
 
@@ -333,14 +333,9 @@ def request_cancel(
     request is idempotent) but is still audited. ``publishing`` also stamps
     ``cancel_published_at``, for a caller that publishes right after the commit: the
     re-drive pass waits ``redrive_after_seconds`` from that stamp either way, so a
-    publish that then fails costs no extra write. With ``account_id`` only that
-    account's workflow is touched.
+    publish that then fails costs no extra write.
     """
-    return bool(
-        request_cancel_many(
-            session, [workflow_id], by, publishing=publishing, account_id=account_id
-        )
-    )
+    return bool(request_cancel_many(session, [workflow_id], by, publishing=publishing))
 
 
 def request_cancel_many(
@@ -350,7 +345,6 @@ def request_cancel_many(
     *,
     only_new: bool = False,
     publishing: bool = False,
-    account_id: int | None = None,
 ) -> list[str]:
     """Record cancel requests on many cancellable workflows in one statement.
 
@@ -366,8 +360,6 @@ def request_cancel_many(
     )
     if only_new:
         query = query.where(Workflow.cancel_requested_at.is_(None))
-    if account_id is not None:
-        query = query.where(Workflow.account_id == account_id)
     values: dict[str, Any] = {
         "cancel_requested_at": func.coalesce(Workflow.cancel_requested_at, now),
         "cancel_source": func.coalesce(Workflow.cancel_source, by.source),
@@ -384,6 +376,69 @@ def request_cancel_many(
     ).scalars().all()
     _audit_many(session, recorded, EventKind.CANCEL_REQUESTED, by, now)
     return list(recorded)
+
+
+# The API's cancel, the hot path: one round trip on PostgreSQL, no ORM objects. The caller's
+# token is checked again in the statement (the API's cache of tokens lasts a few seconds);
+# the row changes only if it is the token's account's and cancellable; the request keeps an
+# earlier request's fields (a repeat is idempotent) but is stamped as published and audited
+# anew, as request_cancel_many(publishing=True) does.
+_RECORD_CALLERS_REQUEST = f"""
+    UPDATE workflows SET
+        cancel_requested_at = COALESCE(cancel_requested_at, :now),
+        cancel_source = COALESCE(cancel_source, :source),
+        cancel_actor = COALESCE(cancel_actor, :actor),
+        cancel_reason = COALESCE(cancel_reason, :reason),
+        cancel_published_at = :now,
+        updated_at = :now
+    WHERE id = :workflow_id AND account_id = :account_id
+        AND status IN ({", ".join(f"'{s.value}'" for s in sorted(CANCELLABLE))})
+        AND EXISTS (SELECT 1 FROM api_tokens WHERE id = :token_id
+                    AND account_id = :account_id AND (expires_at IS NULL OR expires_at > :now))
+    RETURNING id"""
+_AUDIT_COLUMNS = "INSERT INTO workflow_events (workflow_id, at, kind, source, actor, reason)"
+_AUDIT_VALUES = (
+    f":now, '{EventKind.CANCEL_REQUESTED.value}', CAST(:source AS VARCHAR(16)), "
+    "CAST(:actor AS VARCHAR(200)), CAST(:reason AS VARCHAR(1000))"
+)
+
+
+def _statement(sql: str) -> TextClause:
+    # Times are stored as naive UTC on both databases: the column type converts :now.
+    return text(sql).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+# PostgreSQL: the compare-and-set and its audit row in one statement (a data-modifying CTE).
+_REQUEST_AND_AUDIT = _statement(
+    f"WITH recorded AS ({_RECORD_CALLERS_REQUEST}) "
+    f"{_AUDIT_COLUMNS} SELECT id, {_AUDIT_VALUES} FROM recorded RETURNING workflow_id"
+)
+# SQLite has no data-modifying CTE: the same UPDATE, then the audit row, in one transaction.
+_REQUEST = _statement(_RECORD_CALLERS_REQUEST)
+_AUDIT = _statement(f"{_AUDIT_COLUMNS} VALUES (:workflow_id, {_AUDIT_VALUES})")
+
+
+def request_cancel_as_caller(
+    db: Database, workflow_id: str, *, account_id: int, token_id: int, by: Actor
+) -> bool:
+    """Record an API caller's cancel request, stamped as published, and its audit row,
+    committed; True when recorded. False when the workflow is not the account's, not
+    cancellable, or the token is no longer valid (the caller asks which, if it must say).
+
+    One statement on PostgreSQL, run outside an explicit transaction (a statement is
+    atomic on its own, which saves the BEGIN and COMMIT round trips).
+    """
+    params = {"now": utcnow(), "workflow_id": workflow_id, "account_id": account_id,
+              "token_id": token_id, "source": by.source, "actor": by.actor,
+              "reason": by.reason}
+    if db.engine.dialect.name == "postgresql":
+        with db.autocommit() as connection:
+            return connection.execute(_REQUEST_AND_AUDIT, params).first() is not None
+    with db.engine.begin() as connection:
+        if connection.execute(_REQUEST, params).first() is None:
+            return False
+        connection.execute(_AUDIT, params)
+        return True
 
 
 def record_outcome(

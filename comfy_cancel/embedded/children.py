@@ -79,7 +79,9 @@ class Children:
         self._echo = echo
         sim = child(SIM, [*cli, "sim-comfyui", "--port", str(comfyui_port),
                           "--time-scale", str(time_scale)])
-        api = child(API, [*cli, "api", "--port", str(settings.api_port)])
+        # One API process is plenty on a developer's machine, and leaves no orphan if
+        # this supervisor is killed.
+        api = child(API, [*cli, "api", "--workers", "1", "--port", str(settings.api_port)])
         cancel_worker = celery_worker(CANCEL_WORKER, worker.CANCEL_QUEUES)
         runner_worker = celery_worker(RUNNER_WORKER, (worker.RUNNER_QUEUE,))
         # Celery's SIGTERM is a warm shutdown: should we die, beat gets SIGKILL too.

@@ -11,12 +11,13 @@ from typing import Annotated, Any
 import fakeredis
 import pytest
 from fastapi import Depends
+from sqlalchemy import delete
 
 from comfy_cancel import api, encryption, manager
 from comfy_cancel.db import engine_for
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.manager import Principal
-from comfy_cancel.models import EventKind, WorkflowStatus
+from comfy_cancel.models import ApiToken, EventKind, WorkflowStatus
 from testbed.database import migrate
 from tests.apitest import KEY, Env, error, files, make_env
 
@@ -358,6 +359,21 @@ def test_cancel_needs_a_valid_token(env: Env, broker: Any) -> None:
     assert env.row(workflow_id).cancel_requested_at is None
     assert broker("cancel") == []
     assert env.client.post(url, headers=env.auth(days=1)).status_code == 200
+
+
+def test_a_token_deleted_while_the_gate_remembers_it_cannot_cancel(
+    env: Env, broker: Any
+) -> None:
+    workflow_id = env.workflow(S.QUEUED)
+    headers = env.auth()
+    assert env.client.get(f"/v1/workflow/{workflow_id}", headers=headers).status_code == 200
+    with env.db.transaction() as session:  # the gate has it cached for a few seconds
+        session.execute(delete(ApiToken))
+    response = env.client.post(f"/v1/workflow/{workflow_id}/cancel", headers=headers)
+    assert "unknown or expired" in error(response, 401)
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert env.row(workflow_id).cancel_requested_at is None
+    assert broker("cancel") == []
 
 
 def test_cancel_with_the_broker_down_is_500_and_the_intent_is_kept(

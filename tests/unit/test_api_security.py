@@ -270,7 +270,7 @@ def strict_env(tmp_path: Path, broker: Any) -> Iterator[Env]:
 
 def _call(
     env: Env, method: str, path: str, headers: dict[str, str], chunks: list[bytes],
-    *, stall: bool = False,
+    *, stall: bool = False, http_version: str = "1.1",
 ) -> tuple[int, dict[str, Any], int]:
     """The app called as a server calls it, the body handed over chunk by chunk:
     (status, JSON body, bytes of the request body the app took). ``stall``: the client
@@ -293,7 +293,8 @@ def _call(
         sent.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": http_version,
+        "method": method,
         "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
         "query_string": b"", "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
@@ -342,9 +343,20 @@ def test_a_body_over_its_routes_limit_is_413(env: Env, path: str, setting: str) 
     status, body, taken = _call(env, "POST", path, {**headers, "Content-Length":
                                                     str(60 * len(MIB))}, HUGE)
     assert (status, taken) == (413, 0) and setting in body["message"]
-    # Without a length, it is counted as it comes: refused past the limit, not read whole.
-    status, body, taken = _call(env, "POST", path, headers, HUGE)
+    # Without a length (sent in chunks), it is counted as it comes: refused past the
+    # limit, not read whole.
+    chunked = {**headers, "Transfer-Encoding": "chunked"}
+    status, body, taken = _call(env, "POST", path, chunked, HUGE)
     assert status == 413 and setting in body["message"]
+    assert taken <= 21 * len(MIB)
+
+
+def test_an_http2_body_without_a_length_is_counted_too(env: Env) -> None:
+    # HTTP/2 frames a body without Content-Length or chunks: the gate cannot take the
+    # absence of both for "no body", as it does for HTTP/1.x.
+    headers = {**env.auth(), "Content-Type": "application/json"}
+    status, body, taken = _call(env, "POST", "/v1/runner", headers, HUGE, http_version="2")
+    assert status == 413 and "COMFY_CANCEL_MAX_BODY_BYTES" in body["message"]
     assert taken <= 21 * len(MIB)
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 import comfy_cancel.embedded
 from comfy_cancel import cli, context, encryption, manager, tasks
-from comfy_cancel.config import Settings, get_settings
+from comfy_cancel.config import Settings, available_cores, get_settings
 from comfy_cancel.db import Database, engine_for
 from comfy_cancel.models import ApiToken, WorkflowStatus, utcnow
 from testbed.database import migrate
@@ -359,15 +359,48 @@ def test_beat_runs_with_a_schedule_file_in_a_writable_dir(
     assert schedule.parent.is_dir()
 
 
-def test_api_serves_the_app_on_the_given_address(
+def test_api_serves_the_app_on_the_given_address_in_its_processes(
     database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import uvicorn
+    from uvicorn.importer import import_from_string
 
-    served: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
+    from comfy_cancel import api
+
+    served: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append((app, kwargs)))
+    monkeypatch.setenv("COMFY_CANCEL_API_WORKERS", "3")
     assert run(capsys, "api", "--port", "9001")[0] == 0
-    assert served == [{"host": "127.0.0.1", "port": 9001, "log_level": "info"}]
+    assert run(capsys, "api", "--workers", "1")[0] == 0
+    (app, first), (_, second) = served
+    # Each process builds the app itself, from the factory uvicorn imports.
+    assert import_from_string(app) is api.create_app and first["factory"] is True
+    options = ("host", "port", "workers", "log_level")
+    assert [first[k] for k in options] == ["127.0.0.1", 9001, 3, "info"]
+    assert [second[k] for k in options] == ["127.0.0.1", 8000, 1, "info"]
+    assert first["log_config"]["root"]["level"] == "INFO"
+
+
+def test_the_api_runs_a_process_per_core_by_default() -> None:
+    assert Settings().api_workers == available_cores() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(("files", "limit"), [
+    ({}, None),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 cores of quota: 2 processes
+    ({"cpu.max": "20000 100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+])
+def test_a_containers_cpu_quota_bounds_the_cores(
+    tmp_path: Path, files: dict[str, str], limit: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    cores = len(os.sched_getaffinity(0))
+    assert available_cores(tmp_path) == (cores if limit is None else min(cores, limit))
 
 
 def test_sim_comfyui_delegates_its_options(

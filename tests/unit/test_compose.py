@@ -224,3 +224,13 @@ def test_the_api_is_published_on_loopback_only(services: dict[str, dict[str, Any
     """Plain HTTP: reachable from the host, not from the network, until a proxy fronts it."""
     ports = services["api"]["ports"]
     assert ports and all(str(p).startswith("127.0.0.1:") for p in ports), ports
+
+
+def test_the_api_runs_a_process_per_core_unless_told_otherwise(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    parsed, options = parse(argv(services["api"]["command"]))
+    assert parsed is cli.cmd_api and options["workers"] is None  # COMFY_CANCEL_API_WORKERS
+    # No value: compose passes the operator's variable through, or leaves it unset.
+    env = services["api"]["environment"]
+    assert f"{ENV_PREFIX}API_WORKERS" in env and env[f"{ENV_PREFIX}API_WORKERS"] is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,16 @@ from sqlalchemy import select
 
 from comfy_cancel import manager, status
 from comfy_cancel.db import Database
-from comfy_cancel.models import CancelOutcome, Workflow, WorkflowEvent, WorkflowStatus
+from comfy_cancel.models import (
+    CANCELLABLE,
+    ApiToken,
+    CancelOutcome,
+    EventKind,
+    Workflow,
+    WorkflowEvent,
+    WorkflowStatus,
+    utcnow,
+)
 from testbed.database import migrated
 from tests.helpers import advance, make_account_and_runner, seed_workflow
 
@@ -171,3 +181,124 @@ def test_two_writers_racing_on_one_row_leave_exactly_one_winner(db: Database) ->
             events = [e for e in manager.events_of(session, workflow_id)
                       if e.from_status == S.RUNNING.value]
         assert [e.to_status for e in events] == [final.value]
+
+
+# --- the API's one-statement cancel request ---------------------------------------------------
+
+
+def _token_id(db: Database, account: str, days: float | None = None) -> int:
+    with db.transaction() as session:
+        acc = manager.get_or_create_account(session, account)
+        expires = utcnow() + timedelta(days=days) if days is not None else None
+        principal = manager.authenticate(
+            session, manager.create_token(session, acc, expires_at=expires)
+        )
+        if principal is not None:
+            return principal.token_id
+        return session.execute(  # an expired token: authenticate refuses it
+            select(ApiToken.id).order_by(ApiToken.id.desc())
+        ).scalars().first() or 0
+
+
+def _requests_of(db: Database, workflow_id: str) -> list[WorkflowEvent]:
+    with db.transaction() as session:
+        return [e for e in manager.events_of(session, workflow_id)
+                if e.kind == EventKind.CANCEL_REQUESTED]
+
+
+def _audit_row(event: WorkflowEvent) -> tuple[object, ...]:
+    return (event.kind, event.from_status, event.to_status, event.source, event.actor,
+            event.reason, event.outcome, event.detail)
+
+
+@pytest.mark.parametrize("start", sorted(CANCELLABLE))
+def test_a_callers_request_is_recorded_and_audited_as_request_cancel_many_does(
+    db: Database, start: S
+) -> None:
+    account_id, runner_id = make_account_and_runner(db)
+    token_id = _token_id(db, "acme")
+    by = status.Actor("api", "acme#token1", "changed my mind")
+    ours, theirs = (seed_workflow(db, account_id, runner_id, start) for _ in range(2))
+    assert status.request_cancel_as_caller(db, ours, account_id=account_id, token_id=token_id,
+                                           by=by)
+    with db.transaction() as session:
+        assert status.request_cancel_many(session, [theirs], by, publishing=True) == [theirs]
+    rows, audits = {}, {}
+    for workflow_id in (ours, theirs):
+        rows[workflow_id] = row = _row(db, workflow_id)
+        [event] = _requests_of(db, workflow_id)
+        assert event.at == row.cancel_requested_at == row.cancel_published_at
+        assert row.updated_at == row.cancel_requested_at
+        audits[workflow_id] = _audit_row(event)
+    assert audits[ours] == audits[theirs] == (
+        "cancel_requested", None, None, "api", "acme#token1", "changed my mind", None, None)
+    row = rows[ours]
+    assert row.status == start.value  # a request, not a status change
+    assert (row.cancel_source, row.cancel_actor, row.cancel_reason) == (
+        "api", "acme#token1", "changed my mind")
+    assert (row.cancel_outcome, row.cancel_taken_at, row.cancel_finished_at) == (None, None, None)
+
+
+def test_a_repeated_callers_request_keeps_the_first_and_is_audited_and_stamped_again(
+    db: Database,
+) -> None:
+    account_id, runner_id = make_account_and_runner(db)
+    token_id = _token_id(db, "acme")
+    workflow_id = seed_workflow(db, account_id, runner_id, S.RUNNING)
+    for reason in ("first", None):
+        assert status.request_cancel_as_caller(
+            db, workflow_id, account_id=account_id, token_id=token_id,
+            by=status.Actor("api", f"acme#token{token_id}", reason))
+    row = _row(db, workflow_id)
+    assert row.cancel_reason == "first"
+    assert row.cancel_published_at is not None and row.cancel_requested_at is not None
+    assert row.cancel_published_at > row.cancel_requested_at  # the re-drive waits anew
+    assert [e.reason for e in _requests_of(db, workflow_id)] == ["first", None]
+
+
+@pytest.mark.parametrize("start", [s for s in S if s not in CANCELLABLE])
+def test_a_callers_request_on_a_workflow_that_cannot_be_cancelled_writes_nothing(
+    db: Database, start: S
+) -> None:
+    account_id, runner_id = make_account_and_runner(db)
+    token_id = _token_id(db, "acme")
+    workflow_id = seed_workflow(db, account_id, runner_id, start)
+    before = _row(db, workflow_id)
+    assert not status.request_cancel_as_caller(
+        db, workflow_id, account_id=account_id, token_id=token_id,
+        by=status.Actor("api", "acme#token1"))
+    after = _row(db, workflow_id)
+    columns = ("cancel_requested_at", "cancel_published_at", "cancel_reason", "updated_at")
+    assert [getattr(after, c) for c in columns] == [getattr(before, c) for c in columns]
+    assert before.cancel_published_at is None
+    assert _requests_of(db, workflow_id) == []
+
+
+def test_a_callers_request_needs_the_account_and_a_valid_token_of_it(db: Database) -> None:
+    account_id, runner_id = make_account_and_runner(db)
+    other_id, _ = make_account_and_runner(db, "globex")
+    workflow_id = seed_workflow(db, account_id, runner_id, S.QUEUED)
+    by = status.Actor("api", "someone")
+    refused = [
+        (other_id, _token_id(db, "globex")),  # another account, with its own valid token
+        (account_id, _token_id(db, "globex")),  # the owner's account, another's token
+        (account_id, _token_id(db, "acme", days=-1)),  # expired
+        (account_id, 10**9),  # no such token (deleted)
+    ]
+    for account, token in refused:
+        assert not status.request_cancel_as_caller(db, workflow_id, account_id=account,
+                                                   token_id=token, by=by), (account, token)
+    assert not status.request_cancel_as_caller(
+        db, "7d1c3f6e-0000-4000-8000-000000000000", account_id=account_id,
+        token_id=_token_id(db, "acme"), by=by)
+    assert _row(db, workflow_id).cancel_requested_at is None
+    assert _requests_of(db, workflow_id) == []
+    assert status.request_cancel_as_caller(db, workflow_id, account_id=account_id,
+                                           token_id=_token_id(db, "acme", days=1), by=by)
+
+
+def _row(db: Database, workflow_id: str) -> Workflow:
+    with db.transaction() as session:
+        workflow = manager.get_workflow(session, workflow_id)
+        assert workflow is not None
+        return workflow
