@@ -14,6 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from comfy_cancel.config import get_settings
 
+# The execution option of Database.reading's sessions (see _configure_sqlite).
+READ_ONLY = "comfy_cancel_read_only"
+
 
 def libpq_url(url: str) -> str:
     """``postgresql+psycopg://...`` -> ``postgresql://...``, the form psycopg.connect takes."""
@@ -47,7 +50,9 @@ def _configure_sqlite(engine: Engine) -> None:
     # WAL lets readers run beside the writer; the busy timeout makes writers wait their
     # turn instead of failing with "database is locked". BEGIN IMMEDIATE takes the write
     # lock up front: a deferred transaction that upgrades to a write later can fail at once
-    # with SQLITE_BUSY when another process committed meanwhile, whatever the timeout.
+    # with SQLITE_BUSY when another process committed meanwhile, whatever the timeout. A
+    # read-only session (Database.reading) begins nothing: each read gets its own snapshot,
+    # and a process frozen or slow inside one blocks no writer.
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
@@ -60,7 +65,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if not conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 @lru_cache(maxsize=8)
@@ -75,6 +81,8 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._readers = sessionmaker(engine.execution_options(**{READ_ONLY: True}),
+                                     expire_on_commit=False)
 
     @classmethod
     def from_url(cls, url: str) -> Database:
@@ -84,4 +92,11 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """A session whose work commits on success and rolls back on error."""
         with self._sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads only, which takes no lock on SQLite: for a periodic check
+        that usually finds nothing to write."""
+        with self._readers() as session, session.begin():
             yield session
