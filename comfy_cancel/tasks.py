@@ -49,11 +49,13 @@ class CancelRequests(batching.BatchTask):
     """How a worker runs the messages of :func:`cancel_workflows` that arrive together: one
     :func:`cancel.handle_batch` for all, up to ``cancel_batch_size`` workflow ids."""
 
+    # Settings, not the context: these are read in the consumer, which under the prefork
+    # pool is the parent of the processes that use a context (and its connections).
     def batch_size(self) -> int:
-        return context.current().settings.cancel_batch_size
+        return get_settings().cancel_batch_size
 
     def batches_in_flight(self) -> int:
-        return context.current().settings.cancel_batches_in_flight
+        return get_settings().cancel_batches_in_flight
 
     def weight(self, call: batching.Call) -> int:
         try:
