@@ -62,14 +62,15 @@ def test_a_cancel_worker_killed_mid_batch_loses_no_cancel(
         # wait for the rows this test holds: the worker dies inside its transactions,
         # holding every message unacknowledged.
         cancel_worker.send_signal(signal.SIGSTOP)
-        try:
-            for workflow_id in ids:
-                assert cancel(stack, workflow_id).status_code == 200
-        finally:
-            cancel_worker.send_signal(signal.SIGCONT)
         holder = psycopg.connect(db.libpq_url(pg_database_url))
         try:
-            holder.execute("SELECT id FROM workflows WHERE id = ANY(%s) FOR UPDATE", (ids,))
+            try:
+                for workflow_id in ids:
+                    assert cancel(stack, workflow_id).status_code == 200
+                holder.execute("SELECT id FROM workflows WHERE id = ANY(%s) FOR UPDATE",
+                               (ids,))
+            finally:
+                cancel_worker.send_signal(signal.SIGCONT)
             stack.wait_for(lambda: client.hlen(UNACKED) == len(ids), 15,
                            "the cancel worker to hold every message")
             stack.wait_for(lambda: waiting_on_a_lock(pg_database_url) > 0, 15,

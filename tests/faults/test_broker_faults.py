@@ -98,7 +98,7 @@ def test_workers_ride_out_a_redis_restart_under_load(
     before = ids[:4]  # one running, the rest queued
     for workflow_id in before:
         assert cancel(stack, workflow_id).status_code == 200
-    time.sleep(0.3)  # some cancels taken, deadline checks held unacknowledged
+    time.sleep(0.3)  # some cancels taken, their deadlines running
     server = restart_redis(aof_redis, down_seconds=3)
     try:
         wait_landed(stack, before, timeout=10)  # from Redis being back

@@ -139,6 +139,22 @@ def test_a_handed_on_running_cancel_keeps_its_deadline(
     assert cancel.enforce_deadlines(ctx) == {overdue: "forced"}
 
 
+def test_a_batch_mixing_requesters_names_each_on_its_audit_row(
+    ctx: Context, redis_client: redis.Redis
+) -> None:
+    """The per-row requester columns (a CASE over the ids) as PostgreSQL runs them."""
+    requesters = [API, status.Actor("bulk", "ops", None), status.Actor("sweep", "sweep", "x")]
+    ids = [requested(ctx, S.QUEUED, published=1) for _ in requesters]
+    outcomes = cancel.handle_batch(ctx, [([w], by) for w, by in zip(ids, requesters,
+                                                                     strict=True)])
+    assert outcomes == dict.fromkeys(ids, "cancelled")
+    with ctx.db.transaction() as session:
+        for workflow_id, by in zip(ids, requesters, strict=True):
+            (end,) = [e for e in manager.events_of(session, workflow_id)
+                      if e.kind == EventKind.TRANSITION and e.to_status == "cancelled"]
+            assert (end.source, end.actor, end.reason) == (by.source, by.actor, by.reason)
+
+
 def test_two_deadline_passes_at_once_split_the_work_and_end_each_workflow_once(
     ctx: Context, redis_client: redis.Redis
 ) -> None:
