@@ -28,6 +28,10 @@ _.requested_at
 _.finished_at
 _.age_seconds
 _.user_id
+# Celery calls a task's Strategy for the handler of its messages, and reads a bootstep's
+# requires (comfy_cancel/batching.py).
+_.Strategy
+_.requires
 # Celery and httpx caches dropped on purpose, and celery -A finding the app by this name.
 _._pool
 _._producer_pool

@@ -1,19 +1,23 @@
-"""What the cancel worker does with one cancel request ("Flow of one cancel", DESIGN.md).
+"""What the cancel worker does with cancel requests ("Flow of one cancel", DESIGN.md).
+
+The worker takes the messages that arrive together as one batch (tasks.py, batching.py):
+:func:`handle_batch` acts on all their workflows at once, each for its own requester.
 
 - terminal: nothing to write; outcome ``too_late`` or ``already_cancelled``;
-- queued: CAS ``queued -> cancelled`` (one statement for many), then revoke the
-  runner task, and remove a prompt already pending in ComfyUI and tell its runner to stop;
-- running: signal the runner and schedule a deadline check one grace period
-  later, then return: no worker slot is held while the runner interrupts;
-- deadline passed, still running: escalate and write ``cancelled`` with outcome
-  ``forced`` (or ``runner_lost`` when the runner's heartbeat is gone).
+- queued: CAS ``queued -> cancelled`` (one statement for the batch), then revoke the
+  runner tasks (one broadcast), and remove the prompts already pending in ComfyUI and
+  tell their runners to stop;
+- running: signal the runners (one pipelined round trip) and stamp the requests as taken,
+  then return: no worker slot is held while the runners interrupt;
+- the deadline passed with no outcome: :func:`enforce_deadlines`, which each cancel worker
+  runs every ``deadline_check_interval_seconds``, escalates and writes ``cancelled`` with
+  outcome ``forced`` (or ``runner_lost`` when the runner's heartbeat is gone).
 
-The worker stamps ``cancel_taken_at`` once it has signalled a running workflow's runner
-and scheduled its deadline check (a worker that fails before, e.g. on a broker outage,
-leaves it unstamped, so the re-drive pass hands it on within seconds). The deadline is
-``cancel_taken_at + cancel_grace_seconds``, kept by the database: the countdown task is
-the fast path, and a request handed on again by the re-drive pass (sweeps.py) after its
-deadline escalates at once instead of signalling again.
+The deadline is ``cancel_taken_at + cancel_grace_seconds``, kept by the database and
+defined once (``manager._past_deadline``). The worker stamps ``cancel_taken_at`` once it
+has signalled a running workflow's runner: a worker that fails before (a Redis outage)
+leaves it unstamped, so the re-drive pass (sweeps.py) hands the request on within seconds;
+a request handed on again keeps its first take, and so its deadline.
 
 Every decision re-reads the database, and every write is a compare-and-set, so a
 cancel racing the runner's completion ends in exactly one terminal status.
@@ -25,13 +29,21 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+
+from sqlalchemy.orm import Session
 
 from comfy_cancel import manager, publish, signals, status
 from comfy_cancel.comfyui import ComfyUIError
 from comfy_cancel.context import Context
 from comfy_cancel.encryption import SecretKeyError
-from comfy_cancel.models import TERMINAL, CancelOutcome, Workflow, WorkflowStatus, utcnow
+from comfy_cancel.models import (
+    TERMINAL,
+    CancelOutcome,
+    CancelSource,
+    Workflow,
+    WorkflowStatus,
+    utcnow,
+)
 from comfy_cancel.status import Actor, CancelledQueued
 
 log = logging.getLogger(__name__)
@@ -41,38 +53,40 @@ S = WorkflowStatus
 # and the database write must not wait long on a server that does not answer.
 ESCALATION_TIMEOUT_SECONDS = 3.0
 
+Outcomes = dict[str, CancelOutcome | None]
 
-def handle_many(
-    ctx: Context, workflow_ids: Sequence[str], by: Actor
-) -> dict[str, CancelOutcome | None]:
-    """Act on cancel requests for many workflows.
+
+def handle_batch(ctx: Context, requests: Sequence[tuple[Sequence[str], Actor]]) -> Outcomes:
+    """Act on the cancel requests of a batch of messages, each some workflow ids and who
+    asked; a workflow named twice is handled once, for the first to ask.
 
     The queued ones are cancelled by one compare-and-set first (no read needed); only what
     it did not change is read: terminal ones get their outcome, running ones (including
-    queued ones that just started) are signalled in one batch and then stamped as taken;
-    those whose deadline already passed (a request handed on again) are escalated instead.
+    queued ones that just started) are signalled in one round trip and then stamped as
+    taken.
     """
+    by: dict[str, Actor] = {}
+    for workflow_ids, requester in requests:
+        for workflow_id in workflow_ids:
+            by.setdefault(workflow_id, requester)
+    if not by:
+        return {}
     running: list[Workflow] = []
-    overdue: list[Workflow] = []
     with ctx.db.transaction() as session:  # one transaction: the CAS, then the read
-        cancelled = status.cancel_queued_many(session, workflow_ids, by)
-        outcomes: dict[str, CancelOutcome | None] = {
-            c.id: CancelOutcome.CANCELLED for c in cancelled
-        }
-        rest = [wid for wid in workflow_ids if wid not in outcomes]
+        cancelled = status.cancel_queued_many(session, list(by), by)
+        outcomes: Outcomes = {c.id: CancelOutcome.CANCELLED for c in cancelled}
+        rest = [wid for wid in by if wid not in outcomes]
         for workflow in manager.workflows_by_ids(session, rest) if rest else []:
-            outcomes[workflow.id] = _terminal_outcome(session, workflow, by)
+            outcomes[workflow.id] = _terminal_outcome(session, workflow, by[workflow.id])
             if workflow.status == S.RUNNING.value:
-                (overdue if _deadline_passed(ctx, workflow) else running).append(workflow)
+                running.append(workflow)
             elif workflow.status not in TERMINAL:
                 log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status)
     _after_queued_cancelled(ctx, cancelled)
-    if overdue:
-        outcomes.update(escalate(ctx, overdue, by))
     signalled = signal_running(ctx, running, by)
     outcomes.update(signalled)
-    # Only now "taken": a stamp written before the signal went out would make the re-drive
-    # pass wait for a deadline that no runner was told about.
+    # Only now "taken": a stamp written before the signal went out would start a deadline
+    # that no runner was told about.
     live = [wid for wid, outcome in signalled.items() if outcome is None]
     if live:
         with ctx.db.transaction() as session:
@@ -80,12 +94,9 @@ def handle_many(
     return outcomes
 
 
-def _deadline_passed(ctx: Context, workflow: Workflow) -> bool:
-    """Taken before, and its runner's grace period is over: signalling again would only
-    give it another one."""
-    taken = workflow.cancel_taken_at
-    grace = timedelta(seconds=ctx.settings.cancel_grace_seconds)
-    return taken is not None and utcnow() - taken >= grace
+def handle_many(ctx: Context, workflow_ids: Sequence[str], by: Actor) -> Outcomes:
+    """:func:`handle_batch` of one message."""
+    return handle_batch(ctx, [(workflow_ids, by)])
 
 
 def cancel_queued(ctx: Context, workflow_ids: Sequence[str], by: Actor) -> set[str]:
@@ -121,35 +132,56 @@ def _after_queued_cancelled(ctx: Context, cancelled: Sequence[CancelledQueued]) 
     cancel_prompts(ctx, prompts)
 
 
-def enforce_deadline(
-    ctx: Context, workflow_ids: Sequence[str], by: Actor
-) -> dict[str, CancelOutcome | None]:
-    """One grace period after the signal: end the workflows their runners did not stop."""
-    with ctx.db.transaction() as session:
-        # Terminal ones were acknowledged, or won the race; their outcome is recorded.
-        stuck = [w for w in manager.workflows_by_ids(session, workflow_ids)
-                 if w.status not in TERMINAL]
-    return escalate(ctx, stuck, by)
+def enforce_deadlines(ctx: Context) -> Outcomes:
+    """End the workflows whose runners did not stop within the grace period, in batches of
+    ``cancel_batch_size`` until none is left; each audit row names its own requester.
+
+    Each worker runs this every second or so: the look is a read that takes no lock (on
+    SQLite, a write transaction would take the database's one write lock every time), and
+    only what it finds is locked and ended.
+    """
+    settings = ctx.settings
+    grace, limit = settings.cancel_grace_seconds, settings.cancel_batch_size
+    outcomes: Outcomes = {}
+    while True:
+        with ctx.db.reading() as session:
+            due = manager.overdue_cancel_ids(session, grace, limit)
+        if not due:
+            return outcomes
+        with ctx.db.transaction() as session:
+            overdue = manager.lock_overdue_cancels(session, due, grace)
+            ended, found = _end_running(session, ctx, overdue,
+                                        {w.id: _requester(w) for w in overdue})
+        _after_escalation(ctx, ended)
+        outcomes.update(found)
+        if len(due) < limit or not ended:  # all done, or the rest is for the next turn
+            return outcomes
+
+
+def _requester(workflow: Workflow) -> Actor:
+    return Actor(workflow.cancel_source or CancelSource.SWEEP.value, workflow.cancel_actor,
+                 workflow.cancel_reason)
 
 
 def signal_running(
-    ctx: Context, workflows: Sequence[Workflow], by: Actor
-) -> dict[str, CancelOutcome | None]:
-    """Signal the runners of running workflows (one pipelined round trip) and schedule one
-    deadline check for all of them; a workflow whose runner is gone ends at once."""
+    ctx: Context, workflows: Sequence[Workflow], by: Mapping[str, Actor]
+) -> Outcomes:
+    """Signal the runners of running workflows (one pipelined round trip); a workflow whose
+    runner is gone ends at once. ``by``: each one's requester, by id."""
     lost = [w for w in workflows if _heartbeat_lost(ctx, w)]
     lost_ids = {w.id for w in lost}
     live = [w.id for w in workflows if w.id not in lost_ids]
-    outcomes: dict[str, CancelOutcome | None] = dict.fromkeys(live)
+    outcomes: Outcomes = dict.fromkeys(live)
     if lost:
         outcomes.update(escalate(ctx, lost, by, CancelOutcome.RUNNER_LOST))
     if live:
         signals.send(ctx.redis, live, signals.SignalKind.CANCEL, ctx.settings.signal_ttl_seconds)
-        publish.schedule_deadline(live, by, ctx.settings.cancel_grace_seconds)
     return outcomes
 
 
-def _terminal_outcome(session: Any, workflow: Workflow, by: Actor) -> CancelOutcome | None:
+def _terminal_outcome(
+    session: Session, workflow: Workflow, by: Actor
+) -> CancelOutcome | None:
     if workflow.status not in TERMINAL:
         return None
     outcome = (
@@ -166,37 +198,55 @@ def _terminal_outcome(session: Any, workflow: Workflow, by: Actor) -> CancelOutc
 def escalate(
     ctx: Context,
     workflows: Sequence[Workflow],
-    by: Actor,
+    by: Actor | Mapping[str, Actor],
     outcome: CancelOutcome | None = None,
-) -> dict[str, CancelOutcome | None]:
-    """End workflows without their runners' acknowledgement (``forced``, or
-    ``runner_lost`` where the heartbeat is gone; ``outcome`` overrides). Returns each
-    one's outcome: the escalation's, or the terminal outcome of one that ended first.
+) -> Outcomes:
+    """End running workflows without their runners' acknowledgement (``forced``, or
+    ``runner_lost`` where the heartbeat is gone; ``outcome`` overrides). ``by``: who asked,
+    for all or by id. Returns each one's outcome: the escalation's, or the terminal outcome
+    of one that ended first.
 
-    One short transaction per workflow for its compare-and-set (it holds one row lock at a
-    time, so it never deadlocks with runners writing theirs), then the side effects once
-    for all: one pipelined TERMINATE signal, one revoke broadcast, one ComfyUI call per
-    server.
+    One transaction for all (a set-based compare-and-set: it cannot deadlock with a runner,
+    whose transactions each touch one workflow's row), then the side effects once for all:
+    one pipelined TERMINATE signal, one revoke broadcast, one ComfyUI call per server.
     """
-    outcomes: dict[str, CancelOutcome | None] = {}
-    ended: list[Workflow] = []
-    for workflow in workflows:
-        chosen = outcome or _escalation_outcome(ctx, workflow)
-        with ctx.db.transaction() as session:
-            # The audit row names the requester; ``escalated`` says the cancel worker decided.
-            detail = {**workflow.cancel_timing(), "escalated": True}
-            change = status.cancel_if_active(session, workflow.id, by, chosen, detail)
-            if change.changed:
-                outcomes[workflow.id] = chosen
-                ended.append(workflow)
-            else:
-                current = manager.get_workflow(session, workflow.id)
-                outcomes[workflow.id] = (
-                    _terminal_outcome(session, current, by) if current else None
-                )
+    requesters = by if isinstance(by, Mapping) else {w.id: by for w in workflows}
+    with ctx.db.transaction() as session:
+        ended, outcomes = _end_running(session, ctx, workflows, requesters, outcome)
+    _after_escalation(ctx, ended)
+    return outcomes
+
+
+def _end_running(
+    session: Session,
+    ctx: Context,
+    workflows: Sequence[Workflow],
+    by: Mapping[str, Actor],
+    outcome: CancelOutcome | None = None,
+) -> tuple[list[Workflow], Outcomes]:
+    """The compare-and-set of :func:`escalate`, in the caller's transaction: the
+    workflows it ended, and every one's outcome."""
+    if not workflows:
+        return [], {}
+    escalations = [
+        # The audit row names the requester; ``escalated`` says the cancel worker decided.
+        status.Escalation(w.id, by[w.id], outcome or _escalation_outcome(ctx, w),
+                          {**w.cancel_timing(), "escalated": True})
+        for w in workflows
+    ]
+    changed = status.cancel_running_many(session, escalations)
+    outcomes: Outcomes = {e.workflow_id: e.outcome if e.workflow_id in changed else None
+                          for e in escalations}
+    ended_first = [w.id for w in workflows if w.id not in changed]
+    for current in manager.workflows_by_ids(session, ended_first) if ended_first else []:
+        outcomes[current.id] = _terminal_outcome(session, current, by[current.id])
+    return [w for w in workflows if w.id in changed], outcomes
+
+
+def _after_escalation(ctx: Context, ended: Sequence[Workflow]) -> None:
+    """After the commit: stop the runners, their tasks and their prompts."""
     if not ended:
-        return outcomes
-    with_prompt = [w for w in ended if w.prompt_id and w.runner_id]
+        return
     # The runner's thread cannot be killed from here (a revoke with terminate kills a
     # process, and runner workers run threads): tell it to stop, stop redelivery, and ask
     # ComfyUI directly so the GPU is freed even when the runner is gone.
@@ -204,10 +254,10 @@ def escalate(
                  ctx.settings.signal_ttl_seconds)
     publish.revoke_runner_tasks([w.runner_task_id for w in ended if w.runner_task_id])
     prompts: dict[str, list[str]] = defaultdict(list)
-    for workflow in with_prompt:
-        prompts[str(workflow.runner_id)].append(str(workflow.prompt_id))
+    for workflow in ended:
+        if workflow.prompt_id and workflow.runner_id:
+            prompts[workflow.runner_id].append(workflow.prompt_id)
     cancel_prompts(ctx, prompts, ESCALATION_TIMEOUT_SECONDS)
-    return outcomes
 
 
 def cancel_prompts(

@@ -91,9 +91,32 @@ class Settings(BaseSettings):
         None,
         description="Seconds a message on the cancel queues may stay unacknowledged before "
         "Redis hands it to another cancel worker (a killed worker's cancels land after about "
-        "this long). It must outlast the longest cancel-side task, deadline checks included "
-        "(held until their ETA): unset means COMFY_CANCEL_CANCEL_GRACE_SECONDS + 20.",
+        "this long). It must outlast the longest cancel-side task, retries and the deadline "
+        "checks of earlier versions included (held until their ETA): unset means "
+        "COMFY_CANCEL_CANCEL_GRACE_SECONDS + 20.",
         gt=0,
+    )
+    cancel_batch_size: int = Field(
+        1000,
+        ge=1,
+        description="Most workflow ids one batch of the cancel worker handles: cancel "
+        "messages waiting together are handled in one database transaction (one "
+        "compare-and-set for all, one revoke broadcast, one signal pipeline), and "
+        "acknowledged after its commit. A message with more ids is a batch of its own.",
+    )
+    cancel_batches_in_flight: int = Field(
+        2,
+        ge=1,
+        description="Batches one cancel worker process runs at once. A cancel is handed to a "
+        "batch at once while fewer are running (a lone cancel never waits); otherwise it "
+        "joins the next one, which starts when a running one ends.",
+    )
+    deadline_check_interval_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How often each cancel worker escalates the running cancels whose grace "
+        "period is over (taken + cancel_grace_seconds), all of them in one batch: a runner "
+        "that does not acknowledge is ended within the grace period plus about this long.",
     )
     heartbeat_interval_seconds: float = Field(
         2.0, description="How often a runner task writes its heartbeat while it drives a workflow."
@@ -155,8 +178,8 @@ class Settings(BaseSettings):
     redrive_after_seconds: float = Field(
         3.0,
         description="A cancel request no cancel worker took this long after it was published "
-        "is published again; one taken but still open this long past its deadline "
-        "(taken + cancel_grace_seconds) too, and its handler then escalates at once.",
+        "is published again (one taken is the deadline check's: see "
+        "deadline_check_interval_seconds).",
     )
     orphan_timeout_seconds: float = Field(
         15.0,

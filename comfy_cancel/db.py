@@ -17,6 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from comfy_cancel.config import get_settings
 
+# The execution option of Database.reading's sessions (see _configure_sqlite).
+READ_ONLY = "comfy_cancel_read_only"
+
 
 def libpq_url(url: str) -> str:
     """``postgresql+psycopg://...`` -> ``postgresql://...``, the form psycopg.connect takes."""
@@ -71,7 +74,9 @@ def _configure_sqlite(engine: Engine) -> None:
     # WAL lets readers run beside the writer; the busy timeout makes writers wait their
     # turn instead of failing with "database is locked". BEGIN IMMEDIATE takes the write
     # lock up front: a deferred transaction that upgrades to a write later can fail at once
-    # with SQLITE_BUSY when another process committed meanwhile, whatever the timeout.
+    # with SQLITE_BUSY when another process committed meanwhile, whatever the timeout. A
+    # read-only session (Database.reading) begins nothing: each read gets its own snapshot,
+    # and a process frozen or slow inside one blocks no writer.
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
@@ -84,7 +89,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if not conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 @lru_cache(maxsize=8)
@@ -101,6 +107,8 @@ class Database:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         # The same pool; each statement commits on its own.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._readers = sessionmaker(engine.execution_options(**{READ_ONLY: True}),
+                                     expire_on_commit=False)
 
     @classmethod
     def from_url(cls, url: str) -> Database:
@@ -118,3 +126,10 @@ class Database:
         that is one statement, without the BEGIN and COMMIT round trips."""
         with self._autocommit.connect() as connection:
             yield connection
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads only, which takes no lock on SQLite: for a periodic check
+        that usually finds nothing to write."""
+        with self._readers() as session, session.begin():
+            yield session

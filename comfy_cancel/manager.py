@@ -511,10 +511,10 @@ def runner_endpoints(session: Session, runner_ids: Sequence[str]) -> dict[str, R
 # --- sweeps: each finds its rows through an index, so its cost follows what it finds ------
 
 
-def redrive_due(published_before: datetime, taken_before: datetime) -> list[Any]:
+def redrive_due(published_before: datetime) -> list[Any]:
     """An open cancel intent to hand on again: published (or requested) before
-    ``published_before``, and either taken by no cancel worker, or taken before
-    ``taken_before`` (its deadline passed with no outcome: the deadline check was lost)."""
+    ``published_before`` and taken by no cancel worker (one taken is the deadline
+    check's: :func:`overdue_cancel_ids`)."""
     return [
         Workflow.cancel_requested_at.is_not(None),
         Workflow.cancel_outcome.is_(None),
@@ -523,23 +523,57 @@ def redrive_due(published_before: datetime, taken_before: datetime) -> list[Any]
         Workflow.cancel_requested_at < published_before,
         func.coalesce(Workflow.cancel_published_at, Workflow.cancel_requested_at)
         < published_before,
-        Workflow.cancel_taken_at.is_(None) | (Workflow.cancel_taken_at < taken_before),
+        Workflow.cancel_taken_at.is_(None),
     ]
 
 
-def intents_to_redrive(
-    session: Session, published_before: datetime, taken_before: datetime, limit: int
-) -> list[str]:
+def intents_to_redrive(session: Session, published_before: datetime, limit: int) -> list[str]:
     """Open cancel intents due to be handed on again (:func:`redrive_due`), oldest first,
     read through the partial index of open intents (``ix_workflows_open_cancel``)."""
     return list(
         session.execute(
             select(Workflow.id)
-            .where(*redrive_due(published_before, taken_before))
+            .where(*redrive_due(published_before))
             .order_by(Workflow.cancel_requested_at)
             .limit(limit)
         ).scalars()
     )
+
+
+def _past_deadline(grace_seconds: float) -> list[Any]:
+    """An open cancel request whose deadline passed: the one definition of a cancel's
+    deadline, ``cancel_taken_at + grace_seconds`` (taken: a cancel worker signalled the
+    runner). Read through the partial index of open intents."""
+    return [
+        Workflow.cancel_requested_at.is_not(None),
+        Workflow.cancel_outcome.is_(None),
+        Workflow.cancel_taken_at <= utcnow() - timedelta(seconds=grace_seconds),
+    ]
+
+
+def overdue_cancel_ids(session: Session, grace_seconds: float, limit: int) -> list[str]:
+    """Open cancel requests whose deadline passed (:func:`_past_deadline`), oldest first."""
+    return list(session.execute(
+        select(Workflow.id).where(*_past_deadline(grace_seconds))
+        .order_by(Workflow.cancel_taken_at).limit(limit)
+    ).scalars())
+
+
+def lock_overdue_cancels(
+    session: Session, workflow_ids: Sequence[str], grace_seconds: float
+) -> list[Workflow]:
+    """Those of these workflows whose cancel's deadline still passed, locked for the
+    caller's transaction, skipping rows another transaction holds: on PostgreSQL two
+    cancel workers split the work instead of waiting for each other (SQLite, which has one
+    writer at a time, ignores the clause)."""
+    if not workflow_ids:
+        return []
+    query = (
+        _lean_workflows()
+        .where(Workflow.id.in_(list(workflow_ids)), *_past_deadline(grace_seconds))
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.execute(query).scalars())
 
 
 def _oldest_first(

@@ -25,7 +25,6 @@ from comfy_cancel.worker import (
     BULK_QUEUE,
     CANCEL_QUEUE,
     CANCEL_WORKFLOWS_TASK,
-    ENFORCE_DEADLINE_TASK,
     RUN_WORKFLOW_TASK,
     RUNNER_QUEUE,
     SWEEP_QUEUE,
@@ -87,16 +86,6 @@ def publish_cancels(
                 producer=producer,
                 retry=False,
             )
-
-
-def schedule_deadline(workflow_ids: Sequence[str], by: Actor, after_seconds: float) -> None:
-    """Check back on running cancels after the grace period, without holding a worker."""
-    app.send_task(
-        ENFORCE_DEADLINE_TASK,
-        args=[list(workflow_ids), by.source, by.actor, by.reason],
-        countdown=after_seconds,
-        queue=queue_of(by),
-    )
 
 
 def revoke_runner_tasks(task_ids: Sequence[str]) -> None:

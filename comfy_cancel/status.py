@@ -20,12 +20,13 @@ statement and takes the database.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, literal, select, text, update
+from sqlalchemy import ColumnElement, bindparam, case, func, insert, literal, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import TextClause
 
@@ -247,15 +248,37 @@ def fail(
 # --- the cancel verbs --------------------------------------------------------------------
 
 
-def _cancel_values(by: Actor, outcome: CancelOutcome, now: datetime) -> dict[str, Any]:
+def _per_row(values: Mapping[str, Any], type_: Any) -> ColumnElement[Any]:
+    """One SQL value per workflow (``values`` by id, not empty): a literal when all agree,
+    else a CASE over the ids of each other value with the commonest as its ELSE (a batch
+    of the cancel worker mixes requesters; a bulk chunk has one)."""
+    ids_of: dict[Any, list[str]] = defaultdict(list)
+    for workflow_id, value in values.items():
+        ids_of[value].append(workflow_id)
+    common = max(ids_of, key=lambda value: len(ids_of[value]))
+    others = [(Workflow.id.in_(ids), literal(value, type_))
+              for value, ids in ids_of.items() if value != common]
+    return case(*others, else_=literal(common, type_)) if others else literal(common, type_)
+
+
+def _requester_columns(by: Mapping[str, Actor]) -> dict[str, ColumnElement[Any]]:
+    """Each workflow's requester (``by`` by id) as the values of the columns ``source``,
+    ``actor`` and ``reason``."""
+    return {name: _per_row({wid: getattr(actor, name) for wid, actor in by.items()},
+                           getattr(Workflow, f"cancel_{name}").type)
+            for name in ("source", "actor", "reason")}
+
+
+def _cancel_values(by: Mapping[str, Actor], outcome: CancelOutcome,
+                   now: datetime) -> dict[str, Any]:
     # A cancel written without an earlier request (a sweep) records itself as the request;
     # an earlier request keeps its own time, source, actor and reason.
+    requester = _requester_columns(by)
     return {
         "completed_at": now,
         "cancel_requested_at": func.coalesce(Workflow.cancel_requested_at, now),
-        "cancel_source": func.coalesce(Workflow.cancel_source, by.source),
-        "cancel_actor": func.coalesce(Workflow.cancel_actor, by.actor),
-        "cancel_reason": func.coalesce(Workflow.cancel_reason, by.reason),
+        **{f"cancel_{name}": func.coalesce(getattr(Workflow, f"cancel_{name}"), value)
+           for name, value in requester.items()},
         "cancel_outcome": outcome.value,
         "cancel_finished_at": now,
     }
@@ -277,7 +300,7 @@ def cancel_if_active(
         S.CANCELLED,
         from_=from_,
         by=by,
-        values=_cancel_values(by, outcome, utcnow()),
+        values=_cancel_values({workflow_id: by}, outcome, utcnow()),
         outcome=outcome.value,
         detail=detail,
     )
@@ -296,29 +319,73 @@ class CancelledQueued:
 def cancel_queued_many(
     session: Session,
     workflow_ids: Sequence[str],
-    by: Actor,
+    by: Actor | Mapping[str, Actor],
     outcome: CancelOutcome = CancelOutcome.CANCELLED,
 ) -> list[CancelledQueued]:
     """Set-based ``queued -> cancelled`` for many rows: one statement, one audit insert.
 
-    Returns exactly the rows it changed, so the caller can revoke their runner tasks in
-    one broadcast and remove their pending prompts from ComfyUI.
+    ``by`` is one requester for all, or each workflow's by id (a batch of the cancel
+    worker): each audit row names its own. Returns exactly the rows it changed, so the
+    caller can revoke their runner tasks in one broadcast and remove their pending prompts
+    from ComfyUI.
     """
     if not workflow_ids:
         return []
+    requesters = by if isinstance(by, Mapping) else dict.fromkeys(workflow_ids, by)
     now = utcnow()
     rows = session.execute(
         update(Workflow)
         .where(Workflow.id.in_(list(workflow_ids)), Workflow.status == S.QUEUED.value)
-        .values(status=S.CANCELLED.value, updated_at=now, **_cancel_values(by, outcome, now))
+        .values(status=S.CANCELLED.value, updated_at=now,
+                **_cancel_values(requesters, outcome, now))
         .returning(Workflow.id, Workflow.runner_task_id, Workflow.runner_id, Workflow.prompt_id)
         .execution_options(synchronize_session=False)
     ).all()
     _audit_many(
-        session, [row.id for row in rows], EventKind.TRANSITION, by, now,
+        session, {row.id: requesters[row.id] for row in rows}, EventKind.TRANSITION, now,
         from_status=S.QUEUED.value, to_status=S.CANCELLED.value, outcome=outcome.value,
     )
     return [CancelledQueued(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """A running workflow to end without its runner's acknowledgement."""
+
+    workflow_id: str
+    by: Actor  # who asked for the cancel, for the audit row
+    outcome: CancelOutcome  # forced, or runner_lost
+    detail: Mapping[str, Any]
+
+
+def cancel_running_many(session: Session, escalations: Sequence[Escalation]) -> set[str]:
+    """Set-based ``running -> cancelled`` with each one's outcome: one statement per
+    outcome, the audit rows in one insert. Returns the ids it changed; the others had
+    ended already."""
+    now = utcnow()
+    changed: set[str] = set()
+    by_outcome: dict[CancelOutcome, dict[str, Actor]] = defaultdict(dict)
+    for escalation in escalations:
+        by_outcome[escalation.outcome][escalation.workflow_id] = escalation.by
+    for outcome, requesters in by_outcome.items():
+        changed.update(session.execute(
+            update(Workflow)
+            .where(Workflow.id.in_(list(requesters)), Workflow.status == S.RUNNING.value)
+            .values(status=S.CANCELLED.value, updated_at=now,
+                    **_cancel_values(requesters, outcome, now))
+            .returning(Workflow.id)
+            .execution_options(synchronize_session=False)
+        ).scalars())
+    rows = [
+        {"workflow_id": e.workflow_id, "at": now, "kind": EventKind.TRANSITION.value,
+         "from_status": S.RUNNING.value, "to_status": S.CANCELLED.value,
+         "source": e.by.source, "actor": e.by.actor, "reason": e.by.reason,
+         "outcome": e.outcome.value, "detail": dict(e.detail) or None}
+        for e in escalations if e.workflow_id in changed
+    ]
+    if rows:
+        session.execute(insert(WorkflowEvent), rows)
+    return changed
 
 
 # --- the cancel request beside the status (no status change) ---------------------------
@@ -374,7 +441,7 @@ def request_cancel_many(
         .returning(Workflow.id)
         .execution_options(synchronize_session=False)
     ).scalars().all()
-    _audit_many(session, recorded, EventKind.CANCEL_REQUESTED, by, now)
+    _audit_many(session, dict.fromkeys(recorded, by), EventKind.CANCEL_REQUESTED, now)
     return list(recorded)
 
 
@@ -476,7 +543,6 @@ def claim_redrive(
     session: Session,
     workflow_ids: Sequence[str],
     published_before: datetime,
-    taken_before: datetime,
 ) -> list[tuple[str, str | None, str | None, str | None]]:
     """Stamp intents as published now if they are still due, so two schedulers hand each
     on once; returns the claimed (id, source, actor, reason)."""
@@ -484,8 +550,7 @@ def claim_redrive(
         return []
     rows = session.execute(
         update(Workflow)
-        .where(Workflow.id.in_(list(workflow_ids)),
-               *manager.redrive_due(published_before, taken_before))
+        .where(Workflow.id.in_(list(workflow_ids)), *manager.redrive_due(published_before))
         .values(cancel_published_at=utcnow())
         .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_actor,
                    Workflow.cancel_reason)
@@ -533,27 +598,27 @@ def _audit(
 
 def _audit_many(
     session: Session,
-    workflow_ids: Sequence[str],
+    by: Mapping[str, Actor],
     kind: EventKind,
-    by: Actor,
     at: datetime,
     **columns: str,
 ) -> None:
-    """One audit row per id, alike but for the id, in one ``INSERT ... SELECT``: the
-    database builds the rows, Python sends one parameter per id instead of a dict of
-    nine per row (bulk cancels write thousands at a time)."""
-    if not workflow_ids:
+    """One audit row per id of ``by`` (each naming its requester), alike but for the id
+    and the requester, in one ``INSERT ... SELECT``: the database builds the rows, Python
+    sends about one parameter per id instead of a dict of nine per row (bulk cancels write
+    thousands at a time)."""
+    if not by:
         return
     table = WorkflowEvent.__table__
-    fixed: dict[str, Any] = {"at": at, "kind": kind.value, "source": by.source,
-                             "actor": by.actor, "reason": by.reason, **columns}
-    fixed = {name: value for name, value in fixed.items() if value is not None}
+    fixed: dict[str, Any] = {"at": at, "kind": kind.value, **columns}
+    values: dict[str, ColumnElement[Any]] = {
+        name: literal(value, table.c[name].type)
+        for name, value in fixed.items() if value is not None
+    }
+    values.update(_requester_columns(by))
     session.execute(
         insert(WorkflowEvent).from_select(
-            ["workflow_id", *fixed],
-            select(
-                Workflow.id,
-                *(literal(value, table.c[name].type) for name, value in fixed.items()),
-            ).where(Workflow.id.in_(list(workflow_ids))),
+            ["workflow_id", *values],
+            select(Workflow.id, *values.values()).where(Workflow.id.in_(list(by))),
         )
     )

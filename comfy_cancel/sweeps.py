@@ -3,10 +3,9 @@
 Celery beat runs two passes. The re-drive pass (:func:`redrive`, every
 ``redrive_interval_seconds``) hands on work whose handler is gone:
 
-- open cancel intents nobody took ``redrive_after_seconds`` after their last publish,
-  or taken but still open ``redrive_after_seconds`` past their deadline (taken +
-  ``cancel_grace_seconds``: the deadline check was lost with a worker or Redis): published
-  again; the handler escalates one whose deadline passed at once;
+- open cancel intents nobody took ``redrive_after_seconds`` after their last publish:
+  published again (one taken has a deadline, which the cancel workers enforce:
+  ``cancel.enforce_deadlines``);
 - orphaned runner work: ``queued`` with no heartbeat for ``orphan_timeout_seconds`` (the
   runner task died), or ``accepted`` that no runner task claimed for as long while the
   runner queue is empty (its message was lost): re-dispatched under a new runner task id,
@@ -98,18 +97,13 @@ def _redrive(ctx: Context, report: SweepReport) -> None:
 
 def _republish_open_intents(ctx: Context, report: SweepReport) -> None:
     settings = ctx.settings
-    now = utcnow()
-    wait = timedelta(seconds=settings.redrive_after_seconds)
-    published_before = now - wait
-    taken_before = now - wait - timedelta(seconds=settings.cancel_grace_seconds)
+    published_before = utcnow() - timedelta(seconds=settings.redrive_after_seconds)
     with ctx.db.transaction() as session:
-        found = manager.intents_to_redrive(
-            session, published_before, taken_before, settings.sweep_batch_size
-        )
+        found = manager.intents_to_redrive(session, published_before, settings.sweep_batch_size)
         if report.dry_run:
             report.republished = found
             return
-        claimed = status.claim_redrive(session, found, published_before, taken_before)
+        claimed = status.claim_redrive(session, found, published_before)
     by_requester: dict[Actor, list[str]] = defaultdict(list)
     for workflow_id, source, actor, reason in claimed:
         by_requester[Actor(source or CancelSource.SWEEP.value, actor, reason)].append(workflow_id)

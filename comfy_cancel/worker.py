@@ -46,12 +46,15 @@ ALL_QUEUES = (*CANCEL_QUEUES, RUNNER_QUEUE)
 # The tasks' names: producers (publish.py, beat) send by name and never import task code.
 RUN_WORKFLOW_TASK = "comfy_cancel.run_workflow"
 CANCEL_WORKFLOWS_TASK = "comfy_cancel.cancel_workflows"
+# Sent by earlier versions only (one deadline check per batch of running cancels); still
+# consumed (tasks.py) while one may be in flight.
 ENFORCE_DEADLINE_TASK = "comfy_cancel.enforce_cancel_deadline"
 SWEEP_TASK = "comfy_cancel.sweep"
 REDRIVE_TASK = "comfy_cancel.redrive"
 
-# Margin of the cancel queues' visibility timeout over the grace period: a deadline check
-# is held unacknowledged until its ETA (the grace period), then runs for a moment.
+# Margin of the cancel queues' visibility timeout over the grace period: a message held
+# unacknowledged until its ETA (a retry, or an earlier version's deadline check, due a grace
+# period after it was sent) must not be handed out twice.
 CANCEL_VISIBILITY_MARGIN_SECONDS = 20.0
 # How often a cancel worker looks for messages past their visibility timeout.
 CANCEL_RESTORE_INTERVAL_SECONDS = 1

@@ -496,8 +496,8 @@ def test_a_thousand_cancels_racing_completions_leave_one_consistent_end_each(
                 )
             time.sleep(0.2)
         settled = time.monotonic()
-        # Deadline tasks still pending can only add audit rows for terminal workflows; let
-        # them run, then stop every writer before the snapshot.
+        # Cancel messages still in flight (retries, redeliveries) can only add audit rows for
+        # terminal workflows; let them run, then stop every writer before the snapshot.
         time.sleep(GRACE_SECONDS + 0.5)
         stop_all(processes)
 

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from comfy_cancel import publish, worker
+from comfy_cancel import worker
 from comfy_cancel.broker import DEAD_LETTER_KEY
 from comfy_cancel.embedded import redis_server
 from comfy_cancel.embedded.comfyui_sim import blur_chain
-from comfy_cancel.status import Actor
 from testbed.stack import Stack, cancel, running_stack, start_worker, wait_workers_ready
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis]
@@ -92,7 +91,7 @@ def test_workers_ride_out_a_redis_restart_under_load(
     before = ids[:4]  # one running, the rest queued
     for workflow_id in before:
         assert cancel(stack, workflow_id).status_code == 200
-    time.sleep(0.3)  # some cancels taken, deadline checks held unacknowledged
+    time.sleep(0.3)  # some cancels taken, their deadlines running
     server = restart_redis(aof_redis, down_seconds=3)
     try:
         wait_landed(stack, before, timeout=10)  # from Redis being back
@@ -139,11 +138,13 @@ def test_a_killed_cancel_workers_message_comes_back_and_a_runners_does_not(
     cancel_worker, runner_worker = stack.workers
     client = redis.Redis.from_url(stack.settings.redis_url)
     visibility = worker.cancel_visibility_timeout(stack.settings)
-    # A long run held by the runner worker, and a deadline check (held until its ETA) held
-    # by the cancel worker; then both workers die without acknowledging anything.
+    # A long run held by the runner worker, and a deadline check as earlier versions sent
+    # them (held until its ETA) held by the cancel worker; then both workers die without
+    # acknowledging anything.
     long_id = stack.submit(blur_chain(400), name="very long")
     stack.wait_status(long_id, {"running"})
-    publish.schedule_deadline([long_id], Actor("api", "tester", None), after_seconds=2)
+    worker.app.send_task(worker.ENFORCE_DEADLINE_TASK, args=[[long_id], "api", "tester", None],
+                         countdown=2, queue=worker.CANCEL_QUEUE)
     stack.wait_for(lambda: client.hlen("comfy_cancel:cancel:unacked") == 1, 10,
                    "the deadline check to be held by the cancel worker")
     assert client.hlen("comfy_cancel:runner:unacked") == 1

@@ -1,6 +1,6 @@
 """Self-healing against real PostgreSQL and Redis: the re-drive pass hands on exactly the
-open cancels nobody took (or whose deadline passed), a handed-on running cancel past its
-deadline escalates at once, orphaned runner work is re-dispatched (boundedly) and adopted,
+open cancels nobody took, the deadline pass ends exactly those whose deadline passed (two
+at once split the work), orphaned runner work is re-dispatched (boundedly) and adopted,
 and a runner task rides out a database outage."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def requested(ctx: Context, to: S, *, published: float, taken: float | None = No
     return workflow_id
 
 
-def test_redrive_hands_on_exactly_what_nobody_took_or_whose_deadline_passed(
+def test_redrive_hands_on_what_nobody_took_and_the_deadline_pass_ends_what_is_overdue(
     ctx: Context, redis_client: redis.Redis
 ) -> None:
     grace = ctx.settings.cancel_grace_seconds  # 10 s; re-drive after 3 s
@@ -77,22 +77,26 @@ def test_redrive_hands_on_exactly_what_nobody_took_or_whose_deadline_passed(
     with ctx.db.transaction() as session:
         status.cancel_if_active(session, closed, API, from_=[S.RUNNING])
 
-    assert sorted(sweeps.redrive(ctx, dry_run=True).republished) == sorted(
-        [not_taken, lost_deadline])
+    assert sweeps.redrive(ctx, dry_run=True).republished == [not_taken]
     assert redis_client.llen(worker.CANCEL_QUEUE) == 0
     report = sweeps.redrive(ctx)
-    assert sorted(report.republished) == sorted([not_taken, lost_deadline])
-    assert sorted(w for _, ids in queued_messages(redis_client, worker.CANCEL_QUEUE)
-                  for w in ids) == sorted([not_taken, lost_deadline])
+    assert report.republished == [not_taken]
+    assert [w for _, ids in queued_messages(redis_client, worker.CANCEL_QUEUE)
+            for w in ids] == [not_taken]
     published = row(ctx, not_taken).cancel_published_at
     assert published is not None and published > utcnow() - timedelta(seconds=2)
-    untouched = [just_published, in_flight, just_past_deadline, closed]
+    untouched = [just_published, in_flight, just_past_deadline, lost_deadline, closed]
     recent = utcnow() - timedelta(seconds=0.5)
     assert all((row(ctx, w).cancel_published_at or recent) < recent for w in untouched)
     # Claimed: neither this scheduler nor another hands them on again now. (On a slow
     # machine ``just_published`` may have come due meanwhile; that one is not the point.)
     again = sweeps.redrive(Context(ctx.settings)).republished
-    assert not set(again) & {not_taken, lost_deadline}, again
+    assert not_taken not in again, again
+    # Taken ones have a deadline, which the deadline pass enforces, once.
+    assert cancel.enforce_deadlines(ctx) == {lost_deadline: "forced",
+                                             just_past_deadline: "forced"}
+    assert cancel.enforce_deadlines(ctx) == {}
+    assert row(ctx, in_flight).status == "running"
 
 
 def test_two_redrive_passes_at_once_publish_each_cancel_once(
@@ -118,26 +122,67 @@ def test_two_redrive_passes_at_once_publish_each_cancel_once(
     assert sorted(published) == sorted(ids)
 
 
-def test_a_handed_on_running_cancel_past_its_deadline_escalates_at_once(
+def test_a_handed_on_running_cancel_keeps_its_deadline(
     ctx: Context, redis_client: redis.Redis
 ) -> None:
     grace = ctx.settings.cancel_grace_seconds
     overdue = requested(ctx, S.RUNNING, published=grace + 5, taken=grace + 4)
     fresh = requested(ctx, S.RUNNING, published=1)
-    outcomes = cancel.handle_many(ctx, [overdue, fresh], API)
-    assert outcomes == {overdue: "forced", fresh: None}
-    ended = row(ctx, overdue)
-    assert (ended.status, ended.cancel_outcome) == ("cancelled", "forced")
+    assert cancel.handle_many(ctx, [overdue, fresh], API) == {overdue: None, fresh: None}
+    taken = row(ctx, overdue).cancel_taken_at  # its first take kept: no new grace period
+    assert taken is not None and taken < utcnow() - timedelta(seconds=grace)
     # The fresh one was signalled and stamped as taken; its deadline runs from now.
     pending = row(ctx, fresh)
     assert pending.status == "running" and pending.cancel_taken_at is not None
     first_take = pending.cancel_taken_at
     cancel.handle_many(ctx, [fresh], API)  # a duplicate delivery keeps the first take
     assert row(ctx, fresh).cancel_taken_at == first_take
+    assert cancel.enforce_deadlines(ctx) == {overdue: "forced"}
+
+
+def test_a_batch_mixing_requesters_names_each_on_its_audit_row(
+    ctx: Context, redis_client: redis.Redis
+) -> None:
+    """The per-row requester columns (a CASE over the ids) as PostgreSQL runs them."""
+    requesters = [API, status.Actor("bulk", "ops", None), status.Actor("sweep", "sweep", "x")]
+    ids = [requested(ctx, S.QUEUED, published=1) for _ in requesters]
+    outcomes = cancel.handle_batch(ctx, [([w], by) for w, by in zip(ids, requesters,
+                                                                     strict=True)])
+    assert outcomes == dict.fromkeys(ids, "cancelled")
     with ctx.db.transaction() as session:
-        terminal = [e for e in manager.events_of(session, overdue)
+        for workflow_id, by in zip(ids, requesters, strict=True):
+            (end,) = [e for e in manager.events_of(session, workflow_id)
+                      if e.kind == EventKind.TRANSITION and e.to_status == "cancelled"]
+            assert (end.source, end.actor, end.reason) == (by.source, by.actor, by.reason)
+
+
+def test_two_deadline_passes_at_once_split_the_work_and_end_each_workflow_once(
+    ctx: Context, redis_client: redis.Redis
+) -> None:
+    grace = ctx.settings.cancel_grace_seconds
+    ids = [requested(ctx, S.RUNNING, published=grace + 5, taken=grace + 1) for _ in range(30)]
+    ctx.settings.cancel_batch_size = 4  # several rounds each
+    barrier = threading.Barrier(2)
+    results: list[dict[str, Any]] = []
+
+    def run() -> None:
+        other = Context(ctx.settings)
+        barrier.wait()
+        results.append(cancel.enforce_deadlines(other))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ended = {wid: outcome for found in results for wid, outcome in found.items()
+             if outcome is not None}
+    assert ended == dict.fromkeys(ids, "forced")
+    with ctx.db.transaction() as session:
+        for workflow_id in ids:
+            ends = [e for e in manager.events_of(session, workflow_id)
                     if e.kind == EventKind.TRANSITION and e.to_status == "cancelled"]
-    assert len(terminal) == 1
+            assert len(ends) == 1
 
 
 def test_a_running_cancel_whose_signal_could_not_be_sent_is_not_taken(

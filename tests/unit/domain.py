@@ -141,6 +141,7 @@ def revokes(broker: Any) -> Callable[[], list[str]]:
                 ids.extend([found] if isinstance(found, str) else found)
         return ids
 
+    read()  # what earlier tests broadcast (the memory transport outlives a test)
     return read
 
 

@@ -43,7 +43,7 @@ def test_each_kind_has_its_own_unacked_keys_and_timeout() -> None:
     runner = transport_options(settings, WorkerKind.RUNNER)
     keys = ("unacked_key", "unacked_index_key", "unacked_mutex_key")
     assert not {cancel[k] for k in keys} & {runner[k] for k in keys}
-    assert cancel["visibility_timeout"] == 30  # grace + 20: outlasts a deadline check's ETA
+    assert cancel["visibility_timeout"] == 30  # grace + 20: outlasts a retry's ETA
     assert cancel["unacked_restore_throttle"] == 1
     assert cancel["unacked_restore_interval"] <= 2
     assert runner["visibility_timeout"] == 3600 + 3600
@@ -152,6 +152,20 @@ def test_garbage_on_a_queue_goes_to_the_dead_letter_list_and_good_messages_still
     assert {r["queue"] for r in records} == {"cancel"}
     assert base64.b64decode(records[-1]["raw_b64"]) == secret  # oldest last
     assert "hunter2" not in caplog.text and "moved to the Redis list" in caplog.text
+
+
+def test_a_channel_sends_its_commands_through_one_client_per_pool(
+    connection: Connection
+) -> None:
+    channel = connection.channel()
+    with channel.conn_or_acquire() as first, channel.conn_or_acquire() as again:
+        assert first is again and first.ping()
+    given = redis.Redis.from_url("redis://127.0.0.1:1/0")
+    with channel.conn_or_acquire(given) as client:
+        assert client is given
+    channel._disconnect_pools()  # what a lost connection does
+    with channel.conn_or_acquire() as after:
+        assert after is not first and after.connection_pool is channel.pool and after.ping()
 
 
 def _two_unacked(connection: Connection) -> tuple[Any, list[Any]]:

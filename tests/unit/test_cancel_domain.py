@@ -1,16 +1,20 @@
-"""What the cancel worker does with a request (cancel.py), called directly: the status it
-writes, the outcome it records, and what it hands on (revokes, signals, deadline checks,
-ComfyUI calls), on SQLite, fakeredis, kombu's memory transport and a simulated ComfyUI."""
+"""What the cancel worker does with requests (cancel.py), called directly: the status it
+writes, the outcome it records, what it hands on (revokes, signals, ComfyUI calls) and the
+deadlines it enforces, on SQLite, fakeredis, kombu's memory transport and a simulated
+ComfyUI."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from comfy_cancel import cancel, signals, status
+from sqlalchemy import event
+
+from comfy_cancel import cancel, manager, signals, status
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT, RunningSim, blur_chain
-from comfy_cancel.models import CancelOutcome, EventKind, WorkflowStatus
+from comfy_cancel.models import CancelOutcome, EventKind, WorkflowEvent, WorkflowStatus
 from comfy_cancel.signals import SignalKind
 from comfy_cancel.status import Actor
 from tests.unit.domain import API, GRACE_SECONDS, Domain, wait_until
@@ -18,7 +22,6 @@ from tests.unit.domain import API, GRACE_SECONDS, Domain, wait_until
 S = WorkflowStatus
 O = CancelOutcome  # noqa: E741
 CANCEL_QUEUE = "cancel"
-DEADLINE_TASK = "comfy_cancel.enforce_cancel_deadline"
 LONG = blur_chain(20)  # about 16 s on a sim at time scale 1: it runs for the whole test
 
 
@@ -87,7 +90,90 @@ def test_a_queued_cancel_is_one_cas_then_revoke_stop_signal_and_its_pending_prom
     assert broker(CANCEL_QUEUE) == []  # nothing left to check on
 
 
-def test_a_running_cancel_signals_the_runner_and_schedules_one_deadline_check(
+def overdue(domain: Domain, workflow_id: str, by: float = 1.0) -> None:
+    """Its cancel was taken a grace period (and ``by`` seconds) ago."""
+    domain.age(workflow_id, cancel_taken_at=GRACE_SECONDS + by)
+
+
+@contextmanager
+def statements(domain: Domain) -> Iterator[list[str]]:
+    """The SQL statements the domain's engine runs inside the block."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    event.listen(domain.ctx.db.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(domain.ctx.db.engine, "before_cursor_execute", record)
+
+
+def transition_to(domain: Domain, workflow_id: str, to: str) -> list[WorkflowEvent]:
+    with domain.ctx.db.transaction() as session:
+        return [e for e in manager.events_of(session, workflow_id)
+                if e.kind == EventKind.TRANSITION.value and e.to_status == to]
+
+
+def test_a_batch_of_messages_is_one_transaction_and_each_audit_row_names_its_requester(
+    domain: Domain, revokes: Callable[[], list[str]]
+) -> None:
+    runner_id = domain.runner()
+    bob = Actor("api", "bob", None)
+    ops = Actor("bulk", "ops", "maintenance")
+    sweep = Actor("sweep", "sweep", "queued too long")
+    a, b, c, d, e = (domain.workflow(S.QUEUED, runner_id) for _ in range(5))
+    running = domain.workflow(S.RUNNING, runner_id)
+    for workflow_id, by in ((a, API), (b, bob), (c, ops), (d, ops), (e, sweep),
+                            (running, API)):
+        domain.request(workflow_id, by)
+    signalled = listen(domain)
+
+    with statements(domain) as ran:  # ``a`` named twice: handled once, for the first to ask
+        outcomes = cancel.handle_batch(domain.ctx, [([a], API), ([b], bob), ([c, d, a], ops),
+                                                    ([e], sweep), ([running], API)])
+
+    assert outcomes == {**dict.fromkeys((a, b, c, d, e), O.CANCELLED), running: None}
+    for workflow_id, by in ((a, API), (b, bob), (c, ops), (d, ops), (e, sweep)):
+        (end,) = transition_to(domain, workflow_id, "cancelled")
+        assert (end.source, end.actor, end.reason, end.outcome) == (
+            by.source, by.actor, by.reason, "cancelled")
+        row = domain.row(workflow_id)
+        assert (row.cancel_source, row.cancel_actor) == (by.source, by.actor)
+    assert sorted(revokes()) == sorted(str(domain.row(w).runner_task_id)
+                                       for w in (a, b, c, d, e))
+    assert signalled() == [{"workflow_id": running, "kind": "cancel"}]
+    assert domain.row(running).cancel_taken_at is not None
+    writes = [s for s in ran if s.lstrip().upper().startswith(("UPDATE", "INSERT"))]
+    # One compare-and-set for the queued ones, one insert of their audit rows, the stamp
+    # of the running one: not a statement per message.
+    assert len([s for s in writes if "SET status" in s]) == 1
+    assert len(writes) == 3, writes
+
+
+def test_a_batch_costs_the_same_statements_for_three_cancels_or_thirty(
+    domain: Domain, broker: Any
+) -> None:
+    runner_id = domain.runner()
+
+    def batch_of(n: int) -> int:
+        ids = [domain.workflow(S.QUEUED, runner_id) for _ in range(n)]
+        for workflow_id in ids:
+            domain.request(workflow_id, Actor("api", f"customer-{workflow_id}", None))
+        with statements(domain) as ran:
+            outcomes = cancel.handle_batch(
+                domain.ctx, [([w], Actor("api", f"customer-{w}", None)) for w in ids])
+        assert outcomes == dict.fromkeys(ids, O.CANCELLED)
+        for workflow_id in ids:
+            (end,) = transition_to(domain, workflow_id, "cancelled")
+            assert end.actor == f"customer-{workflow_id}"
+        return len(ran)
+
+    assert batch_of(3) == batch_of(30)
+
+
+def test_a_running_cancel_signals_the_runner_and_is_escalated_once_its_deadline_passed(
     domain: Domain, make_sim: Callable[..., RunningSim], broker: Any,
     revokes: Callable[[], list[str]],
 ) -> None:
@@ -104,20 +190,28 @@ def test_a_running_cancel_signals_the_runner_and_schedules_one_deadline_check(
     assert row.cancel_taken_at is not None  # the deadline runs from here
     assert domain.signal(running) is SignalKind.CANCEL
     assert signalled() == [{"workflow_id": running, "kind": "cancel"}]
-    ((_, task, args),) = broker(CANCEL_QUEUE)
-    assert task == DEADLINE_TASK and args == [[running], "api", "alice", API.reason]
+    assert broker(CANCEL_QUEUE) == []  # no message per deadline: the database holds it
     assert revokes() == []  # the runner's task runs: stopping it is the runner's own job
     assert domain.on_sim(sim).queue().running == [prompt_id]
 
     # A second request while the first is in flight keeps the first take (and deadline).
     cancel.handle_many(domain.ctx, [running], API)
     assert domain.row(running).cancel_taken_at == row.cancel_taken_at
+    assert cancel.enforce_deadlines(domain.ctx) == {}  # within its grace period
 
-    # The runner never acknowledged: the deadline check (drained above) escalates.
-    outcomes = cancel.enforce_deadline(domain.ctx, args[0], Actor(*args[1:]))
-    assert outcomes == {running: O.FORCED}
+    # The runner never acknowledged: past its deadline, the deadline pass escalates.
+    overdue(domain, running)
+    assert cancel.enforce_deadlines(domain.ctx) == {running: O.FORCED}
+    assert cancel.enforce_deadlines(domain.ctx) == {}  # once
     row = domain.row(running)
     assert (row.status, row.cancel_outcome) == (S.CANCELLED.value, O.FORCED.value)
+    kind, to, outcome = domain.events(running)[-1]
+    assert (kind, to, outcome) == (EventKind.TRANSITION.value, "cancelled", "forced")
+    with domain.ctx.db.transaction() as session:
+        last = list(manager.events_of(session, running))[-1]
+    # The requester's name on the audit row; the escalation is the worker's decision.
+    assert (last.source, last.actor, last.reason) == ("api", "alice", API.reason)
+    assert last.detail is not None and last.detail["escalated"] is True
     assert domain.signal(running) is SignalKind.TERMINATE
     assert revokes() == [row.runner_task_id]
     client = domain.on_sim(sim)
@@ -134,8 +228,9 @@ def test_a_deadline_check_after_the_runner_acknowledged_changes_nothing(domain: 
         # the runner's ack
         assert status.cancel_if_active(session, acknowledged, API, from_=[S.RUNNING]).changed
     trail = domain.events(acknowledged)
+    overdue(domain, acknowledged)
 
-    assert cancel.enforce_deadline(domain.ctx, [acknowledged], API) == {}
+    assert cancel.enforce_deadlines(domain.ctx) == {}
     assert domain.row(acknowledged).cancel_outcome == O.CANCELLED.value
     assert domain.events(acknowledged) == trail
     assert domain.signal(acknowledged) is SignalKind.CANCEL  # no TERMINATE after the ack
@@ -154,9 +249,10 @@ def test_escalation_is_forced_or_runner_lost_by_the_age_of_the_heartbeat(
     for workflow_id in (alive, lost):
         domain.request(workflow_id)
         with domain.ctx.db.transaction() as session:
-                status.mark_cancel_taken(session, [workflow_id])
+            status.mark_cancel_taken(session, [workflow_id])
+        overdue(domain, workflow_id)
 
-    outcomes = cancel.enforce_deadline(domain.ctx, [alive, lost], API)
+    outcomes = cancel.enforce_deadlines(domain.ctx)
 
     assert outcomes == {alive: O.FORCED, lost: O.RUNNER_LOST}
     for workflow_id, outcome in outcomes.items():
@@ -184,25 +280,61 @@ def test_a_cancel_of_a_running_workflow_whose_runner_is_gone_ends_at_once(
     assert broker(CANCEL_QUEUE) == []  # no deadline to wait for
 
 
-def test_a_republished_running_cancel_past_its_deadline_escalates_at_once(
+def test_a_cancel_handed_on_again_keeps_its_deadline_which_the_deadline_pass_enforces(
     domain: Domain, broker: Any
 ) -> None:
-    overdue, in_grace = (domain.workflow(S.RUNNING) for _ in range(2))
-    for workflow_id in (overdue, in_grace):
+    late, in_grace = (domain.workflow(S.RUNNING) for _ in range(2))
+    for workflow_id in (late, in_grace):
         domain.request(workflow_id)
         with domain.ctx.db.transaction() as session:
-                status.mark_cancel_taken(session, [workflow_id])
-    domain.age(overdue, cancel_taken_at=GRACE_SECONDS + 1)
+            status.mark_cancel_taken(session, [workflow_id])
+    overdue(domain, late)
     domain.age(in_grace, cancel_taken_at=GRACE_SECONDS - 2)
+    taken = {w: domain.row(w).cancel_taken_at for w in (late, in_grace)}
 
-    outcomes = cancel.handle_many(domain.ctx, [overdue, in_grace], API)
+    # Handed on again (a duplicate message): signalled again, the first take kept.
+    assert cancel.handle_many(domain.ctx, [late, in_grace], API) == {late: None, in_grace: None}
+    assert {w: domain.row(w).cancel_taken_at for w in (late, in_grace)} == taken
 
-    # Handed on again after its deadline check was lost: no second grace period.
-    assert outcomes == {overdue: O.FORCED, in_grace: None}
-    assert domain.signal(overdue) is SignalKind.TERMINATE
+    assert cancel.enforce_deadlines(domain.ctx) == {late: O.FORCED}
+    assert domain.signal(late) is SignalKind.TERMINATE
     assert domain.signal(in_grace) is SignalKind.CANCEL
-    ((_, task, args),) = broker(CANCEL_QUEUE)
-    assert task == DEADLINE_TASK and args[0] == [in_grace]
+    assert domain.row(in_grace).status == S.RUNNING.value
+    assert broker(CANCEL_QUEUE) == []
+
+
+def test_the_deadline_pass_works_through_any_number_in_batches_for_their_own_requesters(
+    domain: Domain, broker: Any, revokes: Callable[[], list[str]]
+) -> None:
+    domain.ctx.settings.cancel_batch_size = 3
+    runner_id = domain.runner()
+    requesters = [API, Actor("bulk", "ops", "maintenance"), Actor("sweep", "sweep", None)]
+    ids = [domain.workflow(S.RUNNING, runner_id) for _ in range(7)]
+    for n, workflow_id in enumerate(ids):
+        domain.request(workflow_id, requesters[n % 3])
+        with domain.ctx.db.transaction() as session:
+            status.mark_cancel_taken(session, [workflow_id])
+        overdue(domain, workflow_id, by=n)
+    finished = domain.workflow(S.RUNNING, runner_id)  # acknowledged before its deadline
+    domain.request(finished)
+    with domain.ctx.db.transaction() as session:
+        status.mark_cancel_taken(session, [finished])
+        assert status.complete_if_running(session, finished, {}).changed
+    overdue(domain, finished)
+
+    assert cancel.enforce_deadlines(domain.ctx) == dict.fromkeys(ids, O.FORCED)
+
+    for n, workflow_id in enumerate(ids):
+        with domain.ctx.db.transaction() as session:
+            ends = [e for e in manager.events_of(session, workflow_id)
+                    if e.kind == EventKind.TRANSITION.value and e.to_status == "cancelled"]
+        (end,) = ends
+        by = requesters[n % 3]
+        assert (end.source, end.actor, end.reason, end.outcome) == (
+            by.source, by.actor, by.reason, "forced")
+        assert domain.signal(workflow_id) is SignalKind.TERMINATE
+    assert sorted(revokes()) == sorted(str(domain.row(w).runner_task_id) for w in ids)
+    assert domain.row(finished).status == S.COMPLETED.value
 
 
 def test_terminal_workflows_get_an_outcome_only_when_a_cancel_was_requested(
@@ -255,7 +387,10 @@ def test_a_comfyui_that_does_not_answer_does_not_stop_an_escalation(
     stuck = domain.workflow(S.RUNNING)
     domain.set(stuck, prompt_id="p-1")
     domain.request(stuck)
+    with domain.ctx.db.transaction() as session:
+        status.mark_cancel_taken(session, [stuck])
+    overdue(domain, stuck)
 
-    assert cancel.enforce_deadline(domain.ctx, [stuck], API) == {stuck: O.FORCED}
+    assert cancel.enforce_deadlines(domain.ctx) == {stuck: O.FORCED}
     assert domain.row(stuck).status == S.CANCELLED.value
 
