@@ -20,6 +20,11 @@ def _role(proc: psutil.Process, known: dict[int, str]) -> str | None:
     if proc.pid in known:
         return known[proc.pid]
     try:
+        # A known process's own children (uvicorn's API worker processes, a prefork pool)
+        # do its work: they count as it.
+        parent = proc.ppid()
+        if parent in known:
+            return known[parent]
         name = proc.name()
         cmdline = " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

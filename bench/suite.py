@@ -34,6 +34,7 @@ from bench.system import (
     started_system,
 )
 from comfy_cancel import db
+from comfy_cancel.config import get_settings
 
 SCHEMA_VERSION = 1
 # Each figure, in the order they run, with the figures of the same run it is measured
@@ -101,7 +102,8 @@ def machine(servers: Any, durable: bool) -> dict[str, Any]:
             "cancel_worker": f"1 process, threads pool x {CANCEL_WORKER_CONCURRENCY}, "
             "late acks, prefetch 1",
             "runner_worker": "1 process, threads pool x 100",
-            "api": "uvicorn, 1 process of its own (comfy-cancel api)",
+            "api": f"comfy-cancel api, {get_settings().api_workers} uvicorn worker "
+            "process(es) (COMFY_CANCEL_API_WORKERS)",
             "simulated_comfyui": f"time scale {SIM_TIME_SCALE}",
             "cancel_grace_seconds": GRACE_SECONDS,
         },
