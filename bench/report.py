@@ -274,7 +274,9 @@ def _method_notes(results: dict[str, Any]) -> list[str]:
     return [
         "- **System.** `testbed.stack.running_stack` (the acceptance tests' harness): one cancel "
         "worker process and one runner worker process (Celery, threads pool, late acks, "
-        "prefetch 1), the API (uvicorn, one process), the simulated ComfyUI at time scale 1; "
+        "prefetch 1; the cancel worker runs its messages in batches), the API (`comfy-cancel "
+        "api`: uvicorn, `COMFY_CANCEL_API_WORKERS` processes, default one per core), the "
+        "simulated ComfyUI at time scale 1; "
         "PostgreSQL and Redis started by the suite from their PyPI wheels, durable as in "
         "production unless `--fast-db`. Load comes from `bench/loadgen.py` in a separate "
         "process (aiohttp, loopback only, bounded in count and time).",
@@ -321,8 +323,9 @@ def _method_notes(results: dict[str, Any]) -> list[str]:
         f"- **At once.** {sizes['at_once']:,} running workflows whose runners are simulated "
         "by `bench/fake_runner.py` in its own process (it listens to the cancel signals like "
         "a runner worker; `ack`: writes `running -> cancelled` one node step after the "
-        "signal, as runner._interrupted does; `deaf`: never answers, so the deadline task "
-        "forces them after the grace period). Cancelled by the API from 32 clients, or by "
+        "signal, as runner._interrupted does; `deaf`: never answers, so the cancel "
+        "worker's deadline pass forces them after the grace period). Cancelled by the API "
+        "from 32 clients, or by "
         "one `comfy-cancel bulk-cancel --status running`; wall time = start -> last "
         "`cancel_finished_at`.",
         "- **Bulk.** `comfy-cancel bulk-cancel --account A --status queued --yes` run as an "
