@@ -59,12 +59,18 @@ def _raise_keyboard_interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the stack the way Ctrl-C does (in order, nothing left behind)."""
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    """SIGTERM stops the stack the way Ctrl-C does (in order, nothing left behind); so does
+    SIGINT even when it was ignored at start-up (a background job of a script inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt for it)."""
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_keyboard_interrupt),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def say(line: str) -> None:
