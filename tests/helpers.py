@@ -19,8 +19,6 @@ from comfy_cancel.models import WorkflowStatus
 
 S = WorkflowStatus
 
-# A small prompt that the simulated ComfyUI runs in well under a second at time_scale 1.
-
 # Steps through the lifecycle from accepted to each status, via the status writer only.
 PATH_TO: dict[S, list[S]] = {
     S.ACCEPTED: [],
