@@ -143,6 +143,16 @@ def env(tmp_path: Path, broker: Any) -> Iterator[Env]:
     yield from make_env(url, secret_key=KEY)
 
 
+@pytest.fixture(scope="module")
+def refusals_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """One API for all the cases of a module's parametrised refusals (each a 400 that stores
+    nothing but its own token, so no case can see another's effects). FastAPI builds an app's
+    routes on its first request, about 40 ms of CPU: more than such a case costs."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('refusals') / 'api.db'}"
+    migrate(url)
+    yield from make_env(url, secret_key=KEY)
+
+
 @pytest.fixture
 def private_env(tmp_path: Path, broker: Any) -> Iterator[Env]:
     """An operator who lets runners reach a private network."""

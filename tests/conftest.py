@@ -8,6 +8,7 @@ a silently skipped integration suite would look green."""
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,6 +48,14 @@ def _unavailable(what: str, why: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"{what} is unavailable under CI=true: {why}", pytrace=False)
     pytest.skip(f"{what} is unavailable: {why}")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What is loaded by now (the libraries, the package, the collected tests) lives to the
+    # end of the run. Frozen, it is no longer scanned by every full collection of the cyclic
+    # garbage collector: about 2 s less CPU in a unit run.
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from comfy_cancel.embedded.comfyui_sim import RunningSim, start_in_thread
-from tests.apitest import broker, broker_down, env, private_env  # noqa: F401  (the API's fixtures)
+from tests.apitest import (  # noqa: F401  (the API's fixtures)
+    broker,
+    broker_down,
+    env,
+    private_env,
+    refusals_env,
+)
 from tests.unit.domain import domain, revokes  # noqa: F401  (the domain's fixtures)
 
 FAST = 0.05  # time scale of most tests: the 6 s reference workflow takes 0.3 s

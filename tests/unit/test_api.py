@@ -121,8 +121,9 @@ UI_FORMAT = {"nodes": [{"id": 1, "type": "EmptyImage"}], "links": []}
     ],
 )
 def test_submit_refuses_invalid_bodies_naming_the_field(
-    env: Env, broker: Any, body: dict[str, Any], words: str
+    refusals_env: Env, broker: Any, body: dict[str, Any], words: str
 ) -> None:
+    env = refusals_env
     response = env.client.post("/v1/workflow", headers=env.auth(), json=body)
     assert words in error(response, 400)
     assert broker("runner") == []
@@ -280,7 +281,10 @@ def test_list_filters_by_status(env: Env) -> None:
         ("status=paused", "invalid query parameter status: Input should be 'accepted'"),
     ],
 )
-def test_list_refuses_bad_paging_and_statuses(env: Env, query: str, words: str) -> None:
+def test_list_refuses_bad_paging_and_statuses(
+    refusals_env: Env, query: str, words: str
+) -> None:
+    env = refusals_env
     assert words in error(env.client.get(f"/v1/workflow?{query}", headers=env.auth()), 400)
 
 
@@ -527,7 +531,8 @@ INTERNAL_URLS = [
 
 
 @pytest.mark.parametrize("url", INTERNAL_URLS)
-def test_runner_urls_to_internal_addresses_are_400(env: Env, url: str) -> None:
+def test_runner_urls_to_internal_addresses_are_400(refusals_env: Env, url: str) -> None:
+    env = refusals_env
     message = error(env.client.post("/v1/runner", headers=env.auth(),
                                      json={"name": "r", "endpoint_url": url}), 400)
     assert message.startswith("invalid endpoint_url: ")
@@ -621,7 +626,10 @@ def test_runners_of_another_account_are_404(env: Env) -> None:
         ({"endpoint_url": "http://h"}, "name: Field required"),
     ],
 )
-def test_runner_create_refuses_invalid_fields(env: Env, body: dict[str, Any], words: str) -> None:
+def test_runner_create_refuses_invalid_fields(
+    refusals_env: Env, body: dict[str, Any], words: str
+) -> None:
+    env = refusals_env
     assert words in error(env.client.post("/v1/runner", headers=env.auth(), json=body), 400)
 
 

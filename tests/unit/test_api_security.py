@@ -147,13 +147,15 @@ def test_a_stored_row_that_cannot_be_serialised_never_fails_a_read(env: Env) -> 
     ("page=576460752303423489", "page"), ("page=1000001", "page"), ("per_page=101", "per_page"),
     ("per_page=99999999999999999999999", "per_page"), ("page=-1", "page"),
 ])
-def test_paging_out_of_range_is_400(env: Env, query: str, field: str) -> None:
+def test_paging_out_of_range_is_400(refusals_env: Env, query: str, field: str) -> None:
+    env = refusals_env
     response = env.client.get(f"/v1/workflow?{query}", headers=env.auth())
     assert f"invalid query parameter {field}" in error(response, 400)
 
 
 @pytest.mark.parametrize("seconds", [1.2e308, 1e12, -1])
-def test_bulk_cancel_ages_out_of_range_are_400(env: Env, seconds: float) -> None:
+def test_bulk_cancel_ages_out_of_range_are_400(refusals_env: Env, seconds: float) -> None:
+    env = refusals_env
     response = env.client.post("/v1/admin/workflow/cancel", headers=env.auth("ops", operator=True),
                                json={"older_than_seconds": seconds, "dry_run": True})
     assert "older_than_seconds" in error(response, 400)
@@ -317,7 +319,8 @@ HUGE = [MIB] * 60
 
 @pytest.mark.parametrize("path", ["/v1/runner", f"/v1/workflow/{UUID}/cancel",
                                   "/v1/admin/workflow/cancel", "/v1/workflow"])
-def test_a_huge_body_without_a_valid_token_is_401_unread(env: Env, path: str) -> None:
+def test_a_huge_body_without_a_valid_token_is_401_unread(refusals_env: Env, path: str) -> None:
+    env = refusals_env
     declared = {"Content-Type": "application/json", "Content-Length": str(60 * len(MIB))}
     for headers in (declared, {**declared, "Authorization": "Bearer cfc_unknown"},
                     {"Content-Type": "application/json"}):  # chunked: no length at all
@@ -337,7 +340,10 @@ def test_an_operator_route_refuses_a_customer_before_the_body(env: Env) -> None:
     ("/v1/admin/workflow/cancel", "COMFY_CANCEL_MAX_ADMIN_BODY_BYTES"),
     ("/v1/workflow", "COMFY_CANCEL_MAX_WORKFLOW_BYTES"),
 ])
-def test_a_body_over_its_routes_limit_is_413(env: Env, path: str, setting: str) -> None:
+def test_a_body_over_its_routes_limit_is_413(
+    refusals_env: Env, path: str, setting: str
+) -> None:
+    env = refusals_env
     operator = env.auth("ops", operator=True)["Authorization"]
     headers = {"Authorization": operator, "Content-Type": "application/json"}
     status, body, taken = _call(env, "POST", path, {**headers, "Content-Length":
