@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
@@ -152,7 +153,9 @@ def enforce_deadlines(ctx: Context) -> Outcomes:
             overdue = manager.lock_overdue_cancels(session, due, grace)
             ended, found = _end_running(session, ctx, overdue,
                                         {w.id: _requester(w) for w in overdue})
-        _after_escalation(ctx, ended)
+        # The pass runs every second and never twice at once: it must not wait on a ComfyUI
+        # that does not answer, or every other deadline waits with it.
+        _after_escalation(ctx, ended, direct=_DIRECT_CANCELS.submit)
         outcomes.update(found)
         if len(due) < limit or not ended:  # all done, or the rest is for the next turn
             return outcomes
@@ -243,8 +246,11 @@ def _end_running(
     return [w for w in workflows if w.id in changed], outcomes
 
 
-def _after_escalation(ctx: Context, ended: Sequence[Workflow]) -> None:
-    """After the commit: stop the runners, their tasks and their prompts."""
+def _after_escalation(
+    ctx: Context, ended: Sequence[Workflow], direct: Callable[..., object] | None = None
+) -> None:
+    """After the commit: stop the runners, their tasks and their prompts. ``direct`` runs
+    the calls to ComfyUI (default: here and now; the deadline pass hands them to threads)."""
     if not ended:
         return
     # The runner's thread cannot be killed from here (a revoke with terminate kills a
@@ -257,7 +263,16 @@ def _after_escalation(ctx: Context, ended: Sequence[Workflow]) -> None:
     for workflow in ended:
         if workflow.prompt_id and workflow.runner_id:
             prompts[workflow.runner_id].append(workflow.prompt_id)
-    cancel_prompts(ctx, prompts, ESCALATION_TIMEOUT_SECONDS)
+    if prompts:
+        (direct or _call)(cancel_prompts, ctx, prompts, ESCALATION_TIMEOUT_SECONDS)
+
+
+def _call(function: Callable[..., object], *args: object) -> None:
+    function(*args)
+
+
+# Direct cancels of the deadline pass, beside it (a few at once: one per hung server).
+_DIRECT_CANCELS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="direct-cancel")
 
 
 def cancel_prompts(
