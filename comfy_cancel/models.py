@@ -49,6 +49,8 @@ class CancelSource(StrEnum):
     API = "api"
     BULK = "bulk"
     SWEEP = "sweep"
+    RUNNER_INTERRUPT = "runner_interrupt"  # POST /v1/runner/{id}/interrupt
+    DEADLINE = "deadline"  # the workflow's own timeout_seconds ran out
 
 
 class CancelOutcome(StrEnum):
@@ -196,6 +198,14 @@ class Workflow(Base):
     cancel_taken_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     cancel_outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
     cancel_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The customer's optional time limit from submission, and the instant it runs out.
+    timeout_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # What ComfyUI reported saved before a cancel stopped the prompt (``outputs`` stays
+    # for completed work only).
+    partial_outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # When the runner confirmed ComfyUI holds the cancelled prompt no more (GPU freed).
+    freed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     def cancel_timing(self) -> dict[str, Any]:
         """Seconds from the cancel request to now, for the audit row of its outcome."""
@@ -218,6 +228,12 @@ class Workflow(Base):
             "cancel_requested_at",
             postgresql_where=text("cancel_requested_at IS NOT NULL AND cancel_outcome IS NULL"),
             sqlite_where=text("cancel_requested_at IS NOT NULL AND cancel_outcome IS NULL"),
+        ),
+        Index(
+            "ix_workflows_open_deadline",
+            "deadline_at",
+            postgresql_where=text("deadline_at IS NOT NULL AND cancel_requested_at IS NULL"),
+            sqlite_where=text("deadline_at IS NOT NULL AND cancel_requested_at IS NULL"),
         ),
     )
 
