@@ -13,23 +13,26 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated, Any, TypeVar
 
 import anyio
 import redis
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+import redis.asyncio
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comfy_cancel import bulk, manager, publish, status
+from comfy_cancel import bulk, live, manager, publish, status, streams
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.context import Context
 from comfy_cancel.db import Database
@@ -340,6 +343,64 @@ def get_workflow(workflow_id: str, principal: Caller, db: DB) -> Response:
         return _json(WorkflowView.of(_own_workflow(session, workflow_id, principal)).to_json())
 
 
+@v1.get(
+    "/workflow/{workflow_id}/subscribe",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}},
+              "description": "Server-sent events: `state` first (the workflow as GET shows "
+              "it), then `status`, `cancel_requested`, `cancel_signalled`, "
+              "`cancel_acknowledged`, `cancel_outcome` (each with its id) and `progress`, "
+              "until the terminal status; a `: ping` comment on a quiet stream."},
+        204: {"description": "Resumed (Last-Event-ID) on an ended workflow with nothing "
+              "newer: nothing more will come."},
+    },
+)
+async def subscribe_workflow(
+    request: Request,
+    workflow_id: str,
+    principal: Caller,
+    db: DB,
+    last_event_id: Annotated[str | None, Header(
+        description="Resume after this event id (sent by EventSource on reconnect): the "
+        "events after it are replayed from the database, then the stream goes on live.",
+    )] = None,
+) -> Response:
+    """Follow a workflow as it happens: every status change, every step of a cancel, and
+    ComfyUI's progress while it runs; the stream ends after the terminal status."""
+    canonical = _canonical_id("workflow", workflow_id)
+    after_id = _event_id(last_event_id)
+    hub: live.Hub = request.app.state.hub
+    subscription = hub.open(canonical)  # before the read: nothing committed after it is lost
+    try:
+        start = await anyio.to_thread.run_sync(
+            streams.snapshot, db, canonical, principal.account_id, after_id)
+    except BaseException:
+        subscription.close()
+        raise
+    if start is None:
+        subscription.close()
+        raise _not_found("workflow", workflow_id)
+    if start.nothing_to_send:
+        subscription.close()
+        return Response(status_code=204)
+    return EventSourceResponse(
+        streams.events(subscription, start, db),
+        ping=request.app.state.settings.stream_ping_seconds,
+        ping_message_factory=lambda: streams.PING,
+        background=BackgroundTask(subscription.close),  # a HEAD never starts the events
+    )
+
+
+def _event_id(header: str | None) -> int | None:
+    if header is None or not header.strip():
+        return None
+    if not header.strip().isdigit() or len(header.strip()) > 18:
+        raise ApiError(400, "Last-Event-ID must be the id of an event of this stream "
+                       "(a number); leave it out to start with the current state")
+    return int(header)
+
+
 # Deeper pages would only make the database skip more rows (and overflow its offset).
 MAX_PAGE = 1_000_000
 
@@ -621,10 +682,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     is configured from the environment's settings, not from ``settings``.
     """
     settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await app.state.hub.close()
+
     app = FastAPI(
         title="comfy-cancel",
         version="0.1.0",
         description="Submit ComfyUI workflows, follow them, and cancel them.",
+        lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.db = Database.from_url(settings.database_url)
@@ -632,6 +700,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.redis = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=2, socket_timeout=2
     )
+    # The process's one subscription to live updates, shared by all its streams.
+    app.state.hub = live.Hub(redis.asyncio.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2))
     app.include_router(v1)
     app.include_router(admin)
     app.include_router(health)

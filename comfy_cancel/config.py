@@ -121,6 +121,19 @@ class Settings(BaseSettings):
     heartbeat_interval_seconds: float = Field(
         2.0, description="How often a runner task writes its heartbeat while it drives a workflow."
     )
+    progress_interval_seconds: float = Field(
+        0.5,
+        ge=0,
+        description="Least time between two live progress updates of one run on "
+        "GET /v1/workflow/{id}/subscribe (a node starting or finishing is sent at once); "
+        "progress is published to Redis only, never written per event.",
+    )
+    stream_ping_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="How often GET /v1/workflow/{id}/subscribe sends a heartbeat (an SSE "
+        "comment) on a quiet stream, so that proxies keep it open.",
+    )
     heartbeat_timeout_seconds: float = Field(
         30.0,
         description="A running workflow whose heartbeat is older than this has lost its "

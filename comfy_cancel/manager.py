@@ -321,14 +321,23 @@ def list_workflows(
     return list(rows), int(session.execute(count).scalar_one())
 
 
-def events_of(session: Session, workflow_id: str) -> list[WorkflowEvent]:
+def events_of(session: Session, workflow_id: str, after_id: int = 0) -> list[WorkflowEvent]:
+    """The workflow's audit rows in order, those numbered above ``after_id``."""
     return list(
         session.execute(
             select(WorkflowEvent)
-            .where(WorkflowEvent.workflow_id == workflow_id)
+            .where(WorkflowEvent.workflow_id == workflow_id, WorkflowEvent.id > after_id)
             .order_by(WorkflowEvent.id)
         ).scalars()
     )
+
+
+def last_event_id(session: Session, workflow_id: str) -> int:
+    """The number of the workflow's latest audit row (0 when it has none)."""
+    found = session.execute(
+        select(func.max(WorkflowEvent.id)).where(WorkflowEvent.workflow_id == workflow_id)
+    ).scalar()
+    return int(found or 0)
 
 
 def claim_prompt(session: Session, workflow_id: str, prompt_id: str) -> bool:

@@ -70,6 +70,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso_utc(value: datetime) -> str:
+    """ISO 8601 in UTC with a ``Z``, the one time format of the API."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -254,6 +259,8 @@ class WorkflowTag(Base):
 class EventKind(StrEnum):
     TRANSITION = "transition"
     CANCEL_REQUESTED = "cancel_requested"
+    CANCEL_SIGNALLED = "cancel_signalled"  # a cancel worker signalled the runner
+    CANCEL_ACKNOWLEDGED = "cancel_acknowledged"  # the runner saw ComfyUI stop the prompt
     CANCEL_OUTCOME = "cancel_outcome"
 
 

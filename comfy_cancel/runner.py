@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
-from comfy_cancel import manager, retries, status
+from comfy_cancel import live, manager, retries, status
 from comfy_cancel.comfyui import (
     ComfyUIClient,
     ComfyUIError,
@@ -74,6 +74,7 @@ class Run:
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     stop_requested: threading.Event = field(default_factory=threading.Event)
     progress: dict[str, Any] | None = None
+    progress_published_at: float = 0.0  # monotonic time of the last live progress update
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_signal(self, kind: SignalKind) -> None:
@@ -343,14 +344,18 @@ def _on_event(ctx: Context, handle: Run, event: Event) -> str | None:
             handle.cancel_prompt(handle.prompt_id or "")  # cancelled while it was pending
             return change.status
         return None
-    if event.type == "progress":
+    if event.type == "progress" or (event.type == "executing" and event.data.get("node")):
         # Kept in memory and written with the next heartbeat: progress events come many
         # times a second, and hundreds of runs writing each one would swamp the database.
+        # Subscribers get it live (not stored), at most every progress_interval_seconds
+        # but at once when a node starts or ends.
+        previous = handle.progress or {}
         handle.progress = {
             "node": event.data.get("node"),
             "value": event.data.get("value"),
             "max": event.data.get("max"),
         }
+        _publish_progress(ctx, handle, previous)
         return None
     if event.type == "execution_error":
         data = event.data
@@ -366,6 +371,19 @@ def _on_event(ctx: Context, handle: Run, event: Event) -> str | None:
         # The prompt is done and its history entry written (COMFYUI_API.md, "Events").
         return _finish_from_history(ctx, handle)
     return None
+
+
+def _publish_progress(ctx: Context, handle: Run, previous: Mapping[str, Any]) -> None:
+    progress = handle.progress or {}
+    now = time.monotonic()
+    turning_point = (progress.get("node") != previous.get("node")
+                     or progress.get("value") == progress.get("max"))
+    if not turning_point and now - handle.progress_published_at < (
+            ctx.settings.progress_interval_seconds):
+        return
+    handle.progress_published_at = now
+    live.publish([live.progress_update(handle.workflow_id, progress.get("node"),
+                                       progress.get("value"), progress.get("max"))])
 
 
 def _interrupted(ctx: Context, handle: Run) -> str | None:
@@ -389,6 +407,7 @@ def _interrupted(ctx: Context, handle: Run) -> str | None:
             workflow.cancel_actor,
             workflow.cancel_reason,
         )
+        status.acknowledge_cancel(session, workflow_id, by, workflow.cancel_timing())
         change = status.cancel_if_active(
             session, workflow_id, by, CancelOutcome.CANCELLED, workflow.cancel_timing()
         )

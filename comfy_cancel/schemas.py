@@ -11,7 +11,7 @@ import itertools
 import json
 import operator
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -26,14 +26,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticSerializationError, to_json
 
-from comfy_cancel.models import Runner, RunnerStatus, Workflow, WorkflowStatus, utcnow
+from comfy_cancel.models import (
+    Runner,
+    RunnerStatus,
+    Workflow,
+    WorkflowStatus,
+    iso_utc,
+    utcnow,
+)
 from comfy_cancel.redact import MASK, redact_url
-
-
-def iso_utc(value: datetime) -> str:
-    """ISO 8601 in UTC with a ``Z``, the one time format of the API."""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
 
 UtcDatetime = Annotated[datetime, PlainSerializer(iso_utc, return_type=str, when_used="json")]
 

@@ -6,10 +6,11 @@ Every change is one compare-and-set statement::
     UPDATE workflows SET status=:to, ... WHERE id=:id AND status IN (:from...)
 
 judged by the rows it changed, with its audit row written in the same
-transaction. Two writers racing on one row (the runner's ``running ->
-completed`` and the cancel worker's ``running -> cancelled``) both issue the
-statement; the database serialises them, one changes the row and the other
-changes nothing and reads the status that won. Each verb returns a
+transaction. Each audit row is also a live update (:mod:`live`), published after the
+commit, so that a subscriber never sees a change that then rolls back. Two writers
+racing on one row (the runner's ``running -> completed`` and the cancel worker's
+``running -> cancelled``) both issue the statement; the database serialises them, one
+changes the row and the other changes nothing and reads the status that won. Each verb returns a
 :class:`Change` saying what actually happened.
 
 The functions take a session inside a transaction (``Database.transaction()``)
@@ -30,7 +31,7 @@ from sqlalchemy import ColumnElement, bindparam, case, func, insert, literal, se
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import TextClause
 
-from comfy_cancel import manager
+from comfy_cancel import live, manager
 from comfy_cancel.db import Database
 from comfy_cancel.models import (
     CANCELLABLE,
@@ -125,20 +126,8 @@ def transition(
     ).first()
     if changed is None:
         return Change(workflow_id, changed=False, status=_status_of(session, workflow_id))
-    session.execute(
-        insert(WorkflowEvent).values(
-            workflow_id=workflow_id,
-            at=now,
-            kind=EventKind.TRANSITION.value,
-            from_status=old.value,
-            to_status=to.value,
-            source=by.source,
-            actor=by.actor,
-            reason=by.reason,
-            outcome=outcome,
-            detail=dict(detail) if detail else None,
-        )
-    )
+    _audit(session, workflow_id, EventKind.TRANSITION, by, outcome, now, detail,
+           from_status=old.value, to_status=to.value)
     if to in (S.COMPLETED, S.FAILED):
         # A cancel request still open when the workflow ended another way lost the race.
         record_outcome(session, workflow_id, CancelOutcome.TOO_LATE, by, only_if_requested=True)
@@ -376,7 +365,7 @@ def cancel_running_many(session: Session, escalations: Sequence[Escalation]) -> 
             .returning(Workflow.id)
             .execution_options(synchronize_session=False)
         ).scalars())
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"workflow_id": e.workflow_id, "at": now, "kind": EventKind.TRANSITION.value,
          "from_status": S.RUNNING.value, "to_status": S.CANCELLED.value,
          "source": e.by.source, "actor": e.by.actor, "reason": e.by.reason,
@@ -384,7 +373,14 @@ def cancel_running_many(session: Session, escalations: Sequence[Escalation]) -> 
         for e in escalations if e.workflow_id in changed
     ]
     if rows:
-        session.execute(insert(WorkflowEvent), rows)
+        ids = session.execute(
+            insert(WorkflowEvent).returning(WorkflowEvent.id, sort_by_parameter_order=True),
+            rows,
+        ).scalars().all()
+        live.publish_after_commit(session, [
+            live.audit_update(event_id, **row)
+            for event_id, row in zip(ids, rows, strict=True)
+        ])
     return changed
 
 
@@ -478,11 +474,11 @@ def _statement(sql: str) -> TextClause:
 # PostgreSQL: the compare-and-set and its audit row in one statement (a data-modifying CTE).
 _REQUEST_AND_AUDIT = _statement(
     f"WITH recorded AS ({_RECORD_CALLERS_REQUEST}) "
-    f"{_AUDIT_COLUMNS} SELECT id, {_AUDIT_VALUES} FROM recorded RETURNING workflow_id"
+    f"{_AUDIT_COLUMNS} SELECT id, {_AUDIT_VALUES} FROM recorded RETURNING id"
 )
 # SQLite has no data-modifying CTE: the same UPDATE, then the audit row, in one transaction.
 _REQUEST = _statement(_RECORD_CALLERS_REQUEST)
-_AUDIT = _statement(f"{_AUDIT_COLUMNS} VALUES (:workflow_id, {_AUDIT_VALUES})")
+_AUDIT = _statement(f"{_AUDIT_COLUMNS} VALUES (:workflow_id, {_AUDIT_VALUES}) RETURNING id")
 
 
 def request_cancel_as_caller(
@@ -493,19 +489,27 @@ def request_cancel_as_caller(
     cancellable, or the token is no longer valid (the caller asks which, if it must say).
 
     One statement on PostgreSQL, run outside an explicit transaction (a statement is
-    atomic on its own, which saves the BEGIN and COMMIT round trips).
+    atomic on its own, which saves the BEGIN and COMMIT round trips). Its live update is
+    published once it has committed.
     """
-    params = {"now": utcnow(), "workflow_id": workflow_id, "account_id": account_id,
+    now = utcnow()
+    params = {"now": now, "workflow_id": workflow_id, "account_id": account_id,
               "token_id": token_id, "source": by.source, "actor": by.actor,
               "reason": by.reason}
     if db.engine.dialect.name == "postgresql":
         with db.autocommit() as connection:
-            return connection.execute(_REQUEST_AND_AUDIT, params).first() is not None
-    with db.engine.begin() as connection:
-        if connection.execute(_REQUEST, params).first() is None:
-            return False
-        connection.execute(_AUDIT, params)
-        return True
+            event_id = connection.execute(_REQUEST_AND_AUDIT, params).scalar()
+    else:
+        with db.engine.begin() as connection:
+            if connection.execute(_REQUEST, params).first() is None:
+                return False
+            event_id = connection.execute(_AUDIT, params).scalar()
+    if event_id is None:
+        return False
+    live.publish([live.audit_update(
+        event_id, workflow_id, EventKind.CANCEL_REQUESTED.value, now,
+        source=by.source, actor=by.actor, reason=by.reason)])
+    return True
 
 
 def record_outcome(
@@ -533,6 +537,12 @@ def record_outcome(
     ).first()
     if changed is None and only_if_requested:
         return False
+    if changed is None:
+        # Not changed, so not locked: lock before auditing, to keep the workflow's audit
+        # rows numbered in the order they commit (see acknowledge_cancel).
+        session.execute(
+            select(Workflow.id).where(Workflow.id == workflow_id).with_for_update()
+        )
     # A later request's outcome is audited too, marked as not the one the workflow keeps.
     audited = dict(detail or {}) if changed is not None else {**(detail or {}), "recorded": False}
     _audit(session, workflow_id, EventKind.CANCEL_OUTCOME, by, outcome.value, now, audited)
@@ -561,14 +571,31 @@ def claim_redrive(
 
 def mark_cancel_taken(session: Session, workflow_ids: Sequence[str]) -> None:
     """A cancel worker took these open requests (it signalled their runners): the first
-    take is kept, since the grace period, and so the deadline, runs from it."""
-    if workflow_ids:
-        session.execute(
-            update(Workflow)
-            .where(Workflow.id.in_(list(workflow_ids)), Workflow.cancel_outcome.is_(None))
-            .values(cancel_taken_at=func.coalesce(Workflow.cancel_taken_at, utcnow()))
-            .execution_options(synchronize_session=False)
-        )
+    take is kept, since the grace period, and so the deadline, runs from it. Each signal
+    is audited (``cancel_signalled``, naming the request it serves)."""
+    if not workflow_ids:
+        return
+    now = utcnow()
+    taken = session.execute(
+        update(Workflow)
+        .where(Workflow.id.in_(list(workflow_ids)), Workflow.cancel_outcome.is_(None))
+        .values(cancel_taken_at=func.coalesce(Workflow.cancel_taken_at, now))
+        .returning(Workflow.id)
+        .execution_options(synchronize_session=False)
+    ).scalars().all()
+    _audit_many(session, list(taken), EventKind.CANCEL_SIGNALLED, now)
+
+
+def acknowledge_cancel(
+    session: Session, workflow_id: str, by: Actor, detail: Mapping[str, Any] | None = None
+) -> None:
+    """The runner saw ComfyUI stop the prompt it was asked to cancel: audited before the
+    status it then writes. The row is locked first, so that the audit rows of one
+    workflow are numbered in the order they commit (the live streams rely on it)."""
+    session.execute(
+        select(Workflow.id).where(Workflow.id == workflow_id).with_for_update()
+    )
+    _audit(session, workflow_id, EventKind.CANCEL_ACKNOWLEDGED, by, None, utcnow(), detail)
 
 
 def _audit(
@@ -579,34 +606,36 @@ def _audit(
     outcome: str | None,
     at: datetime,
     detail: Mapping[str, Any] | None = None,
+    *,
+    from_status: str | None = None,
     to_status: str | None = None,
 ) -> None:
-    session.execute(
-        insert(WorkflowEvent).values(
-            workflow_id=workflow_id,
-            at=at,
-            kind=kind.value,
-            to_status=to_status,
-            source=by.source,
-            actor=by.actor,
-            reason=by.reason,
-            outcome=outcome,
-            detail=dict(detail) if detail else None,
-        )
-    )
+    """One audit row, and its live update after the commit."""
+    columns: dict[str, Any] = {
+        "kind": kind.value, "from_status": from_status, "to_status": to_status,
+        "source": by.source, "actor": by.actor, "reason": by.reason, "outcome": outcome,
+        "detail": dict(detail) if detail else None,
+    }
+    event_id = session.execute(
+        insert(WorkflowEvent).values(workflow_id=workflow_id, at=at, **columns)
+        .returning(WorkflowEvent.id)
+    ).scalar_one()
+    live.publish_after_commit(session, [live.audit_update(event_id, workflow_id, at=at,
+                                                          **columns)])
 
 
 def _audit_many(
     session: Session,
-    by: Mapping[str, Actor],
+    by: Mapping[str, Actor] | Sequence[str],
     kind: EventKind,
     at: datetime,
-    **columns: str,
+    **columns: Any,
 ) -> None:
-    """One audit row per id of ``by`` (each naming its requester), alike but for the id
-    and the requester, in one ``INSERT ... SELECT``: the database builds the rows, Python
-    sends about one parameter per id instead of a dict of nine per row (bulk cancels write
-    thousands at a time)."""
+    """One audit row per id of ``by``, alike but for the id and the requester, in one
+    ``INSERT ... SELECT``: the database builds the rows, Python sends about one parameter
+    per id instead of a dict of nine per row (bulk cancels write thousands at a time).
+    ``by`` maps each id to its requester, or lists ids whose rows name the cancel request
+    each workflow carries. Their live updates follow the commit."""
     if not by:
         return
     table = WorkflowEvent.__table__
@@ -615,10 +644,20 @@ def _audit_many(
         name: literal(value, table.c[name].type)
         for name, value in fixed.items() if value is not None
     }
-    values.update(_requester_columns(by))
-    session.execute(
+    if isinstance(by, Mapping):
+        values.update(_requester_columns(by))
+    else:
+        values.update({name: getattr(Workflow, f"cancel_{name}")
+                       for name in ("source", "actor", "reason")})
+    rows = session.execute(
         insert(WorkflowEvent).from_select(
             ["workflow_id", *values],
             select(Workflow.id, *values.values()).where(Workflow.id.in_(list(by))),
-        )
-    )
+        ).returning(WorkflowEvent.id, WorkflowEvent.workflow_id, WorkflowEvent.source,
+                    WorkflowEvent.actor, WorkflowEvent.reason)
+    ).all()
+    live.publish_after_commit(session, [
+        live.audit_update(row.id, row.workflow_id, kind.value, at, source=row.source,
+                          actor=row.actor, reason=row.reason, **columns)
+        for row in rows
+    ])
