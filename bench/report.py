@@ -231,6 +231,12 @@ def _figure_rows(figures: dict[str, Any]) -> list[list[Any]]:
                      f"p50 {d['p50_ms']} / p99 {d['p99_ms']} ms", None,
                      f"includes ComfyUI's interrupt at the next step ({r['sim_step_ms']} ms)",
                      None])
+    lag = figures.get("stream_lag")
+    if lag:
+        d = lag["write_to_event"]
+        rows.append(["stream lag: database write of `cancelled` -> subscriber's event",
+                     f"p50 {d['p50_ms']} / p99 {d['p99_ms']} / max {d['max_ms']} ms",
+                     "p99 < 50 ms", f"{lag['samples']} cancels, one stream at a time", None])
     a = figures.get("at_once")
     if a:
         for name, v in a["variants"].items():

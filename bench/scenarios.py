@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -35,6 +36,7 @@ from comfy_cancel.embedded.comfyui_sim import blur_chain
 from comfy_cancel.migrations import upgrade
 from comfy_cancel.models import CancelOutcome, CancelSource, EventKind, WorkflowStatus
 from comfy_cancel.sweeps import sweep
+from testbed import sse
 
 Log = Callable[[str], None]
 
@@ -63,6 +65,8 @@ class Sizes:
     # rate of the same run; a fixed rate is reported beside it.
     latency_noop_fraction: float = 0.3
     latency_fixed_rate: int = 50
+    # Stream lag: cancels watched on GET /v1/workflow/{id}/subscribe, one after another.
+    stream_samples: int = 200
 
 
 FULL = Sizes(
@@ -76,7 +80,7 @@ QUICK = Sizes(
     throughput_cancels=300, noop_tasks=1500, latency_seconds=2.0, running_samples=6,
     at_once=100, at_once_variants=(("api", "ack"), ("bulk", "ack")),
     bulk_sizes=(1_000, 10_000), one_at_a_time_sample=40, sweep_sizes=(10_000, 100_000),
-    sweep_passes=3, load_seconds=2.0,
+    sweep_passes=3, load_seconds=2.0, stream_samples=30,
 )
 
 
@@ -348,6 +352,49 @@ def running_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
     }
     log(f"running latency: p99 to the ComfyUI call {result['to_comfyui_cancel_call']['p99_ms']}"
         f" ms, to cancelled {result['to_cancelled']['p99_ms']} ms")
+    return result
+
+
+# --- 3b. the live stream -----------------------------------------------------------------------
+
+
+def stream_lag(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
+    """From the database write of `cancelled` (its audit row's time, stamped just before the
+    statement: the commit is inside the figure) to the subscriber reading its event, for
+    queued workflows cancelled through the API one after another while watched."""
+    stack = system.stack
+    ids = seed.queued(system.db, stack.account_id, stack.runner_id, sizes.stream_samples + 1)
+    lags: list[float] = []
+    failures: Counter[str] = Counter()
+    with httpx.Client(base_url=stack.api_url, timeout=30,
+                      headers={"Authorization": f"Bearer {stack.token}"}) as client:
+        for n, workflow_id in enumerate(ids):
+            with client.stream("GET", f"/v1/workflow/{workflow_id}/subscribe") as response:
+                events = sse.events(response.iter_lines())
+                if next(events).event != "state":
+                    failures["no state first"] += 1
+                    continue
+                if client.post(f"/v1/workflow/{workflow_id}/cancel").status_code != 200:
+                    failures["cancel refused"] += 1
+                    continue
+                for event in events:
+                    if event.event == "status":
+                        received = time.time()
+                        written = datetime.fromisoformat(event.json["at"]).timestamp()
+                        if event.json["to_status"] != "cancelled":
+                            failures[f"ended {event.json['to_status']}"] += 1
+                        elif n > 0:  # the first one warms the path up
+                            lags.append(max(0.0, received - written))
+                        break
+                else:
+                    failures["stream closed without a status"] += 1
+    result: dict[str, Any] = {
+        "samples": len(lags),
+        "write_to_event": distribution_ms(lags),
+        "failures": dict(failures),
+        "samples_ms": [round(v * 1000, 2) for v in lags],
+    }
+    log(f"stream lag: p99 {result['write_to_event']['p99_ms']} ms over {len(lags)} cancels")
     return result
 
 

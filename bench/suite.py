@@ -44,6 +44,7 @@ FIGURES: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
     "throughput": (scenarios.throughput, ("noop",)),
     "queued_latency": (scenarios.queued_latency, ("noop",)),
     "running_latency": (scenarios.running_latency, ()),
+    "stream_lag": (scenarios.stream_lag, ()),
     "endpoint_load": (scenarios.endpoint_load, ()),
     "at_once": (scenarios.at_once, ()),
     "bulk": (scenarios.bulk, ()),
@@ -199,6 +200,16 @@ def evaluate(figures: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
             f"p99 {_fmt(p99, ' ms')} ({running['samples']} cancels)",
             f"simulated node step {running['sim_step_ms']} ms; to `cancelled` p99 "
             f"{_fmt(running['to_cancelled']['p99_ms'], ' ms')}",
+            *_judge_p99(p99)))
+    lag = figures.get("stream_lag")
+    if lag:
+        p99 = lag["write_to_event"]["p99_ms"]
+        goals.append(_goal(
+            "stream_lag_p99", "stream_lag",
+            "stream: p99 from the database write of `cancelled` to the subscriber's event "
+            "< 50 ms",
+            f"p99 {_fmt(p99, ' ms')} ({lag['samples']} cancels)",
+            f"p50 {_fmt(lag['write_to_event']['p50_ms'], ' ms')}; one stream open at a time",
             *_judge_p99(p99)))
     through = figures.get("throughput")
     if through:

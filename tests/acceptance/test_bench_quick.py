@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.acceptance, pytest.mark.redis, pytest.mark.postgres,
               pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
-FIGURES = {"noop", "throughput", "queued_latency", "running_latency", "endpoint_load",
-           "at_once", "bulk", "sweep"}
+FIGURES = {"noop", "throughput", "queued_latency", "running_latency", "stream_lag",
+           "endpoint_load", "at_once", "bulk", "sweep"}
 GOAL_FIELDS = {"id", "figure", "goal", "result", "baseline", "ratio", "met", "headroom"}
 
 
@@ -73,6 +73,9 @@ def test_quick_mode_runs_and_writes_valid_results(tmp_path: Path) -> None:
     _distribution(running["to_comfyui_cancel_call"])
     _distribution(running["to_cancelled"])
     assert running["outcomes"] == {"cancelled": running["samples"]}
+    lag = figures["stream_lag"]
+    _distribution(lag["write_to_event"])
+    assert lag["failures"] == {} and lag["samples"] == results["sizes"]["stream_samples"]
     for variant in figures["at_once"]["variants"].values():
         assert variant["settled"] and variant["statuses"] == {"cancelled": variant["count"]}
     for size, entry in figures["bulk"]["sizes"].items():
@@ -88,7 +91,8 @@ def test_quick_mode_runs_and_writes_valid_results(tmp_path: Path) -> None:
     assert _number(load["cancel"]["ok_per_second"]) and _number(load["healthz"]["ok_per_second"])
 
     goals = results["goals"]
-    assert {g["id"] for g in goals} >= {"queued_p99", "running_p99", "throughput",
+    assert {g["id"] for g in goals} >= {"queued_p99", "running_p99", "stream_lag_p99",
+                                        "throughput",
                                         "cpu_per_cancel", "endpoint_vs_healthz", "bulk_time",
                                         "bulk_vs_api", "bulk_memory", "sweep"}
     for goal in goals:
