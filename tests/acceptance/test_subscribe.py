@@ -4,19 +4,28 @@ Last-Event-ID resumes after an event; another account's workflow is a 404."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import httpx
 import pytest
+import redis
+from sqlalchemy import text
 
 from comfy_cancel import manager
 from comfy_cancel.embedded.comfyui_sim import blur_chain
+from comfy_cancel.models import WorkflowStatus
 from testbed import sse
 from testbed.stack import Stack, cancel
 from tests.apitest import error
+from tests.helpers import seed_workflow
 
 pytestmark = pytest.mark.acceptance
+S = WorkflowStatus
 TERMINAL = {"completed", "failed", "cancelled"}
 LONG = blur_chain(40)  # about 6 s at the stack's time_scale 0.2
 
@@ -112,3 +121,75 @@ def test_another_accounts_workflow_is_a_404_and_no_token_a_401(stack: Stack) -> 
     error(httpx.get(f"{stack.api_url}/v1/workflow/{workflow_id}/subscribe"), 401)
     cancel(stack, workflow_id)
     stack.wait_status(workflow_id, TERMINAL)
+
+
+STREAMS = 1000
+WATCHED = 10  # workflows, each watched by STREAMS / WATCHED streams
+PING_SECONDS = 1.0
+
+
+def test_a_thousand_streams_on_one_api_process_share_one_subscription_and_no_database_session(
+    stack_factory: Callable[..., Any],
+) -> None:
+    with stack_factory(separate_api=True, api_workers=1,
+                       stream_ping_seconds=PING_SECONDS) as made:
+        stack = cast(Stack, made)
+        ids = [seed_workflow(stack.db, stack.account_id, stack.runner_id, S.QUEUED)
+               for _ in range(WATCHED)]
+        opened = asyncio.Semaphore(0)
+        names = asyncio.run(_watch_many(stack, ids, opened, _while_all_open(stack, ids)))
+
+    for events in names:
+        assert events[0] == "state", events
+        assert "ping" in events, events  # heartbeats on every quiet stream
+        assert "cancel_requested" in events
+        assert events[-1] == "status", events  # each saw the end, then was closed
+
+
+async def _watch_many(stack: Stack, ids: list[str], opened: asyncio.Semaphore,
+                      then: Callable[[], None]) -> list[list[str]]:
+    limits = httpx.Limits(max_connections=STREAMS + 10, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=stack.api_url, limits=limits, timeout=120,
+                                 headers={"Authorization": f"Bearer {stack.token}"}) as client:
+
+        async def watch(workflow_id: str) -> list[str]:
+            names: list[str] = []
+            async with client.stream("GET", f"/v1/workflow/{workflow_id}/subscribe") as r:
+                assert r.status_code == 200
+                buffered: list[str] = []
+                async for line in r.aiter_lines():
+                    if line.startswith(": ping"):
+                        names.append("ping")
+                    buffered.append(line)
+                    if line:
+                        continue
+                    for event in sse.events(buffered):
+                        names.append(event.event)
+                        if event.event == "state":
+                            opened.release()
+                    buffered = []
+            return names
+
+        tasks = [asyncio.create_task(watch(ids[n % len(ids)])) for n in range(STREAMS)]
+        for _ in range(STREAMS):
+            await asyncio.wait_for(opened.acquire(), 120)
+        await asyncio.to_thread(then)
+        return await asyncio.wait_for(asyncio.gather(*tasks), 120)
+
+
+def _while_all_open(stack: Stack, ids: list[str]) -> Callable[[], None]:
+    def check_then_cancel() -> None:
+        time.sleep(3 * PING_SECONDS)  # every stream quiet long enough for a heartbeat
+        # One pattern subscription on Redis for the API process, not one per stream.
+        clients = redis.Redis.from_url(stack.settings.redis_url).client_list()
+        assert len([c for c in clients if c.get("psub") not in (None, "0")]) == 1
+        # Idle streams hold no database session (the pool may keep a few idle ones).
+        with stack.db.engine.connect() as connection:
+            active = connection.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state <> 'idle' AND pid <> pg_backend_pid()")).scalar()
+        assert active is not None and active < 10, active
+        for workflow_id in ids:
+            assert cancel(stack, workflow_id).status_code == 200
+
+    return check_then_cancel
