@@ -702,7 +702,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # The process's one subscription to live updates, shared by all its streams.
     app.state.hub = live.Hub(redis.asyncio.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2))
+        settings.redis_url, socket_connect_timeout=2, client_name=live.HUB_CLIENT_NAME))
     app.include_router(v1)
     app.include_router(admin)
     app.include_router(health)

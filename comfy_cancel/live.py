@@ -210,6 +210,8 @@ RESYNC = "resync"
 Item = list[Update] | str
 # Updates a slow stream may have waiting; past that it is told to catch up instead.
 QUEUE_SIZE = 1000
+# The hub's Redis connection's name (CLIENT LIST shows one per API process).
+HUB_CLIENT_NAME = "comfy-cancel-live"
 # Silence this long on the subscription is a dead connection (a PING is sent before).
 SILENCE_SECONDS = 30.0
 

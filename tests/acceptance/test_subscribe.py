@@ -16,7 +16,7 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from comfy_cancel import manager
+from comfy_cancel import live, manager
 from comfy_cancel.embedded.comfyui_sim import blur_chain
 from comfy_cancel.models import WorkflowStatus
 from testbed import sse
@@ -182,7 +182,8 @@ def _while_all_open(stack: Stack, ids: list[str]) -> Callable[[], None]:
         time.sleep(3 * PING_SECONDS)  # every stream quiet long enough for a heartbeat
         # One pattern subscription on Redis for the API process, not one per stream.
         clients = redis.Redis.from_url(stack.settings.redis_url).client_list()
-        assert len([c for c in clients if c.get("psub") not in (None, "0")]) == 1
+        hub = [c for c in clients if c.get("name") == live.HUB_CLIENT_NAME]
+        assert len(hub) == 1 and hub[0]["psub"] == "1", hub
         # Idle streams hold no database session (the pool may keep a few idle ones).
         with stack.db.engine.connect() as connection:
             active = connection.execute(text(
