@@ -143,7 +143,7 @@ def test_a_thousand_streams_on_one_api_process_share_one_subscription_and_no_dat
         assert events[0] == "state", events
         assert "ping" in events, events  # heartbeats on every quiet stream
         assert "cancel_requested" in events
-        assert events[-1] == "status", events  # each saw the end, then was closed
+        assert [e for e in events if e != "ping"][-1] == "status", events  # the end, then closed
 
 
 async def _watch_many(stack: Stack, ids: list[str], opened: asyncio.Semaphore,
