@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -172,10 +172,15 @@ def publisher() -> Publisher:
     return found
 
 
-def use(client: redis.Redis | None) -> None:
-    """Publish through ``client`` from now on (tests: a fakeredis); None: the settings'."""
+@contextlib.contextmanager
+def publishing_to(client: redis.Redis) -> Iterator[Publisher]:
+    """Publish through ``client`` inside the block (tests: a fakeredis server)."""
     global _override
-    _override = None if client is None else Publisher(client)
+    previous, _override = _override, Publisher(client)
+    try:
+        yield _override
+    finally:
+        _override = previous
 
 
 def publish(updates: Sequence[Update]) -> None:

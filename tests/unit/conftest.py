@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fakeredis
 import pytest
 
+from comfy_cancel import live
 from comfy_cancel.embedded.comfyui_sim import RunningSim, start_in_thread
 from tests.apitest import (  # noqa: F401  (the API's fixtures)
     broker,
@@ -19,6 +21,14 @@ from tests.apitest import (  # noqa: F401  (the API's fixtures)
 from tests.unit.domain import domain, revokes  # noqa: F401  (the domain's fixtures)
 
 FAST = 0.05  # time scale of most tests: the 6 s reference workflow takes 0.3 s
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _live_updates_on_fakeredis() -> Iterator[None]:
+    """Status writes publish their live updates (comfy_cancel/live.py) into a fakeredis,
+    not to whatever Redis the default settings name."""
+    with live.publishing_to(fakeredis.FakeRedis()):
+        yield
 
 
 @pytest.fixture

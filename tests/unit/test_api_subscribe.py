@@ -22,9 +22,8 @@ def hub_env(env: Env) -> Iterator[Env]:
     """The API with its hub and the status writer's publisher on one fakeredis server."""
     server = fakeredis.FakeServer()
     env.app.state.hub = live.Hub(fakeredis.aioredis.FakeRedis(server=server))
-    live.use(fakeredis.FakeRedis(server=server))
-    yield env
-    live.use(None)
+    with live.publishing_to(fakeredis.FakeRedis(server=server)):
+        yield env
 
 
 def subscribe(env: Env, workflow_id: str, token: dict[str, str],

@@ -49,9 +49,8 @@ class CountingRedis(fakeredis.FakeRedis):
 def fake() -> Iterator[CountingRedis]:
     client = CountingRedis(server=fakeredis.FakeServer())
     CountingRedis.round_trips = 0
-    live.use(client)
-    yield client
-    live.use(None)
+    with live.publishing_to(client):
+        yield client
 
 
 @pytest.fixture
@@ -224,5 +223,29 @@ def test_a_stream_that_falls_behind_is_told_to_catch_up_instead_of_growing() -> 
         # What it had waiting is dropped for one "catch up"; later updates follow it.
         assert sub.queue.qsize() == 1 + 4
         assert await sub.get() == live.RESYNC
+
+    asyncio.run(scenario())
+
+
+def test_the_hub_reconnects_after_losing_redis_and_tells_its_streams_to_catch_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(live, "SILENCE_SECONDS", 0.3)
+
+    async def scenario() -> None:
+        server = fakeredis.FakeServer()
+        hub = live.Hub(fakeredis.aioredis.FakeRedis(server=server))
+        sub = hub.open("a")
+        await asyncio.wait_for(hub.connected.wait(), 10)
+        assert await asyncio.wait_for(sub.get(), 10) == live.RESYNC
+        server.connected = False  # Redis goes away
+        while hub.connected.is_set():
+            await asyncio.sleep(0.05)
+        server.connected = True
+        assert await asyncio.wait_for(sub.get(), 10) == live.RESYNC  # back: catch up
+        live.Publisher(fakeredis.FakeRedis(server=server)).publish(
+            [live.progress_update("a", "7", 1, 2)])
+        assert await nodes(sub) == ["7"]
+        await hub.close()
 
     asyncio.run(scenario())
