@@ -48,6 +48,7 @@ def banner(stack: EmbeddedStack, heading: str) -> str:
         f"  export API={stack.api_url} TOKEN={stack.token}",
         f"  curl -s {auth} -F name=blur -F workflow_json=@{workflow} $API/v1/workflow",
         f"  curl -s {auth} $API/v1/workflow/WORKFLOW_ID",
+        f"  curl -sN {auth} $API/v1/workflow/WORKFLOW_ID/subscribe   # live, until it ends",
         f"  curl -s -X POST {auth} $API/v1/workflow/WORKFLOW_ID/cancel",
         "",
     ])

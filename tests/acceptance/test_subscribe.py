@@ -72,6 +72,17 @@ class Subscriber:
 def test_a_subscriber_sees_each_step_of_a_cancel_in_order_then_the_stream_closes(
     stack: Stack,
 ) -> None:
+    _watch_a_cancel(stack)
+
+
+def test_the_same_on_an_older_comfyui_without_the_jobs_api(
+    stack_factory: Callable[..., Any],
+) -> None:
+    with stack_factory(jobs_api=False) as made:  # the targeted /interrupt path
+        _watch_a_cancel(cast(Stack, made))
+
+
+def _watch_a_cancel(stack: Stack) -> None:
     workflow_id = stack.submit(LONG, name="watched")
     assert stack.wait_status(workflow_id, {"running"} | TERMINAL)["status"] == "running"
     watcher = Subscriber(stack, workflow_id).start()
