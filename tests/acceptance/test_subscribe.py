@@ -95,7 +95,9 @@ def _watch_a_cancel(stack: Stack) -> None:
     events = watcher.closed()
 
     assert watcher.status_code == 200
-    steps = [e.event for e in events if e.event not in ("state", "progress")]
+    named = [e.event for e in events if e.event not in ("state", "progress")]
+    # A request handed on twice (the re-drive, on a slow machine) is signalled twice.
+    steps = [step for n, step in enumerate(named) if n == 0 or named[n - 1] != step]
     # The worker's "signalled" can land after the runner's acknowledgement is written, when
     # the runner is quicker than the worker's second transaction: then it is not audited.
     assert steps in (
