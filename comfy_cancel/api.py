@@ -29,7 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comfy_cancel import bulk, manager, publish, status
+from comfy_cancel import bulk, manager, ops, publish, status
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.context import Context
 from comfy_cancel.db import Database
@@ -42,6 +42,7 @@ from comfy_cancel.gate import (
     Gate,
     database_unavailable,
     error_response,
+    operator_required,
     principal_of,
     too_deep,
     unknown_token,
@@ -137,11 +138,7 @@ async def require_operator(
     """The caller of an operator-only route; 403 for a customer's token (the gate refuses
     it first, before the body; this keeps the rule next to the routes)."""
     if not principal.is_operator:
-        raise ApiError(
-            403,
-            "this call needs an operator token "
-            "(comfy-cancel token create --account NAME --operator)",
-        )
+        raise operator_required()
     return principal
 
 
@@ -605,9 +602,7 @@ def bulk_cancel(request: Request, principal: Operator, body: BulkCancelRequest) 
 
 
 def _context(request: Request) -> Context:
-    ctx = getattr(request.app.state, "context", None)
-    if ctx is None:
-        ctx = request.app.state.context = Context(request.app.state.settings)
+    ctx: Context = request.app.state.context  # built with the app; it connects on first use
     return ctx
 
 
@@ -627,6 +622,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Submit ComfyUI workflows, follow them, and cancel them.",
     )
     app.state.settings = settings
+    app.state.context = Context(settings)
     app.state.db = Database.from_url(settings.database_url)
     # Neither connects until first used; short timeouts keep /readyz fast when Redis is down.
     app.state.redis = redis.Redis.from_url(
@@ -635,6 +631,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1)
     app.include_router(admin)
     app.include_router(health)
+    app.include_router(ops.router)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
