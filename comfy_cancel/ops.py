@@ -53,7 +53,8 @@ STUCK_KINDS = {
     "overdue": "running longer than the maximum run time: cancel requested",
     "queued_cancelled": "queued too long: cancelled",
     "redispatched": "queued too long, never submitted: re-dispatched",
-    "orphans_redispatched": "runner task lost: re-dispatched",
+    "orphans_redispatched": "runner task lost: re-dispatched (an accepted one only once "
+                            "the runner queue is empty: it may be waiting in a backlog)",
 }
 
 router = APIRouter(prefix="/ops", include_in_schema=False)
