@@ -76,8 +76,8 @@ def statuses(stack: Stack, ids: list[str]) -> set[str]:
 
 
 def test_an_operator_watches_a_cancel_and_runs_a_bulk_cancel_in_a_browser(
-    stack: Stack, browser: Browser, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+    browser: Browser, stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # the browser first: without one, no stack is started for nothing
     with stack.db.transaction() as session:
         globex = manager.get_or_create_account(session, "globex")
         globex_runner = manager.add_runner(session, globex.id, name="g", endpoint_url=stack.sim.url)
