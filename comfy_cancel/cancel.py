@@ -26,6 +26,7 @@ cancel racing the runner's completion ends in exactly one terminal status.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -275,10 +276,8 @@ def _call(function: Callable[..., object], *args: object) -> None:
     function(*args)
 
 
-# Direct cancels of the deadline pass, beside it (a few at once: one per hung server), and
-# the watches for ComfyUI to let go (apart, so a long watch delays no cancel call).
+# Direct cancels of the deadline pass, beside it (a few at once: one per hung server).
 _DIRECT_CANCELS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="direct-cancel")
-_RELEASE_WATCHES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="release-watch")
 # Who confirmed the release, in the audit row of a GPU freed seen by the cancel worker.
 CANCEL_WORKER = Actor(source="cancel_worker")
 
@@ -310,8 +309,11 @@ def cancel_prompts(
                         runner_id, exc)
             continue
         if confirm_for:
+            # A daemon thread per server and call, apart from the cancel calls (a long watch
+            # delays none) and best effort: a worker that exits does not wait for it.
             workflows = {p: confirm_for[p] for p in prompt_ids if p in confirm_for}
-            _RELEASE_WATCHES.submit(_record_release, ctx, client, workflows)
+            threading.Thread(target=_record_release, args=(ctx, client, workflows),
+                             name=f"release-watch-{runner_id[:8]}", daemon=True).start()
 
 
 def _record_release(ctx: Context, client: ComfyUIClient, workflow_of: Mapping[str, str]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from comfy_cancel import cancel, runner
+from comfy_cancel import cancel, runner, status
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT, RunningSim, blur_chain
 from comfy_cancel.models import CancelOutcome, WorkflowStatus
 from tests.unit.domain import API, GRACE_SECONDS, Domain, wait_until
@@ -170,6 +170,28 @@ def test_a_cancelled_run_that_cannot_see_comfyui_let_go_leaves_freed_at_null(
     row = domain.row(workflow_id)
     assert row.freed_at is None  # not confirmed
     assert all(kind != "gpu_freed" for kind, _, _ in domain.events(workflow_id))
+
+
+def test_a_prompt_that_completed_after_its_workflow_was_cancelled_keeps_its_outputs_as_partial(
+    domain: Domain, sim: RunningSim
+) -> None:
+    # The race the cancel won (a forced cancel, say): ComfyUI finished the prompt anyway.
+    client = domain.on_sim(sim)
+    workflow_id = domain.workflow(S.RUNNING, domain.runner(sim.url))
+    prompt_id = client.submit(TINY_PROMPT, "someone").prompt_id
+    entry = wait_until(lambda: client.history(prompt_id))
+    domain.set(workflow_id, prompt_id=prompt_id)
+    with domain.ctx.db.transaction() as session:
+        assert status.cancel_if_active(session, workflow_id, API, CancelOutcome.FORCED).changed
+    handle = runner.Run(workflow_id, client, 1, prompt_id=prompt_id)
+
+    assert runner._settle(domain.ctx, handle, entry) == "cancelled"  # the completion lost
+    runner._confirm_release(domain.ctx, handle, prompt_id)
+
+    row = domain.row(workflow_id)
+    assert row.status == S.CANCELLED.value and row.outputs is None
+    assert row.partial_outputs == entry["outputs"] and set(entry["outputs"]) == {"3"}
+    assert row.freed_at is not None
 
 
 def test_a_superseded_run_leaves_quietly_and_leaves_the_prompt_to_its_successor(
