@@ -280,7 +280,8 @@ def workflow_status(session: Session, workflow_id: str, account_id: int) -> str 
 
 def _lean_workflows() -> Select[Workflow]:
     """Workflows without their large JSON columns (loaded on access)."""
-    return select(Workflow).options(defer(Workflow.workflow_json), defer(Workflow.outputs))
+    return select(Workflow).options(defer(Workflow.workflow_json), defer(Workflow.outputs),
+                                    defer(Workflow.partial_outputs))
 
 
 def workflows_by_ids(session: Session, workflow_ids: Sequence[str]) -> list[Workflow]:

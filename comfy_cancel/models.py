@@ -255,6 +255,8 @@ class EventKind(StrEnum):
     TRANSITION = "transition"
     CANCEL_REQUESTED = "cancel_requested"
     CANCEL_OUTCOME = "cancel_outcome"
+    # ComfyUI was seen holding a cancelled prompt no more (workflows.freed_at).
+    GPU_FREED = "gpu_freed"
 
 
 class WorkflowEvent(Base):
