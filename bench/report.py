@@ -43,6 +43,9 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
             "#55a868")
         cdf(ax_r, running.get("samples_to_cancelled_ms", []),
             f"to `cancelled` (p99 {running['to_cancelled']['p99_ms']} ms)", "#8172b3")
+        if running.get("to_freed"):
+            cdf(ax_r, running.get("samples_to_freed_ms", []),
+                f"to GPU freed (p99 {running['to_freed']['p99_ms']} ms)", "#c44e52")
         ax_r.axvspan(0.01, running["sim_step_ms"], color="#cccccc", alpha=0.35,
                      label=f"one simulated node step ({running['sim_step_ms']} ms)")
     ax_r.set_title("Running cancel: API 200 -> ComfyUI / database")
@@ -231,6 +234,12 @@ def _figure_rows(figures: dict[str, Any]) -> list[list[Any]]:
                      f"p50 {d['p50_ms']} / p99 {d['p99_ms']} ms", None,
                      f"includes ComfyUI's interrupt at the next step ({r['sim_step_ms']} ms)",
                      None])
+        f = r.get("to_freed")
+        if f:
+            rows.append(["running cancel latency: 200 -> GPU freed (`freed_at`)",
+                         f"p50 {f['p50_ms']} / p99 {f['p99_ms']} ms", None,
+                         f"to `cancelled` p50 {d['p50_ms']} / p99 {d['p99_ms']} ms; "
+                         f"unconfirmed {r['freed_unconfirmed']} of {r['samples']}", None])
     lag = figures.get("stream_lag")
     if lag:
         d = lag["write_to_event"]
@@ -325,7 +334,8 @@ def _method_notes(results: dict[str, Any]) -> list[str]:
         "chain of ImageBlur nodes on the simulated ComfyUI (really driven by the runner "
         "worker), cancelled at a random moment 50-250 ms into its run; the ComfyUI server "
         "stamps the cancel call it receives (`/sim/calls`), the database stamps "
-        "`cancel_finished_at`.",
+        "`cancel_finished_at`, and `freed_at` once the runner saw ComfyUI's `/queue` hold the "
+        "prompt no more (200 -> freed; one not confirmed within 10 s is counted apart).",
         f"- **At once.** {sizes['at_once']:,} running workflows whose runners are simulated "
         "by `bench/fake_runner.py` in its own process (it listens to the cancel signals like "
         "a runner worker; `ack`: writes `running -> cancelled` one node step after the "

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import psycopg
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
 from bench import cpu, noop, seed
 from bench.stats import distribution_ms, median, ratio
@@ -317,6 +317,7 @@ def running_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
                 failures["did not end cancelled"] += 1
             if n > 0:
                 records.append((workflow_id, acknowledged))
+    _wait_freed(system, [workflow_id for workflow_id, _ in records])
     calls = httpx.get(f"{stack.sim.url}/sim/calls", timeout=30).json()["calls"]
     first_call: dict[str, float] = {}
     for call in calls:
@@ -324,23 +325,29 @@ def running_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
             first_call[call["prompt_id"]] = float(call["at"])
     to_call: list[float] = []
     to_cancelled: list[float] = []
+    to_freed: list[float] = []
     outcomes: Counter[str] = Counter()
     call_before_200 = 0
     with system.db.transaction() as session:
         for workflow_id, acknowledged in records:
-            prompt_id, finished, outcome = session.execute(
-                text("SELECT prompt_id, cancel_finished_at, cancel_outcome FROM workflows "
-                     "WHERE id = :i"), {"i": workflow_id}).one()
+            prompt_id, finished, outcome, freed = session.execute(
+                text("SELECT prompt_id, cancel_finished_at, cancel_outcome, freed_at "
+                     "FROM workflows WHERE id = :i"), {"i": workflow_id}).one()
             outcomes[str(outcome)] += 1
             if prompt_id in first_call:
                 call_before_200 += first_call[prompt_id] < acknowledged
                 to_call.append(max(0.0, first_call[prompt_id] - acknowledged))
             if finished is not None:
                 to_cancelled.append(max(0.0, (epoch(finished) or 0.0) - acknowledged))
+            if freed is not None:
+                to_freed.append(max(0.0, (epoch(freed) or 0.0) - acknowledged))
     result: dict[str, Any] = {
         "samples": len(records),
         "to_comfyui_cancel_call": distribution_ms(to_call),
         "to_cancelled": distribution_ms(to_cancelled),
+        # The runner saw ComfyUI hold the prompt no more (freed_at); unconfirmed ones left out.
+        "to_freed": distribution_ms(to_freed),
+        "freed_unconfirmed": len(records) - len(to_freed),
         "call_before_the_200_was_read": call_before_200,
         "sim_node_ms": SIM_NODE_MS,
         "sim_step_ms": SIM_STEP_MS,
@@ -349,10 +356,28 @@ def running_latency(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
         "failures": dict(failures),
         "samples_to_call_ms": [round(v * 1000, 2) for v in to_call],
         "samples_to_cancelled_ms": [round(v * 1000, 2) for v in to_cancelled],
+        "samples_to_freed_ms": [round(v * 1000, 2) for v in to_freed],
     }
     log(f"running latency: p99 to the ComfyUI call {result['to_comfyui_cancel_call']['p99_ms']}"
-        f" ms, to cancelled {result['to_cancelled']['p99_ms']} ms")
+        f" ms, to cancelled {result['to_cancelled']['p99_ms']} ms, to freed "
+        f"{result['to_freed']['p99_ms']} ms")
     return result
+
+
+def _wait_freed(system: System, workflow_ids: list[str], timeout: float = 10.0) -> None:
+    """Until every one has its freed_at (it follows `cancelled` by the runner's look at
+    ComfyUI's queue), or ``timeout``: the ones still without count as unconfirmed."""
+    if not workflow_ids:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with system.db.transaction() as session:
+            missing = session.execute(
+                text("SELECT count(*) FROM workflows WHERE id IN :ids AND freed_at IS NULL")
+                .bindparams(bindparam("ids", expanding=True)), {"ids": workflow_ids}).scalar()
+        if not missing:
+            return
+        time.sleep(0.05)
 
 
 # --- 3b. the live stream -----------------------------------------------------------------------

@@ -199,7 +199,8 @@ def evaluate(figures: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
             "running: p99 from the 200 to the runner's cancel call < 50 ms",
             f"p99 {_fmt(p99, ' ms')} ({running['samples']} cancels)",
             f"simulated node step {running['sim_step_ms']} ms; to `cancelled` p99 "
-            f"{_fmt(running['to_cancelled']['p99_ms'], ' ms')}",
+            f"{_fmt(running['to_cancelled']['p99_ms'], ' ms')}; to GPU freed p99 "
+            f"{_fmt((running.get('to_freed') or {}).get('p99_ms'), ' ms')}",
             *_judge_p99(p99)))
     lag = figures.get("stream_lag")
     if lag:

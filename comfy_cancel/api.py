@@ -32,7 +32,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comfy_cancel import bulk, live, manager, publish, status, streams
+from comfy_cancel import bulk, live, manager, ops, publish, status, streams
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.context import Context
 from comfy_cancel.db import Database
@@ -45,6 +45,7 @@ from comfy_cancel.gate import (
     Gate,
     database_unavailable,
     error_response,
+    operator_required,
     principal_of,
     too_deep,
     unknown_token,
@@ -140,11 +141,7 @@ async def require_operator(
     """The caller of an operator-only route; 403 for a customer's token (the gate refuses
     it first, before the body; this keeps the rule next to the routes)."""
     if not principal.is_operator:
-        raise ApiError(
-            403,
-            "this call needs an operator token "
-            "(comfy-cancel token create --account NAME --operator)",
-        )
+        raise operator_required()
     return principal
 
 
@@ -666,9 +663,7 @@ def bulk_cancel(request: Request, principal: Operator, body: BulkCancelRequest) 
 
 
 def _context(request: Request) -> Context:
-    ctx = getattr(request.app.state, "context", None)
-    if ctx is None:
-        ctx = request.app.state.context = Context(request.app.state.settings)
+    ctx: Context = request.app.state.context  # built with the app; it connects on first use
     return ctx
 
 
@@ -695,6 +690,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.context = Context(settings)
     app.state.db = Database.from_url(settings.database_url)
     # Neither connects until first used; short timeouts keep /readyz fast when Redis is down.
     app.state.redis = redis.Redis.from_url(
@@ -706,6 +702,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1)
     app.include_router(admin)
     app.include_router(health)
+    app.include_router(ops.router)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -26,6 +26,7 @@ cancel racing the runner's completion ends in exactly one terminal status.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from comfy_cancel import manager, publish, signals, status
-from comfy_cancel.comfyui import ComfyUIError
+from comfy_cancel.comfyui import ComfyUIClient, ComfyUIError
 from comfy_cancel.context import Context
 from comfy_cancel.encryption import SecretKeyError
 from comfy_cancel.models import (
@@ -264,7 +265,11 @@ def _after_escalation(
         if workflow.prompt_id and workflow.runner_id:
             prompts[workflow.runner_id].append(workflow.prompt_id)
     if prompts:
-        (direct or _call)(cancel_prompts, ctx, prompts, ESCALATION_TIMEOUT_SECONDS)
+        # Each server's call is followed by a watch for it to let go of the prompts, on a
+        # thread of its own: the only confirmation of the GPU freed that a workflow whose
+        # runner is gone gets (a live runner confirms too; the first one counts).
+        workflow_of = {w.prompt_id: w.id for w in ended if w.prompt_id}
+        (direct or _call)(cancel_prompts, ctx, prompts, ESCALATION_TIMEOUT_SECONDS, workflow_of)
 
 
 def _call(function: Callable[..., object], *args: object) -> None:
@@ -273,16 +278,21 @@ def _call(function: Callable[..., object], *args: object) -> None:
 
 # Direct cancels of the deadline pass, beside it (a few at once: one per hung server).
 _DIRECT_CANCELS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="direct-cancel")
+# Who confirmed the release, in the audit row of a GPU freed seen by the cancel worker.
+CANCEL_WORKER = Actor(source="cancel_worker")
 
 
 def cancel_prompts(
     ctx: Context,
     prompts: Mapping[str, list[str]],
     timeout: float | None = None,
+    confirm_for: Mapping[str, str] | None = None,
 ) -> None:
     """One ComfyUI call per server for all of its prompts (``prompts`` by runner id).
     Best effort: the workflows are cancelled in the database already, and their runners
-    were signalled to remove their prompts themselves."""
+    were signalled to remove their prompts themselves. With ``confirm_for`` (each
+    prompt's workflow id), a watch for each server to let go of them follows, and
+    records ``freed_at`` for those it sees released."""
     if not prompts:
         return
     with ctx.db.transaction() as session:
@@ -297,6 +307,27 @@ def cancel_prompts(
         except (ComfyUIError, SecretKeyError) as exc:
             log.warning("could not cancel %d prompts on runner %s: %s", len(prompt_ids),
                         runner_id, exc)
+            continue
+        if confirm_for:
+            # A daemon thread per server and call, apart from the cancel calls (a long watch
+            # delays none) and best effort: a worker that exits does not wait for it.
+            workflows = {p: confirm_for[p] for p in prompt_ids if p in confirm_for}
+            threading.Thread(target=_record_release, args=(ctx, client, workflows),
+                             name=f"release-watch-{runner_id[:8]}", daemon=True).start()
+
+
+def _record_release(ctx: Context, client: ComfyUIClient, workflow_of: Mapping[str, str]) -> None:
+    """Watch one server let go of these prompts (by prompt id, their workflow ids) and
+    record ``freed_at`` for those it does, within ``freed_confirm_timeout_seconds``."""
+    try:
+        released = client.wait_released(
+            list(workflow_of), ctx.settings.freed_confirm_timeout_seconds, history=False)
+        if released:
+            with ctx.db.transaction() as session:
+                status.record_freed(session, [workflow_of[p] for p in released],
+                                    CANCEL_WORKER)
+    except Exception:  # a thread of its own: nothing above it would log the failure
+        log.exception("recording the release of %d prompts failed", len(workflow_of))
 
 
 def _escalation_outcome(ctx: Context, workflow: Workflow) -> CancelOutcome:

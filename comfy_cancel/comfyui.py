@@ -54,6 +54,10 @@ from comfy_cancel.redact import redact_url
 
 log = logging.getLogger(__name__)
 
+# Polling /queue for a cancelled prompt to be let go: quick at first (an acknowledged
+# interrupt is usually released within milliseconds), at most this far apart after.
+RELEASE_FIRST_WAIT_SECONDS = 0.02
+RELEASE_MAX_WAIT_SECONDS = 0.5
 # Statuses a WebSocket reconnect cannot fix by waiting.
 _FATAL_WS_STATUSES = frozenset({400, 401, 403, 404})
 # websockets 17 warns unless asked for a plain connection; older releases lack the flag.
@@ -322,6 +326,37 @@ class ComfyUIClient(_ClosedOnExit):
         answer = _expect_dict(self._call("GET", f"/history/{quote(prompt_id, safe='')}"))
         entry = answer.get(prompt_id)
         return entry if isinstance(entry, dict) else None
+
+    def wait_released(
+        self, prompt_ids: Sequence[str], timeout: float, *, history: bool = True
+    ) -> dict[str, dict[str, Any] | None]:
+        """Wait up to ``timeout`` seconds until the server holds none of ``prompt_ids``
+        (``/queue`` shows each neither running nor pending), polling with backoff (20 ms,
+        doubling, at most 0.5 s apart): after an interrupt, a prompt leaves the running
+        slot only once its node has stopped and its history entry is written.
+
+        Returns the prompts seen released, each with its history entry when ``history``
+        (None when ComfyUI has none: a prompt removed while pending, or never known). A
+        prompt still held at the deadline, or all of them when the server did not answer,
+        is left out: not confirmed. Never raises :class:`ComfyUIError`.
+        """
+        wanted = list(dict.fromkeys(prompt_ids))
+        deadline = time.monotonic() + timeout
+        wait = RELEASE_FIRST_WAIT_SECONDS
+        released: dict[str, dict[str, Any] | None] = {}
+        while True:
+            try:
+                queue = self.queue()
+                for prompt_id in wanted:
+                    if prompt_id not in released and not queue.contains(prompt_id):
+                        released[prompt_id] = self.history(prompt_id) if history else None
+            except ComfyUIError as exc:
+                log.info("release of %d prompts not confirmed yet on %s: %s", len(wanted),
+                         self.shown_url, exc)
+            if len(released) == len(wanted) or time.monotonic() + wait > deadline:
+                return released
+            time.sleep(wait)
+            wait = min(wait * 2, RELEASE_MAX_WAIT_SECONDS)
 
     def watch(self, client_id: str, *, reconnect_timeout: float = 30.0) -> EventStream:
         """Open the event stream of ``client_id`` (submit with the same id).

@@ -167,6 +167,14 @@ class Settings(BaseSettings):
         description="Attempts a runner makes to deliver its cancel to an unreachable "
         "ComfyUI server (exponential backoff) before it leaves the rest to escalation.",
     )
+    freed_confirm_timeout_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="After a cancel, how long a runner (and the cancel worker's direct cancel "
+        "on escalation) watches ComfyUI's /queue, polling with backoff, for the prompt to be "
+        "neither running nor pending before it records `freed_at` (GPU freed). Past it "
+        "`freed_at` stays null: not confirmed. 0: one look, no waiting.",
+    )
     max_run_seconds: float = Field(
         3600.0,
         description="A workflow running longer than this is cancelled by the sweep.",

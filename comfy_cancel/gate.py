@@ -3,11 +3,12 @@ size of the body, and the time it may take to arrive.
 
 An ASGI middleware, because FastAPI reads a route's body before it resolves the route's
 dependencies: a token checked in a dependency is checked after a 60 MiB body was read. Here
-the order is: a ``/v1`` call without a valid token is answered 401 (and an operator route
-called with a customer's token 403) without reading a byte of its body; then the token's
-rate limit (429); then the body, refused with 413 past its route's limit (by its
-``Content-Length`` at once, else as it arrives) and with 408 when it does not arrive whole
-within ``COMFY_CANCEL_BODY_READ_TIMEOUT_SECONDS``. Bodies of routes other than the workflow
+the order is: a ``/v1`` call (or a read of the operator page's data, ``/ops/...``) without
+a valid token is answered 401 (and an operator route called with a customer's token 403)
+without reading a byte of its body; then the token's rate limit (429); then the body,
+refused with 413 past its route's limit (by its ``Content-Length`` at once, else as it
+arrives) and with 408 when it does not arrive whole within
+``COMFY_CANCEL_BODY_READ_TIMEOUT_SECONDS``. Bodies of routes other than the workflow
 upload are small: they are read here whole and their JSON depth checked before the route
 parses them.
 """
@@ -74,6 +75,30 @@ def unknown_token() -> ApiError:
         "(comfy-cancel token create)",
         CHALLENGE,
     )
+
+
+def operator_required() -> ApiError:
+    return ApiError(
+        403,
+        "this call needs an operator token "
+        "(comfy-cancel token create --account NAME --operator)",
+    )
+
+
+# The operator page itself is a public shell with no data in it; what it shows comes from
+# the operator-only JSON under /ops/ (comfy_cancel/ops.py).
+OPS_PAGE_PATHS = frozenset({"/ops", "/ops/"})
+
+
+def needs_token(path: str) -> bool:
+    """Every ``/v1`` call, and the operator page's data."""
+    if path == "/v1" or path.startswith("/v1/"):
+        return True
+    return path.startswith("/ops/") and path not in OPS_PAGE_PATHS
+
+
+def operator_only(path: str) -> bool:
+    return path.startswith(("/v1/admin/", "/ops/"))
 
 
 def database_unavailable(method: str, path: str, exc: Exception) -> JSONResponse:
@@ -161,7 +186,7 @@ class Gate:
             return
         path: str = scope["path"]
         try:
-            if path == "/v1" or path.startswith("/v1/"):
+            if needs_token(path):
                 principal = await self._admit(scope)
                 scope.setdefault("state", {})["principal"] = principal
             receive = await self._body(scope, receive)
@@ -188,12 +213,8 @@ class Gate:
         if principal is None:
             # The database client blocks: off the event loop (a cached token needs none).
             principal = await anyio.to_thread.run_sync(self._authenticate, token, key)
-        if scope["path"].startswith("/v1/admin/") and not principal.is_operator:
-            raise ApiError(
-                403,
-                "this call needs an operator token "
-                "(comfy-cancel token create --account NAME --operator)",
-            )
+        if operator_only(scope["path"]) and not principal.is_operator:
+            raise operator_required()
         limit = principal.rate_limit
         if limit is None:
             limit = self.settings.rate_limit_requests

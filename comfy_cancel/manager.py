@@ -21,6 +21,7 @@ from comfy_cancel.config import Settings, get_settings, secret_keys
 from comfy_cancel.egress import EgressPolicy
 from comfy_cancel.models import (
     CANCELLABLE,
+    TERMINAL,
     Account,
     ApiToken,
     Runner,
@@ -279,7 +280,8 @@ def workflow_status(session: Session, workflow_id: str, account_id: int) -> str 
 
 def _lean_workflows() -> Select[Workflow]:
     """Workflows without their large JSON columns (loaded on access)."""
-    return select(Workflow).options(defer(Workflow.workflow_json), defer(Workflow.outputs))
+    return select(Workflow).options(defer(Workflow.workflow_json), defer(Workflow.outputs),
+                                    defer(Workflow.partial_outputs))
 
 
 def workflows_by_ids(session: Session, workflow_ids: Sequence[str]) -> list[Workflow]:
@@ -520,13 +522,18 @@ def runner_endpoints(session: Session, runner_ids: Sequence[str]) -> dict[str, R
 # --- sweeps: each finds its rows through an index, so its cost follows what it finds ------
 
 
+def _open_intent() -> list[ColumnElement[bool]]:
+    """A cancel request without its outcome yet: the rows of the partial index
+    ``ix_workflows_open_cancel``."""
+    return [Workflow.cancel_requested_at.is_not(None), Workflow.cancel_outcome.is_(None)]
+
+
 def redrive_due(published_before: datetime) -> list[Any]:
     """An open cancel intent to hand on again: published (or requested) before
     ``published_before`` and taken by no cancel worker (one taken is the deadline
     check's: :func:`overdue_cancel_ids`)."""
     return [
-        Workflow.cancel_requested_at.is_not(None),
-        Workflow.cancel_outcome.is_(None),
+        *_open_intent(),
         # Implied by the next clause (a publish follows its request); it bounds the range
         # scan of the partial index.
         Workflow.cancel_requested_at < published_before,
@@ -554,8 +561,7 @@ def _past_deadline(grace_seconds: float) -> list[Any]:
     deadline, ``cancel_taken_at + grace_seconds`` (taken: a cancel worker signalled the
     runner). Read through the partial index of open intents."""
     return [
-        Workflow.cancel_requested_at.is_not(None),
-        Workflow.cancel_outcome.is_(None),
+        *_open_intent(),
         Workflow.cancel_taken_at <= utcnow() - timedelta(seconds=grace_seconds),
     ]
 
@@ -675,3 +681,62 @@ def claim_redispatch(
         .returning(Workflow.redispatch_count)
     ).scalar_one_or_none()
     return None if count is None else Redispatch(new_task_id, int(count))
+
+
+# --- the operator page: reads only, each through an index ------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenCancels:
+    """The cancel requests still without an outcome: how many, and the oldest of them."""
+
+    count: int
+    oldest: list[Workflow]
+
+
+def open_cancels(session: Session, limit: int) -> OpenCancels:
+    """How many cancel requests are open, and the ``limit`` oldest (partial index of open
+    intents: the cost follows the open requests, not the table)."""
+    count = session.execute(
+        select(func.count()).select_from(Workflow).where(*_open_intent())
+    ).scalar_one()
+    oldest = session.execute(
+        _lean_workflows().where(*_open_intent())
+        .order_by(Workflow.cancel_requested_at).limit(limit)
+    ).scalars()
+    return OpenCancels(int(count), list(oldest))
+
+
+@dataclass(frozen=True)
+class FinishedCancel:
+    """One cancel request with its outcome."""
+
+    id: str
+    source: str | None
+    outcome: str | None  # never None here: the query asks for an outcome (and a request)
+    actor: str | None
+    requested_at: datetime | None
+    finished_at: datetime | None
+
+
+def cancels_finished_since(session: Session, since: datetime, limit: int) -> list[FinishedCancel]:
+    """Cancel requests made since ``since`` that have their outcome, the last finished
+    first, at most ``limit``.
+
+    Read through ``ix_workflows_status_updated``: recording a request stamps ``updated_at``
+    and nothing sets it back, so a request made since ``since`` whose outcome is in sits on
+    a terminal row updated since then.
+    """
+    rows = session.execute(
+        select(Workflow.id, Workflow.cancel_source, Workflow.cancel_outcome,
+               Workflow.cancel_actor, Workflow.cancel_requested_at, Workflow.cancel_finished_at)
+        .where(
+            Workflow.status.in_(sorted(s.value for s in TERMINAL)),
+            Workflow.updated_at >= since,
+            Workflow.cancel_requested_at >= since,
+            Workflow.cancel_outcome.is_not(None),
+        )
+        .order_by(Workflow.cancel_finished_at.desc(), Workflow.id)
+        .limit(limit)
+    ).all()
+    return [FinishedCancel(*row) for row in rows]

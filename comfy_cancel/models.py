@@ -262,6 +262,8 @@ class EventKind(StrEnum):
     CANCEL_SIGNALLED = "cancel_signalled"  # a cancel worker signalled the runner
     CANCEL_ACKNOWLEDGED = "cancel_acknowledged"  # the runner saw ComfyUI stop the prompt
     CANCEL_OUTCOME = "cancel_outcome"
+    # ComfyUI was seen holding a cancelled prompt no more (workflows.freed_at).
+    GPU_FREED = "gpu_freed"
 
 
 class WorkflowEvent(Base):

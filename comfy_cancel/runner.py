@@ -75,6 +75,9 @@ class Run:
     stop_requested: threading.Event = field(default_factory=threading.Event)
     progress: dict[str, Any] | None = None
     progress_published_at: float = 0.0  # monotonic time of the last live progress update
+    # What ComfyUI reported saved so far (``executed`` events), by node: kept as partial
+    # outputs if the run ends cancelled.
+    outputs: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_signal(self, kind: SignalKind) -> None:
@@ -153,11 +156,38 @@ def run(ctx: Context, workflow_id: str, task_id: str | None = None) -> str | Non
     handle = Run(workflow_id, client, ctx.settings.comfyui_retry_attempts, task_id)
     listener = listener_for(ctx.redis)
     try:
-        return _drive(ctx, handle, start.prompt, start.prompt_id, listener)
+        ended = _drive(ctx, handle, start.prompt, start.prompt_id, listener)
     finally:
         listener.unregister(workflow_id, handle.on_signal)
         if handle.stream is not None:
             handle.stream.close()
+    if ended == S.CANCELLED.value and handle.prompt_id is not None:
+        _confirm_release(ctx, handle, handle.prompt_id)
+    return ended
+
+
+def _confirm_release(ctx: Context, handle: Run, prompt_id: str) -> None:
+    """The run ended cancelled: watch ComfyUI let go of the prompt (neither running nor
+    pending: the GPU is free), then record ``freed_at`` and the outputs its history entry
+    lists (the fuller account of what was saved before it stopped). Not confirmed within
+    ``freed_confirm_timeout_seconds`` (ComfyUI unreachable, a node that will not stop):
+    ``freed_at`` stays null."""
+    workflow_id = handle.workflow_id
+    released = handle.client.wait_released(
+        [prompt_id], ctx.settings.freed_confirm_timeout_seconds)
+    entry = released.get(prompt_id)
+    outputs = {**handle.outputs, **(outputs_from_history(entry) if entry else {})}
+    if prompt_id not in released:
+        log.warning("workflow %s: ComfyUI still holds prompt %s after %g s (or did not "
+                    "answer); GPU freed not confirmed", workflow_id, prompt_id,
+                    ctx.settings.freed_confirm_timeout_seconds)
+
+    def record(session: Session) -> None:
+        status.record_partial_outputs(session, workflow_id, outputs)
+        if prompt_id in released:
+            status.record_freed(session, [workflow_id])
+
+    _db(ctx, f"release of {workflow_id}", record)
 
 
 def _start(session: Session, workflow_id: str, task_id: str | None) -> _Start | str | None:
@@ -344,6 +374,11 @@ def _on_event(ctx: Context, handle: Run, event: Event) -> str | None:
             handle.cancel_prompt(handle.prompt_id or "")  # cancelled while it was pending
             return change.status
         return None
+    if event.type == "executed":
+        node, output = event.data.get("node"), event.data.get("output")
+        if node is not None and isinstance(output, dict):
+            handle.outputs[str(node)] = output
+        return None
     if event.type == "progress" or (event.type == "executing" and event.data.get("node")):
         # Kept in memory and written with the next heartbeat: progress events come many
         # times a second, and hundreds of runs writing each one would swamp the database.
@@ -409,7 +444,8 @@ def _interrupted(ctx: Context, handle: Run) -> str | None:
         )
         status.acknowledge_cancel(session, workflow_id, by, workflow.cancel_timing())
         change = status.cancel_if_active(
-            session, workflow_id, by, CancelOutcome.CANCELLED, workflow.cancel_timing()
+            session, workflow_id, by, CancelOutcome.CANCELLED, workflow.cancel_timing(),
+            partial_outputs=handle.outputs,
         )
         return change.status
 
@@ -439,6 +475,7 @@ def _settle(ctx: Context, handle: Run, entry: Mapping[str, Any]) -> str | None:
     """Write the terminal status a finished prompt's history entry tells."""
     workflow_id = handle.workflow_id
     if was_interrupted(entry):
+        handle.outputs.update(outputs_from_history(entry))
         return _interrupted(ctx, handle)
     error = error_from_history(entry)
     if error is not None:
@@ -459,9 +496,11 @@ def _settle(ctx: Context, handle: Run, entry: Mapping[str, Any]) -> str | None:
 
     change = _db(ctx, f"completion of {workflow_id}", complete)
     if not change.changed and change.status == S.CANCELLED.value:
-        # Cancelled first: the outputs ComfyUI wrote are partial by our contract and are not
-        # attached to the workflow (README, "Partial outputs").
-        log.info("workflow %s was cancelled before it completed; outputs dropped", workflow_id)
+        # Cancelled first: what ComfyUI wrote is kept as partial outputs, never as the
+        # outputs of a completed workflow (README, "Partial outputs"); run() records them.
+        handle.outputs.update(outputs)
+        log.info("workflow %s was cancelled before it completed; its outputs are kept as "
+                 "partial outputs", workflow_id)
     return change.status
 
 

@@ -324,6 +324,11 @@ class CancelView(BaseModel):
     reason: str | None
     outcome: str | None
     finished_at: UtcDatetime | None
+    freed_at: UtcDatetime | None = Field(
+        description="When ComfyUI was seen holding the prompt no more (neither running nor "
+        "pending: the GPU is free). Null means not confirmed: not yet, ComfyUI unreachable, "
+        "the runner gone (runner_lost), or no prompt ever reached ComfyUI (prompt_id null)."
+    )
     age_seconds: float = Field(description="Seconds since the cancel was requested.")
 
 
@@ -339,7 +344,12 @@ class WorkflowSummary(BaseModel):
     tags: list[str]
     prompt_id: str | None
     queue_number: int | None
-    outputs: dict[str, Any] | None
+    outputs: dict[str, Any] | None = Field(description="A completed workflow's outputs.")
+    partial_outputs: dict[str, Any] | None = Field(
+        description="A cancelled workflow's: what ComfyUI reported saved before it stopped "
+        "({node_id: {\"images\": [...]}}, as outputs); null when nothing was saved, and for "
+        "every other status."
+    )
     progress: dict[str, Any] | None
     error_node: str | None = Field(description="Set when failed, else null (so are exception_*).")
     exception_type: str | None
@@ -351,9 +361,9 @@ class WorkflowSummary(BaseModel):
     cancel: CancelView | None = Field(description="The cancel request, null when none was made.")
     unreadable: str | None = Field(
         None,
-        description="Null, unless a stored JSON value (workflow_json, outputs, progress) "
-        "cannot be shown, e.g. nested deeper than the API can answer: then that value is "
-        "null and this says which and why.",
+        description="Null, unless a stored JSON value (workflow_json, outputs, "
+        "partial_outputs, progress) cannot be shown, e.g. nested deeper than the API can "
+        "answer: then that value is null and this says which and why.",
     )
 
     @classmethod
@@ -368,6 +378,7 @@ class WorkflowSummary(BaseModel):
                 reason=wf.cancel_reason,
                 outcome=wf.cancel_outcome,
                 finished_at=wf.cancel_finished_at,
+                freed_at=wf.freed_at,
                 age_seconds=round(
                     ((now or utcnow()) - wf.cancel_requested_at).total_seconds(), 3
                 ),
@@ -382,6 +393,8 @@ class WorkflowSummary(BaseModel):
             "prompt_id": wf.prompt_id,
             "queue_number": wf.queue_number,
             "outputs": wf.outputs,
+            "partial_outputs": (
+                wf.partial_outputs if wf.status == WorkflowStatus.CANCELLED else None),
             "progress": wf.progress,
             "error_node": wf.error_node if failed else None,
             "exception_type": wf.exception_type if failed else None,
@@ -408,7 +421,7 @@ class WorkflowSummary(BaseModel):
     def readable(self) -> WorkflowSummary:
         """This view with every JSON value that cannot be serialised set to null."""
         changes: dict[str, Any] = {}
-        for name in ("workflow_json", "outputs", "progress"):
+        for name in ("workflow_json", "outputs", "partial_outputs", "progress"):
             try:
                 to_json(getattr(self, name, None))
             except (PydanticSerializationError, ValueError, RecursionError):

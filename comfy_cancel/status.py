@@ -281,15 +281,20 @@ def cancel_if_active(
     detail: Mapping[str, Any] | None = None,
     *,
     from_: Collection[S] = CANCELLABLE,
+    partial_outputs: Mapping[str, Any] | None = None,
 ) -> Change:
-    """Queued or running (or only the statuses in ``from_``) -> cancelled, with its outcome."""
+    """Queued or running (or only the statuses in ``from_``) -> cancelled, with its outcome
+    and what ComfyUI reported saved before it stopped (``partial_outputs``), if anything."""
+    values = _cancel_values({workflow_id: by}, outcome, utcnow())
+    if partial_outputs:
+        values["partial_outputs"] = dict(partial_outputs)
     return transition(
         session,
         workflow_id,
         S.CANCELLED,
         from_=from_,
         by=by,
-        values=_cancel_values({workflow_id: by}, outcome, utcnow()),
+        values=values,
         outcome=outcome.value,
         detail=detail,
     )
@@ -372,15 +377,7 @@ def cancel_running_many(session: Session, escalations: Sequence[Escalation]) -> 
          "outcome": e.outcome.value, "detail": dict(e.detail) or None}
         for e in escalations if e.workflow_id in changed
     ]
-    if rows:
-        ids = session.execute(
-            insert(WorkflowEvent).returning(WorkflowEvent.id, sort_by_parameter_order=True),
-            rows,
-        ).scalars().all()
-        live.publish_after_commit(session, [
-            live.audit_update(event_id, **row)
-            for event_id, row in zip(ids, rows, strict=True)
-        ])
+    _audit_rows(session, rows)
     return changed
 
 
@@ -598,6 +595,56 @@ def acknowledge_cancel(
     _audit(session, workflow_id, EventKind.CANCEL_ACKNOWLEDGED, by, None, utcnow(), detail)
 
 
+# --- after a cancel: what ComfyUI kept, and that it let go (no status change) -----------
+
+
+def record_partial_outputs(
+    session: Session, workflow_id: str, outputs: Mapping[str, Any]
+) -> bool:
+    """Keep what ComfyUI reported saved before a cancel stopped the prompt, on a cancelled
+    workflow only (``outputs`` stays for completed work). ComfyUI's history entry is the
+    fuller account (the runner may have missed ``executed`` events), so it replaces what
+    was kept at the cancel. True when written."""
+    if not outputs:
+        return False
+    return session.execute(
+        update(Workflow)
+        .where(Workflow.id == workflow_id, Workflow.status == S.CANCELLED.value)
+        .values(partial_outputs=dict(outputs), updated_at=utcnow())
+        .returning(Workflow.id)
+    ).first() is not None
+
+
+def record_freed(session: Session, workflow_ids: Sequence[str], by: Actor = RUNNER) -> list[str]:
+    """ComfyUI was seen holding these cancelled workflows' prompts no more (neither
+    running nor pending): stamp ``freed_at`` and audit it (``gpu_freed``). The first
+    confirmation is kept; returns the ids this call stamped."""
+    if not workflow_ids:
+        return []
+    now = utcnow()
+    rows = session.execute(
+        update(Workflow)
+        .where(Workflow.id.in_(list(workflow_ids)), Workflow.status == S.CANCELLED.value,
+               Workflow.freed_at.is_(None))
+        .values(freed_at=now, updated_at=now)
+        .returning(Workflow.id, Workflow.cancel_requested_at)
+        .execution_options(synchronize_session=False)
+    ).all()
+    _audit_rows(session, [
+        {"workflow_id": workflow_id, "at": now, "kind": EventKind.GPU_FREED.value,
+         "source": by.source, "actor": by.actor, "reason": by.reason,
+         "detail": _since(requested_at, now)}
+        for workflow_id, requested_at in rows
+    ])
+    return [workflow_id for workflow_id, _ in rows]
+
+
+def _since(requested_at: datetime | None, now: datetime) -> dict[str, float] | None:
+    if requested_at is None:
+        return None
+    return {"seconds_since_request": round((now - requested_at).total_seconds(), 4)}
+
+
 def _audit(
     session: Session,
     workflow_id: str,
@@ -622,6 +669,19 @@ def _audit(
     ).scalar_one()
     live.publish_after_commit(session, [live.audit_update(event_id, workflow_id, at=at,
                                                           **columns)])
+
+
+def _audit_rows(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Audit rows that differ in more than their requester, in one insert; their live
+    updates follow the commit."""
+    if not rows:
+        return
+    ids = session.execute(
+        insert(WorkflowEvent).returning(WorkflowEvent.id, sort_by_parameter_order=True),
+        [dict(row) for row in rows],
+    ).scalars().all()
+    live.publish_after_commit(session, [live.audit_update(event_id, **row)
+                                        for event_id, row in zip(ids, rows, strict=True)])
 
 
 def _audit_many(

@@ -97,33 +97,75 @@ def ends_stream(update: live.Update) -> bool:
     return update["kind"] == EventKind.TRANSITION.value and update.get("to_status") in TERMINAL
 
 
+class _Sent:
+    """Which audit rows a stream has sent. Every row up to ``floor`` is accounted for (the
+    snapshot, or a read of the database: a workflow's rows are numbered in the order they
+    commit, so none committed later can number lower); above it, the ids sent live.
+
+    Live updates of one workflow can arrive out of order: each writer publishes after its
+    own commit, and two processes race (a cancel worker's ``cancel_signalled`` behind the
+    runner's acknowledgement and ``cancelled``). So a live update above the floor is sent
+    if it is new, and the terminal one makes the stream read the database first, to send
+    in order whatever it has not seen yet: nothing is missing when the stream closes."""
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor
+        self.ids: set[int] = set()
+
+    def new(self, update: live.Update) -> bool:
+        event_id = update.get("id")
+        if event_id is None:
+            return True  # progress: never stored, always sent
+        if event_id <= self.floor or event_id in self.ids:
+            return False
+        self.ids.add(event_id)
+        return True
+
+    def read_up_to(self, updates: Sequence[live.Update]) -> None:
+        """``updates`` were read from the database after ``floor``: raise it past them."""
+        if updates:
+            self.floor = max(self.floor, max(u["id"] for u in updates))
+            self.ids = {i for i in self.ids if i > self.floor}
+
+
 async def events(
     subscription: live.Subscription, start: Snapshot, db: Database
 ) -> AsyncIterator[ServerSentEvent]:
     """The stream's events, from ``start`` on; closes the subscription when it ends."""
+    workflow_id = subscription.workflow_id
+
+    async def read_after(floor: int) -> list[live.Update]:
+        return await anyio.to_thread.run_sync(catch_up, db, workflow_id, floor)
+
     try:
-        last = start.last_id
+        sent = _Sent(start.last_id)
         if start.state is not None:
-            yield ServerSentEvent(start.state.decode(), event=STATE, id=str(last))
-        pending: Sequence[live.Update] = start.replay
+            yield ServerSentEvent(start.state.decode(), event=STATE, id=str(start.last_id))
+        # A batch read from the database is complete and in order; a live one may not be.
+        batch: Sequence[live.Update] = start.replay
+        read = True
         while True:
-            for update in pending:
-                event_id = update.get("id")
-                if event_id is not None:
-                    if event_id <= last:
-                        continue  # the snapshot or an earlier catch-up had it
-                    last = event_id
-                yield event_of(update)
+            ending = None if read else next(filter(ends_stream, batch), None)
+            if ending is not None:
+                # The end came live: read what may still be on its way, and end in order.
+                batch, read = await read_after(sent.floor), True
+            for update in batch:
+                if sent.new(update):
+                    yield event_of(update)
                 if ends_stream(update):
                     return
+            if ending is not None:  # not read back (cannot happen): end with it
+                yield event_of(ending)
+                return
+            if read:
+                sent.read_up_to(batch)
             if start.terminal:
                 return  # ended before the stream began: what it had is sent
             item = await subscription.get()
             if item == live.RESYNC:
-                pending = await anyio.to_thread.run_sync(catch_up, db, subscription.workflow_id,
-                                                         last)
+                batch, read = await read_after(sent.floor), True
             else:
                 assert not isinstance(item, str)
-                pending = item
+                batch, read = item, False
     finally:
         subscription.close()

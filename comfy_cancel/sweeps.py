@@ -32,10 +32,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
+from sqlalchemy.orm import Session
 
 from comfy_cancel import cancel, manager, publish, status
 from comfy_cancel.context import Context
@@ -67,13 +69,41 @@ class SweepReport:
 
 
 def sweep(ctx: Context, *, dry_run: bool = False) -> SweepReport:
-    report = SweepReport(dry_run=dry_run)
+    report = _full_pass(ctx, SweepReport(dry_run=dry_run))
+    _log(report, "sweep")
+    return report
+
+
+def stuck_now(ctx: Context) -> SweepReport:
+    """What a full pass would act on now: a dry run, read only and not logged (the
+    operator page asks every few seconds)."""
+    return _full_pass(ctx, SweepReport(dry_run=True))
+
+
+def _full_pass(ctx: Context, report: SweepReport) -> SweepReport:
     _redrive(ctx, report)
     _cancel_lost_runners(ctx, report)
     _cancel_overdue(ctx, report)
     _handle_stale_queued(ctx, report)
-    _log(report, "sweep")
     return report
+
+
+def stuck_since(kind: str, workflow: Workflow) -> datetime | None:
+    """Since when a finding of ``kind`` (a :class:`SweepReport` field) has been stuck: the
+    clock its sweep compares with its cutoff."""
+    if kind == "republished":
+        return workflow.cancel_published_at or workflow.cancel_requested_at
+    if kind == "overdue":
+        return workflow.started_at
+    if kind == "runner_lost" or (kind.startswith("orphans_")
+                                 and workflow.status == S.QUEUED.value):
+        return workflow.heartbeat_at
+    return workflow.updated_at  # queued too long; accepted work no runner task claimed
+
+
+def _reads(ctx: Context, report: SweepReport) -> AbstractContextManager[Session]:
+    """The session a sweep finds its rows in: a dry run's takes no write lock (SQLite)."""
+    return ctx.db.reading() if report.dry_run else ctx.db.transaction()
 
 
 def redrive(ctx: Context, *, dry_run: bool = False) -> SweepReport:
@@ -98,7 +128,7 @@ def _redrive(ctx: Context, report: SweepReport) -> None:
 def _republish_open_intents(ctx: Context, report: SweepReport) -> None:
     settings = ctx.settings
     published_before = utcnow() - timedelta(seconds=settings.redrive_after_seconds)
-    with ctx.db.transaction() as session:
+    with _reads(ctx, report) as session:
         found = manager.intents_to_redrive(session, published_before, settings.sweep_batch_size)
         if report.dry_run:
             report.republished = found
@@ -124,7 +154,7 @@ def _redispatch_orphans(ctx: Context, report: SweepReport) -> None:
     if not report.dry_run and not _database_up_for(ctx, timeout):
         return
     cutoff = utcnow() - timedelta(seconds=timeout)
-    with ctx.db.transaction() as session:
+    with _reads(ctx, report) as session:
         silent = manager.queued_without_heartbeat(session, cutoff, settings.sweep_batch_size)
         unclaimed = manager.never_claimed(session, cutoff, settings.sweep_batch_size)
     if unclaimed and not report.dry_run and not _runner_queue_empty():
@@ -204,7 +234,7 @@ def _cancel_lost_runners(ctx: Context, report: SweepReport) -> None:
         CancelSource.SWEEP.value, "sweep",
         f"no heartbeat from the runner for {settings.heartbeat_timeout_seconds:g} s",
     )
-    with ctx.db.transaction() as session:
+    with _reads(ctx, report) as session:
         lost = manager.running_without_heartbeat(session, cutoff, settings.sweep_batch_size)
     if report.dry_run:
         report.runner_lost = [w.id for w in lost]
@@ -217,7 +247,7 @@ def _cancel_overdue(ctx: Context, report: SweepReport) -> None:
     settings = ctx.settings
     cutoff = utcnow() - timedelta(seconds=settings.max_run_seconds)
     by = Actor(CancelSource.SWEEP.value, "sweep", f"ran longer than {settings.max_run_seconds:g} s")
-    with ctx.db.transaction() as session:
+    with _reads(ctx, report) as session:
         found = manager.running_since_before(session, cutoff, settings.sweep_batch_size)
     if report.dry_run:
         report.overdue = found
@@ -228,7 +258,7 @@ def _cancel_overdue(ctx: Context, report: SweepReport) -> None:
 def _handle_stale_queued(ctx: Context, report: SweepReport) -> None:
     settings = ctx.settings
     cutoff = utcnow() - timedelta(seconds=settings.queued_timeout_seconds)
-    with ctx.db.transaction() as session:
+    with _reads(ctx, report) as session:
         stale = manager.queued_since_before(session, cutoff, settings.sweep_batch_size)
     if settings.queued_timeout_policy == "redispatch":
         _redispatch(ctx, report, [w for w in stale if w.prompt_id is None])

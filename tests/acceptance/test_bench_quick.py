@@ -72,6 +72,8 @@ def test_quick_mode_runs_and_writes_valid_results(tmp_path: Path) -> None:
     running = figures["running_latency"]
     _distribution(running["to_comfyui_cancel_call"])
     _distribution(running["to_cancelled"])
+    _distribution(running["to_freed"])  # 200 -> GPU freed, beside 200 -> cancelled
+    assert running["freed_unconfirmed"] == 0
     assert running["outcomes"] == {"cancelled": running["samples"]}
     lag = figures["stream_lag"]
     _distribution(lag["write_to_event"])
@@ -102,4 +104,5 @@ def test_quick_mode_runs_and_writes_valid_results(tmp_path: Path) -> None:
 
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| goal | result | baseline (same run) | ratio | met? |" in report
+    assert "200 -> GPU freed" in report
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -159,6 +159,9 @@ def test_a_runner_that_does_not_acknowledge_is_escalated_and_forced(
             lambda: any(c["prompt_id"] == wf["prompt_id"] for c in sim_calls(stack)),
             what="the escalation's cancel call on ComfyUI",
         )
+        # ... and watches ComfyUI let go of it: the GPU freed, confirmed without the runner.
+        stack.wait_for(lambda: stack.workflow(workflow_id)["cancel"]["freed_at"] is not None,
+                       what="freed_at recorded by the cancel worker")
 
 
 @pytest.mark.postgres
@@ -196,6 +199,7 @@ def test_an_unreachable_comfyui_server_is_retried_then_forced(
         assert cancel(stack, workflow_id).status_code == 200
         wf = stack.wait_status(workflow_id, TERMINAL, timeout=30)
         assert wf["status"] == "cancelled" and wf["cancel"]["outcome"] == "forced"
+        assert wf["cancel"]["freed_at"] is None  # nobody could see ComfyUI let go
 
 
 @pytest.mark.postgres

@@ -11,13 +11,13 @@ from typing import Annotated, Any
 import fakeredis
 import pytest
 from fastapi import Depends
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 
-from comfy_cancel import api, encryption, manager
+from comfy_cancel import api, encryption, manager, status
 from comfy_cancel.db import engine_for
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.manager import Principal
-from comfy_cancel.models import ApiToken, EventKind, WorkflowStatus
+from comfy_cancel.models import ApiToken, EventKind, Workflow, WorkflowStatus
 from testbed.database import migrate
 from tests.apitest import KEY, Env, error, files, make_env
 
@@ -213,9 +213,9 @@ def test_get_shows_the_whole_workflow(env: Env) -> None:
     body = env.client.get(f"/v1/workflow/{workflow_id}", headers=env.auth()).json()
     assert set(body) == {
         "id", "user_id", "name", "status", "runner_id", "tags", "workflow_json", "prompt_id",
-        "queue_number", "outputs", "progress", "error_node", "exception_type",
-        "exception_message", "created_at", "updated_at", "started_at", "completed_at",
-        "cancel", "unreadable",
+        "queue_number", "outputs", "partial_outputs", "progress", "error_node",
+        "exception_type", "exception_message", "created_at", "updated_at", "started_at",
+        "completed_at", "cancel", "unreadable",
     }
     assert body["unreadable"] is None
     assert body["status"] == "running"
@@ -421,8 +421,43 @@ def test_the_cancel_request_shows_in_get(env: Env) -> None:
     assert (cancel["source"], cancel["reason"], cancel["outcome"], cancel["finished_at"]) == (
         "api", "too slow", None, None
     )
+    assert cancel["freed_at"] is None and body["partial_outputs"] is None
     assert ISO_Z.match(cancel["requested_at"])
     assert 0 <= cancel["age_seconds"] < 60
+
+
+SAVED = {"early": {"images": [{"filename": "a_00001_.png", "subfolder": "", "type": "output"}]}}
+
+
+def test_a_cancelled_workflow_shows_its_partial_outputs_and_when_the_gpu_was_freed(
+    env: Env,
+) -> None:
+    workflow_id = env.workflow(S.RUNNING)
+    with env.db.transaction() as session:
+        assert status.cancel_if_active(session, workflow_id, status.Actor("api", "a"),
+                                       partial_outputs=SAVED).changed
+        assert status.record_freed(session, [workflow_id]) == [workflow_id]
+        assert status.record_freed(session, [workflow_id]) == []  # the first one counts
+    headers = env.auth()
+    body = env.client.get(f"/v1/workflow/{workflow_id}", headers=headers).json()
+    assert (body["status"], body["outputs"], body["partial_outputs"]) == (
+        "cancelled", None, SAVED)
+    assert ISO_Z.match(body["cancel"]["freed_at"])
+    assert body["cancel"]["freed_at"] >= body["cancel"]["finished_at"]
+    listed = env.client.get("/v1/workflow", headers=headers).json()["workflows"]
+    assert [w["partial_outputs"] for w in listed if w["id"] == workflow_id] == [SAVED]
+
+
+def test_partial_outputs_and_freed_at_are_only_a_cancelled_workflows(env: Env) -> None:
+    # The writers refuse other statuses; the view shows none even if a row carried some.
+    completed = env.workflow(S.COMPLETED)
+    with env.db.transaction() as session:
+        assert not status.record_partial_outputs(session, completed, SAVED)
+        assert status.record_freed(session, [completed, "no-such-workflow"]) == []
+        session.execute(update(Workflow).where(Workflow.id == completed)
+                        .values(partial_outputs=SAVED))
+    body = env.client.get(f"/v1/workflow/{completed}", headers=env.auth()).json()
+    assert body["status"] == "completed" and body["partial_outputs"] is None
 
 
 def test_cancel_refuses_an_overlong_reason(env: Env) -> None:

@@ -40,6 +40,11 @@ def start_prompt(domain: Domain, sim: RunningSim, workflow_id: str | None = None
     return prompt_id
 
 
+def transitions(domain: Domain, workflow_id: str) -> list[tuple[str, str | None, str | None]]:
+    """The audit trail's status changes (a ``gpu_freed`` row may follow them any time)."""
+    return [e for e in domain.events(workflow_id) if e[0] == EventKind.TRANSITION.value]
+
+
 def listen(domain: Domain) -> Callable[[], list[dict[str, Any]]]:
     """The messages published on the signal channel from now on."""
     pubsub = domain.redis.pubsub()
@@ -205,10 +210,11 @@ def test_a_running_cancel_signals_the_runner_and_is_escalated_once_its_deadline_
     assert cancel.enforce_deadlines(domain.ctx) == {}  # once
     row = domain.row(running)
     assert (row.status, row.cancel_outcome) == (S.CANCELLED.value, O.FORCED.value)
-    kind, to, outcome = domain.events(running)[-1]
+    kind, to, outcome = transitions(domain, running)[-1]
     assert (kind, to, outcome) == (EventKind.TRANSITION.value, "cancelled", "forced")
     with domain.ctx.db.transaction() as session:
-        last = list(manager.events_of(session, running))[-1]
+        last = [e for e in manager.events_of(session, running)
+                if e.kind == EventKind.TRANSITION.value][-1]
     # The requester's name on the audit row; the escalation is the worker's decision.
     assert (last.source, last.actor, last.reason) == ("api", "alice", API.reason)
     assert last.detail is not None and last.detail["escalated"] is True
@@ -218,6 +224,14 @@ def test_a_running_cancel_signals_the_runner_and_is_escalated_once_its_deadline_
     wait_until(lambda: client.queue().running == [])  # the GPU is freed without the runner
     entry = wait_until(lambda: client.history(prompt_id))
     assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+    # ... and the cancel worker's direct cancel saw ComfyUI let go: the GPU freed, confirmed.
+    freed_at = wait_until(lambda: domain.row(running).freed_at)
+    assert freed_at >= domain.row(running).cancel_finished_at
+    with domain.ctx.db.transaction() as session:
+        [freed] = [e for e in manager.events_of(session, running)
+                   if e.kind == EventKind.GPU_FREED.value]
+    assert freed.source == "cancel_worker" and freed.at == freed_at
+    assert freed.detail is not None and freed.detail["seconds_since_request"] > 0
 
 
 def test_a_deadline_check_after_the_runner_acknowledged_changes_nothing(domain: Domain) -> None:
@@ -259,12 +273,16 @@ def test_escalation_is_forced_or_runner_lost_by_the_age_of_the_heartbeat(
         row = domain.row(workflow_id)
         assert outcome is not None
         assert (row.status, row.cancel_outcome) == (S.CANCELLED.value, outcome.value)
-        kind, to, recorded = domain.events(workflow_id)[-1]
+        kind, to, recorded = transitions(domain, workflow_id)[-1]
         assert (kind, to, recorded) == (EventKind.TRANSITION.value, "cancelled", outcome.value)
     client = domain.on_sim(sim)
     wait_until(lambda: client.queue().running == [])
     assert wait_until(lambda: client.history(lost_prompt))["status"]["messages"][-1][0] == (
         "execution_interrupted")
+    # Its runner is gone, so only the cancel worker's direct cancel can confirm the GPU
+    # freed; the other never had a prompt on ComfyUI: nothing to confirm, null.
+    assert wait_until(lambda: domain.row(lost).freed_at) is not None
+    assert domain.row(alive).freed_at is None
 
 
 def test_a_cancel_of_a_running_workflow_whose_runner_is_gone_ends_at_once(

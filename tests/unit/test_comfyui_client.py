@@ -219,6 +219,36 @@ def test_cancel_falls_back_without_the_jobs_api(make_sim: Callable[..., RunningS
 
 
 @pytest.mark.parametrize("jobs_api", [True, False])
+def test_wait_released_sees_a_cancelled_prompt_let_go_and_reads_its_history(
+    make_sim: Callable[..., RunningSim], jobs_api: bool
+) -> None:
+    sim = make_sim(time_scale=SLOW, jobs_api=jobs_api)
+    with ComfyUIClient(sim.url) as client, client.watch("c1") as stream:
+        running, pending = running_and_pending(client, stream)
+        # Still held: not released within the bound (the running one, and the pending one
+        # behind it), and nothing is claimed for them.
+        assert client.wait_released([running, pending], 0.1) == {}
+        client.cancel_many([running, pending])
+        released = client.wait_released([running, pending], 10)
+        assert client.queue() == QueueState(running=[], pending=[])
+    assert set(released) == {running, pending}
+    entry = released[running]
+    assert entry is not None and was_interrupted(entry)  # the interrupted prompt's history
+    assert released[pending] is None  # removed while pending: ComfyUI keeps no history
+    with ComfyUIClient(sim.url) as other:
+        assert other.wait_released([running], 1, history=False) == {running: None}
+
+
+def test_wait_released_confirms_nothing_when_the_server_is_gone(
+    make_sim: Callable[..., RunningSim],
+) -> None:
+    sim = make_sim()
+    with ComfyUIClient(sim.url, timeout=1) as client:
+        sim.stop()
+        assert client.wait_released(["any-prompt"], 0.3) == {}  # never raises
+
+
+@pytest.mark.parametrize("jobs_api", [True, False])
 def test_cancel_many_leaves_other_prompts_alone(
     make_sim: Callable[..., RunningSim], jobs_api: bool
 ) -> None:

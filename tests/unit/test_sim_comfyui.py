@@ -12,7 +12,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from comfy_cancel.embedded.comfyui_sim import RunningSim, blur_workflow
+from comfy_cancel.embedded.comfyui_sim import RunningSim, blur_chain, blur_workflow
 
 FAST = 0.05  # time scale of most tests: the 6 s workflow takes 0.3 s
 SLOW = 0.1  # for prompts that must still run while the test acts on them
@@ -402,6 +402,45 @@ def test_targeted_interrupt_of_the_running_prompt(make_sim: Callable[..., Runnin
     assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
     assert entry["status"]["messages"][-1][0] == "execution_interrupted"
     assert entry["outputs"] == {}
+
+
+def test_an_interrupted_prompt_keeps_the_outputs_saved_before_it_stopped(
+    make_sim: Callable[..., RunningSim],
+) -> None:
+    # Like ComfyUI: each output node reports `executed` as it finishes, and the history
+    # entry of an interrupted prompt still lists the outputs of the nodes that finished.
+    sim = make_sim(time_scale=SLOW)
+    with httpx.Client(base_url=sim.url) as http, connect(ws_url(sim, "c1")) as ws:
+        recv(ws)
+        prompt_id = submit(http, blur_chain(8, 256, "part", early_save=1))
+        saved = wait_for(ws, "executed", prompt_id)["data"]
+        http.post("/interrupt", json={"prompt_id": prompt_id})
+        events = events_until_done(ws, prompt_id)
+        entry = finished(http, prompt_id)
+        queue = http.get("/queue").json()
+    assert saved["node"] == "early"
+    assert saved["output"] == {"images": [
+        {"filename": "part-early_00001_.png", "subfolder": "", "type": "output"}]}
+    assert [e["type"] for e in events].count("executed") == 0  # nothing more was saved
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+    assert entry["outputs"] == {"early": saved["output"]}  # "save" never ran
+    assert queue == {"queue_running": [], "queue_pending": []}  # let go of it
+
+
+def test_an_output_node_runs_as_soon_as_its_inputs_are_done(
+    sim: RunningSim, http: httpx.Client
+) -> None:
+    # The early SaveImage is the last output node by id, and still runs right after its
+    # blur, as ComfyUI's scheduler prefers an output node that is ready.
+    prompt = blur_chain(3, 64, "order", early_save=1)
+    prompt["z-early"] = prompt.pop("early")
+    with connect(ws_url(sim, "c1")) as ws:
+        recv(ws)
+        prompt_id = submit(http, prompt)
+        events = events_until_done(ws, prompt_id)
+    ran = [e["data"]["node"] for e in events if e["type"] == "executing"][:-1]
+    assert ran == ["1", "2", "z-early", "3", "4", "save"]
+    assert set(finished(http, prompt_id)["outputs"]) == {"z-early", "save"}
 
 
 def test_interrupt_lands_at_the_next_progress_step(make_sim: Callable[..., RunningSim]) -> None:

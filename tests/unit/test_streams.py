@@ -55,3 +55,34 @@ def test_a_stream_sends_each_audit_row_once_catches_up_when_told_and_ends_at_the
     assert sent == [("state", str(start.last_id)), ("progress", None),
                     ("cancel_requested", str(requested["id"])),
                     ("status", str(cancelled.id))]
+
+
+def test_an_end_that_overtakes_an_earlier_update_live_is_sent_after_it(tmp_path: Path) -> None:
+    # Two processes publish after their own commits and race: the runner's acknowledgement
+    # and `cancelled` can reach the stream before the cancel worker's `cancel_signalled`.
+    db = migrated(f"sqlite:///{tmp_path / 's.db'}")
+    account_id, runner_id = make_account_and_runner(db)
+    workflow_id = seed_workflow(db, account_id, runner_id, S.RUNNING)
+    start = streams.snapshot(db, workflow_id, account_id, None)
+    assert start is not None
+    with db.transaction() as session:
+        status.request_cancel(session, workflow_id, API)
+        status.mark_cancel_taken(session, [workflow_id])
+    with db.transaction() as session:
+        status.acknowledge_cancel(session, workflow_id, API)
+        status.cancel_if_active(session, workflow_id, API)
+    with db.reading() as session:
+        rows = [live.update_of_row(r)
+                for r in manager.events_of(session, workflow_id, start.last_id)]
+    assert [u["kind"] for u in rows] == ["cancel_requested", "cancel_signalled",
+                                         "cancel_acknowledged", "transition"]
+
+    async def scenario() -> list[str | None]:
+        sub = live.Subscription(workflow_id, live.Hub(fakeredis.aioredis.FakeRedis()))
+        sub.deliver(rows[:1])
+        sub.deliver(rows[2:])  # the runner's, before the worker's
+        sub.deliver(rows[1:2])
+        return [e.event async for e in streams.events(sub, start, db)]
+
+    assert asyncio.run(scenario()) == ["state", "cancel_requested", "cancel_signalled",
+                                       "cancel_acknowledged", "status"]

@@ -238,19 +238,38 @@ def _check_value(inputs: dict[str, Any], name: str, spec: Input) -> dict[str, An
 
 
 def execution_order(prompt: Mapping[str, Any], outputs: Sequence[str]) -> list[str]:
-    """Every node the outputs depend on, each after its inputs."""
+    """Every node the outputs depend on, each after its inputs; an output node as soon as
+    its inputs are done, like ComfyUI's scheduler (``ux_friendly_pick_node``), so an early
+    SaveImage saves before the rest of the prompt runs (and an interrupt later keeps it)."""
     order: list[str] = []
     seen: set[str] = set()
+    inputs_of: dict[str, set[str]] = {}
 
     def visit(node_id: str) -> None:
         if node_id in seen:
             return
         seen.add(node_id)
-        for value in prompt[node_id]["inputs"].values():
-            if isinstance(value, list):
-                visit(value[0])
+        linked = [value[0] for value in prompt[node_id]["inputs"].values()
+                  if isinstance(value, list)]
+        inputs_of[node_id] = set(linked)
+        for input_id in linked:
+            visit(input_id)
         order.append(node_id)
 
     for output_id in outputs:
         visit(output_id)
-    return order
+    # ``order`` is topological: its first node not yet run is always ready. Before it, any
+    # output node whose inputs are all done goes first.
+    done: set[str] = set()
+    output_ids = set(outputs)
+    waiting_outputs = [node_id for node_id in order if node_id in output_ids]
+    scheduled: list[str] = []
+    for node_id in order:
+        ready = [o for o in waiting_outputs if o not in done and inputs_of[o] <= done]
+        for output_id in ready:
+            scheduled.append(output_id)
+            done.add(output_id)
+        if node_id not in done:
+            scheduled.append(node_id)
+            done.add(node_id)
+    return scheduled

@@ -56,9 +56,15 @@ def blur_workflow(
     return prompt
 
 
-def blur_chain(blurs: int, size: int = 768, prefix: str = "out") -> dict[str, Any]:
+def blur_chain(
+    blurs: int, size: int = 768, prefix: str = "out", *, early_save: int | None = None
+) -> dict[str, Any]:
     """EmptyImage -> N x ImageBlur(radius 31) -> SaveImage: about 0.8 s a blur at 768² on
-    the simulated ComfyUI at time_scale 1, interruptible at each progress step."""
+    the simulated ComfyUI at time_scale 1, interruptible at each progress step.
+
+    ``early_save=k`` adds a second SaveImage (node ``early``, prefix ``<prefix>-early``)
+    after the k-th blur: ComfyUI runs an output node as soon as its inputs are done, so a
+    cancel later in the chain leaves that image saved (a partial output)."""
     prompt: dict[str, Any] = {
         "1": {"class_type": "EmptyImage",
               "inputs": {"width": size, "height": size, "batch_size": 1, "color": 0}},
@@ -69,6 +75,10 @@ def blur_chain(blurs: int, size: int = 768, prefix: str = "out") -> dict[str, An
         prompt[node] = {"class_type": "ImageBlur",
                         "inputs": {"image": [previous, 0], "blur_radius": 31, "sigma": 5.0}}
         previous = node
+        if early_save == n + 1:
+            prompt["early"] = {"class_type": "SaveImage",
+                               "inputs": {"images": [node, 0],
+                                          "filename_prefix": f"{prefix}-early"}}
     prompt["save"] = {"class_type": "SaveImage",
                       "inputs": {"images": [previous, 0], "filename_prefix": prefix}}
     return prompt
