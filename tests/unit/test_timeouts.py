@@ -216,3 +216,13 @@ def test_the_full_sweep_runs_the_pass_and_its_dry_run_writes_nothing(
     assert report.timed_out == [workflow_id] and report.counts()["timed_out"] == 1
     assert domain.row(workflow_id).cancel_source == "deadline"
 
+
+
+def test_the_operator_page_sees_a_timeout_nobody_acted_on_since_its_deadline(
+    domain: Domain, broker: Any
+) -> None:
+    workflow_id = _with_timeout(domain, S.RUNNING, seconds_ago=30)
+    assert sweeps.stuck_now(domain.ctx).timed_out == [workflow_id]  # read only
+    row = domain.row(workflow_id)
+    assert row.cancel_requested_at is None and broker("cancel") == []
+    assert sweeps.stuck_since("timed_out", row) == row.deadline_at
