@@ -59,6 +59,7 @@ from comfy_cancel.models import (
 )
 from comfy_cancel.ratelimit import RateLimiter
 from comfy_cancel.schemas import (
+    MAX_TIMEOUT_SECONDS,
     BulkCancelRequest,
     CancelRequest,
     ErrorBody,
@@ -201,6 +202,8 @@ async def read_submission(request: Request) -> WorkflowSubmission:
         tags = [t for t in form.getlist("tags") if isinstance(t, str)]
         if tags:
             fields["tags"] = tags
+        if "timeout_seconds" in form:
+            fields["timeout_seconds"] = form["timeout_seconds"]
         upload = form.get("workflow_json")
         if isinstance(upload, UploadFile):
             if upload.size is not None and upload.size > limit:
@@ -276,6 +279,13 @@ SUBMIT_BODY: dict[str, Any] = {
                             "type": "string",
                             "description": "Comma-separated, or repeat the field; at most 10.",
                         },
+                        "timeout_seconds": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_TIMEOUT_SECONDS,
+                            "description": "Optional: cancelled (cancel source 'deadline') "
+                            "if still queued or running this long after submission.",
+                        },
                     },
                 }
             },
@@ -304,6 +314,7 @@ def submit_workflow(
             name=submission.name,
             workflow_json=submission.workflow_json,
             tags=submission.tags,
+            timeout_seconds=submission.timeout_seconds,
         )
     assert workflow.runner_task_id is not None  # create_accepted always assigns one
     try:
@@ -421,6 +432,33 @@ def _runner_refusals() -> Iterator[None]:
         raise ApiError(400, f"invalid endpoint_url: {exc}") from None
     except SecretKeyMissing as exc:
         raise ApiError(400, str(exc)) from None
+
+
+@v1.post(
+    "/runner/{runner_id}/interrupt",
+    response_class=Response,
+    responses={200: {"description": "What ran on the runner is being cancelled (or nothing "
+                     "ran); the body is empty."}},
+)
+def interrupt_runner(
+    runner_id: str, principal: Caller, db: DB, body: CancelRequest | None = None
+) -> Response:
+    """Stop what runs on this runner now: each of the caller's workflows ``running`` on it
+    is cancelled through the same path as ``POST /v1/workflow/{id}/cancel`` (cancel source
+    ``runner_interrupt``). Work queued on the runner is left alone and the runner stays in
+    service (a disabled one can be interrupted too); 200 also when nothing runs."""
+    with db.transaction() as session:
+        runner = _own_runner(session, runner_id, principal)
+        running = manager.running_on_runner(session, runner.id, principal.account_id)
+    by = status.Actor(CancelSource.RUNNER_INTERRUPT.value, principal.actor,
+                      body.reason if body else None)
+    if not publish.request_cancels(db, running, by).published:
+        raise ApiError(
+            500,
+            "the interrupt is recorded but could not be handed to the cancel queue; "
+            "retrying is safe",
+        )
+    return Response(status_code=200)
 
 
 @v1.post("/runner", response_model=RunnerView)

@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         "batch at once while fewer are running (a lone cancel never waits); otherwise it "
         "joins the next one, which starts when a running one ends.",
     )
+    timeout_check_interval_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How often each cancel worker looks for queued or running workflows past "
+        "their own deadline (timeout_seconds at submission) and requests their cancel (source "
+        "deadline): a timeout is honoured within about this long.",
+    )
     deadline_check_interval_seconds: float = Field(
         1.0,
         gt=0,

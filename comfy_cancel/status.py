@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, bindparam, case, func, insert, literal, select, text, update
@@ -106,6 +106,12 @@ def transition(
     if not froms or not froms <= allowed_from:
         raise InvalidTransition(f"{sorted(froms)} -> {to} is not a transition of the lifecycle")
     now = utcnow()
+    values = dict(values or {})
+    if to in (S.COMPLETED, S.FAILED):
+        # A workflow that ended has no deadline left to enforce: it leaves the timeout
+        # pass's index (a cancelled one left it with its request). GET still shows the
+        # deadline, from created_at + timeout_seconds.
+        values["deadline_at"] = None
     if len(froms) == 1:
         (old,) = froms
     else:
@@ -120,7 +126,7 @@ def transition(
     changed = session.execute(
         update(Workflow)
         .where(Workflow.id == workflow_id, Workflow.status.in_([f.value for f in froms]))
-        .values(status=to.value, updated_at=now, **dict(values or {}))
+        .values(status=to.value, updated_at=now, **values)
         .returning(Workflow.id)
     ).first()
     if changed is None:
@@ -158,10 +164,12 @@ def create_accepted(
     name: str,
     workflow_json: Mapping[str, Any],
     tags: Sequence[str] = (),
+    timeout_seconds: int | None = None,
     by: Actor = SUBMITTER,
 ) -> Workflow:
     """A new workflow at its first status, ``accepted``, with its tags and the audit row
-    of that first transition, in the caller's transaction."""
+    of that first transition, in the caller's transaction. With ``timeout_seconds`` its
+    deadline is that long after now (the timeout pass cancels it past that)."""
     now = utcnow()
     workflow = Workflow(
         id=new_id(),
@@ -171,6 +179,8 @@ def create_accepted(
         tags=list(tags),
         workflow_json=dict(workflow_json),
         runner_task_id=new_id(),  # known before publishing, so a cancel can always revoke it
+        timeout_seconds=timeout_seconds,
+        deadline_at=None if timeout_seconds is None else now + timedelta(seconds=timeout_seconds),
         created_at=now,
         updated_at=now,
     )
@@ -416,12 +426,16 @@ def request_cancel_many(
     by: Actor,
     *,
     only_new: bool = False,
+    skip_locked: bool = False,
     publishing: bool = False,
 ) -> list[str]:
     """Record cancel requests on many cancellable workflows in one statement.
 
     Returns the ids it recorded. With ``only_new`` only workflows without an earlier
     request are touched, which lets two sweeps racing on the same rows claim each once.
+    With ``skip_locked`` rows another transaction holds are left out (``FOR UPDATE SKIP
+    LOCKED`` on PostgreSQL; SQLite, one writer at a time, ignores it): two periodic
+    passes split the work instead of waiting for each other.
     """
     if not workflow_ids:
         return []
@@ -432,6 +446,10 @@ def request_cancel_many(
     )
     if only_new:
         query = query.where(Workflow.cancel_requested_at.is_(None))
+    if skip_locked:
+        free = (select(Workflow.id).where(Workflow.id.in_(list(workflow_ids)))
+                .with_for_update(skip_locked=True))
+        query = query.where(Workflow.id.in_(free.scalar_subquery()))
     values: dict[str, Any] = {
         "cancel_requested_at": func.coalesce(Workflow.cancel_requested_at, now),
         "cancel_source": func.coalesce(Workflow.cancel_source, by.source),
