@@ -37,7 +37,7 @@ from datetime import timedelta
 
 import redis
 
-from comfy_cancel import cancel, manager, publish, status
+from comfy_cancel import cancel, manager, metrics, publish, status
 from comfy_cancel.context import Context
 from comfy_cancel.models import CancelOutcome, CancelSource, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor
@@ -72,7 +72,7 @@ def sweep(ctx: Context, *, dry_run: bool = False) -> SweepReport:
     _cancel_lost_runners(ctx, report)
     _cancel_overdue(ctx, report)
     _handle_stale_queued(ctx, report)
-    _log(report, "sweep")
+    _report(report, "sweep")
     return report
 
 
@@ -80,14 +80,19 @@ def redrive(ctx: Context, *, dry_run: bool = False) -> SweepReport:
     """The frequent, cheap pass: open cancels and orphaned runner work handed on again."""
     report = SweepReport(dry_run=dry_run)
     _redrive(ctx, report)
-    _log(report, "re-drive")
+    _report(report, "redrive")
     return report
 
 
-def _log(report: SweepReport, name: str) -> None:
-    if any(report.counts().values()):
-        log.info("%s%s: %s", name, " (dry run)" if report.dry_run else "",
-                 {kind: n for kind, n in report.counts().items() if n})
+def _report(report: SweepReport, name: str) -> None:
+    """Log what a pass found, and count it (a dry run changes nothing and counts nothing)."""
+    counts = report.counts()
+    if not report.dry_run:
+        metrics.sweep_pass(name, counts)
+    if any(counts.values()):
+        found = {kind: n for kind, n in counts.items() if n}
+        log.info("%s%s: %s", name, " (dry run)" if report.dry_run else "", found,
+                 extra={"sweep": name, "findings": found})
 
 
 def _redrive(ctx: Context, report: SweepReport) -> None:

@@ -12,7 +12,16 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from comfy_cancel import batching, cancel, tasks
-from comfy_cancel.batching import ACK, REQUEUE, Call, _batchable, _Batcher, _run_batch, _Waiting
+from comfy_cancel.batching import (
+    ACK,
+    REQUEUE,
+    RETRIED,
+    Call,
+    _batchable,
+    _Batcher,
+    _run_batch,
+    _Waiting,
+)
 from comfy_cancel.worker import CANCEL_WORKFLOWS_TASK, SWEEP_TASK
 from tests.apitest import take_all, worker_app
 
@@ -165,7 +174,8 @@ def test_a_failed_batch_is_retried_message_by_message_on_their_own_queues(
              _batchable(sent((["w2", "w3"], "bulk", "ops", "maintenance"), "cancel.bulk"))]
     assert None not in calls
 
-    assert _run_batch(tasks.cancel_workflows, calls) == ACK  # type: ignore[arg-type]
+    # Acknowledged: each message goes on as its retry.
+    assert _run_batch(tasks.cancel_workflows, calls) == RETRIED  # type: ignore[arg-type]
 
     assert len(asked) == 1 and len(asked[0]) == 2  # one batch for both
     for queue, call in (("cancel", calls[0]), ("cancel.bulk", calls[1])):
