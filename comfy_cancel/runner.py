@@ -88,8 +88,9 @@ class Run:
     def _deliver(self, kind: SignalKind) -> None:
         with self._lock:
             prompt_id = self.prompt_id
-        if prompt_id is not None:
-            self.cancel_prompt(prompt_id)
+        with logs.bound(workflow_id=self.workflow_id):  # a thread starts with no context
+            if prompt_id is not None:
+                self.cancel_prompt(prompt_id)
         if kind is not SignalKind.CANCEL and self.stream is not None:
             # The database already says cancelled: nothing more will come that matters.
             self.stream.close()
