@@ -6,6 +6,7 @@ log lines name the workflow; and no secret appears in any log."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from comfy_cancel import logs, worker
+from comfy_cancel.config import child_environment
+from comfy_cancel.embedded import processes
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT, blur_chain
+from comfy_cancel.embedded.processes import Child
 from testbed.stack import Stack, cancel, running_stack
 from tests.apitest import KEY
 
@@ -26,6 +30,7 @@ pytestmark = pytest.mark.acceptance
 TERMINAL = {"completed", "failed", "cancelled"}
 LONG = blur_chain(40)  # about 6 s at the stack's time_scale 0.2
 RUNNER_SECRET = "runner-header-secret-3f9a7c"
+CANCEL_TASK = worker.CANCEL_WORKFLOWS_TASK
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -145,7 +150,7 @@ def test_the_cancel_task_reaches_a_task_event_receiver_as_flower_sees_it(stack: 
 
         def cancel_task() -> dict[str, Any] | None:
             return next((e for e in list(seen) if e["type"] == "task-received"
-                         and e.get("name") == "comfy_cancel.cancel_workflows"
+                         and e.get("name") == CANCEL_TASK
                          and running in str(e.get("args"))), None)
 
         stack.wait_for(lambda: cancel_task() is not None, what="the cancel task's events")
@@ -158,6 +163,36 @@ def test_the_cancel_task_reaches_a_task_event_receiver_as_flower_sees_it(stack: 
     # Sent by the API, then the worker's received, started and succeeded, in that order.
     assert kinds[:1] == ["task-sent"] and kinds.index("task-received") \
         < kinds.index("task-started") < kinds.index("task-succeeded")
+
+
+def test_flower_lists_the_cancel_task(stack: Stack) -> None:
+    """Flower itself, started as the README says (``celery -A comfy_cancel.worker flower``
+    on the stack's broker), lists the cancel task and its success."""
+    port = processes.free_port()
+    env = child_environment(stack.settings) | {"FLOWER_UNAUTHENTICATED_API": "true"}
+    flower = Child("flower", [sys.executable, "-m", "celery", "-A", "comfy_cancel.worker",
+                              "flower", f"--port={port}", "--address=127.0.0.1"],
+                   stack.log_dir / "flower.log", env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        flower.start().wait_ready(lambda: processes.http_ok(f"{url}/healthcheck"), 60,
+                                  tail_lines=20)
+        running = stack.submit(LONG, name="flowered")
+        stack.wait_status(running, {"running"} | TERMINAL)
+        assert cancel(stack, running).status_code == 200
+        assert stack.wait_status(running, TERMINAL)["status"] == "cancelled"
+
+        def listed() -> list[dict[str, Any]]:
+            tasks = httpx.get(f"{url}/api/tasks", params={"taskname": CANCEL_TASK},
+                              timeout=10).json()
+            return [t for t in tasks.values()
+                    if running in str(t.get("args")) and t.get("state") == "SUCCESS"]
+
+        stack.wait_for(lambda: bool(listed()), what="Flower to list the cancel task")
+        (task,) = listed()
+        assert task["name"] == CANCEL_TASK and task["worker"]
+    finally:
+        flower.stop()
 
 
 def json_lines(path: Path) -> list[dict[str, Any]]:
