@@ -205,7 +205,12 @@ def on_worker_init(conf: Any, options: dict[str, Any], **_: Any) -> None:
     its metrics port (the threads pool does all of its work in this process)."""
     settings = get_settings()
     if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port, settings.metrics_host)
+        try:
+            metrics.serve(settings.metrics_port, settings.metrics_host)
+        except OSError as exc:  # cancels matter more than their metrics: run on, and say so
+            logging.getLogger(__name__).error(
+                "no metrics: cannot serve them on %s:%d (%s); set another "
+                "COMFY_CANCEL_METRICS_PORT", settings.metrics_host, settings.metrics_port, exc)
     queues = options.get("queues")
     if isinstance(queues, str):
         queues = [q.strip() for q in queues.split(",") if q.strip()]

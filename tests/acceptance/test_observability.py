@@ -105,16 +105,20 @@ def test_the_api_in_several_processes_shows_the_sum_of_their_counts(
     """``comfy-cancel api`` with two processes: whichever answers /metrics shows them all."""
     with running_stack(f"sqlite:///{tmp_path / 'stack.db'}", redis_db_url, tmp_path,
                        separate_api=True, api_workers=2) as stack:
-        workflows = [stack.submit(TINY_PROMPT, name=f"wf{i}") for i in range(8)]
-        accepted = 0
+        # One running, the others pending behind it: all cancellable.
+        running = stack.submit(LONG, name="running")
+        stack.wait_status(running, {"running"} | TERMINAL)
+        workflows = [running, *(stack.submit(TINY_PROMPT, name=f"wf{i}") for i in range(8))]
+        for workflow_id in workflows:
+            stack.wait_status(workflow_id, {"queued", "running"})
         for workflow_id in workflows:
             # A connection each, so that both processes take some of them.
             response = httpx.post(f"{stack.api_url}/v1/workflow/{workflow_id}/cancel",
                                   headers={"Authorization": f"Bearer {stack.token}"}, timeout=30)
-            accepted += response.status_code == 200
+            assert response.status_code == 200, response.text
         samples = [scrape(f"{stack.api_url}/metrics") for _ in range(6)]
     for shown in samples:
-        assert sample(shown, "comfy_cancel_cancel_requests_total", source="api") == accepted
+        assert sample(shown, "comfy_cancel_cancel_requests_total", source="api") == 9
         # The multiprocess collector's exposition: no single process's own gauges.
         assert not any(name == "process_cpu_seconds_total" for name, _ in shown)
 
