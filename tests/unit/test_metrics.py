@@ -4,18 +4,24 @@ time, and the exposition: Prometheus names, and label values from bounded sets o
 
 from __future__ import annotations
 
+import logging
 import re
+import socket
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from comfy_cancel import cancel, metrics, status, sweeps
+from comfy_cancel import cancel, metrics, status, sweeps, worker
 from comfy_cancel.broker import queue_lengths
 from comfy_cancel.comfyui import ComfyUIError
+from comfy_cancel.config import get_settings
+from comfy_cancel.embedded.processes import free_port
 from comfy_cancel.models import CancelOutcome, CancelSource, WorkflowStatus, utcnow
 from comfy_cancel.scrape import LiveState
 from comfy_cancel.status import Actor
@@ -256,3 +262,28 @@ def test_the_state_read_at_scrape_time(domain: Domain) -> None:
             for queue in ("cancel", "cancel.bulk", "cancel.sweep", "runner")} == {
         "cancel": 3, "cancel.bulk": 0, "cancel.sweep": 0, "runner": 1}
     assert queue_lengths(fake, ["cancel"]) == {"cancel": 3}
+
+
+def test_a_worker_serves_its_metrics_on_its_port_and_runs_on_when_the_port_is_taken(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def start_worker(port: int) -> None:
+        monkeypatch.setenv("COMFY_CANCEL_METRICS_PORT", str(port))
+        get_settings.cache_clear()
+        try:
+            worker.on_worker_init(conf=SimpleNamespace(result_backend="rpc://"), options={})
+        finally:
+            get_settings.cache_clear()
+
+    port = free_port()
+    start_worker(port)
+    page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert page.status_code == 200
+    assert 'comfy_cancel_cancel_requests_total{source="api"}' in page.text
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with caplog.at_level(logging.ERROR, logger="comfy_cancel.worker"):
+            start_worker(taken.getsockname()[1])
+    assert "no metrics: cannot serve them on 127.0.0.1" in caplog.text
