@@ -33,7 +33,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from comfy_cancel import manager, publish, signals, status
+from comfy_cancel import manager, metrics, publish, signals, status
 from comfy_cancel.comfyui import ComfyUIError
 from comfy_cancel.context import Context
 from comfy_cancel.encryption import SecretKeyError
@@ -91,6 +91,11 @@ def handle_batch(ctx: Context, requests: Sequence[tuple[Sequence[str], Actor]]) 
     # Only now "taken": a stamp written before the signal went out would start a deadline
     # that no runner was told about.
     live = [wid for wid, outcome in signalled.items() if outcome is None]
+    # The first signal of each request (one handed on again was taken already), counted now:
+    # its runner may well have acknowledged before the stamp below.
+    metrics.runners_signalled([(w.cancel_source, w.cancel_requested_at) for w in running
+                               if w.id in signalled and signalled[w.id] is None
+                               and w.cancel_taken_at is None], utcnow())
     if live:
         with ctx.db.transaction() as session:
             status.mark_cancel_taken(session, live)

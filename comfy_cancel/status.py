@@ -595,22 +595,14 @@ def claim_redrive(
 
 def mark_cancel_taken(session: Session, workflow_ids: Sequence[str]) -> None:
     """A cancel worker took these open requests (it signalled their runners): the first
-    take is kept, since the grace period, and so the deadline, runs from it (and only the
-    first counts as the runner signalled)."""
-    if not workflow_ids:
-        return
-    now = utcnow()
-    taken = session.execute(
-        update(Workflow)
-        .where(Workflow.id.in_(list(workflow_ids)), Workflow.cancel_outcome.is_(None),
-               Workflow.cancel_taken_at.is_(None))
-        .values(cancel_taken_at=now)
-        .returning(Workflow.cancel_source, Workflow.cancel_requested_at)
-        .execution_options(synchronize_session=False)
-    ).all()
-    if taken:
-        rows = [(row.cancel_source, row.cancel_requested_at) for row in taken]
-        metrics.after_commit(session.info, lambda: metrics.runners_signalled(rows, now))
+    take is kept, since the grace period, and so the deadline, runs from it."""
+    if workflow_ids:
+        session.execute(
+            update(Workflow)
+            .where(Workflow.id.in_(list(workflow_ids)), Workflow.cancel_outcome.is_(None))
+            .values(cancel_taken_at=func.coalesce(Workflow.cancel_taken_at, utcnow()))
+            .execution_options(synchronize_session=False)
+        )
 
 
 def _count_closed(
