@@ -150,7 +150,8 @@ def _redispatch_orphans(ctx: Context, report: SweepReport) -> None:
             report.orphans_failed.append(workflow.id)
             continue
         log.info("workflow %s (%s) lost its runner task %s; re-dispatched as %s",
-                 workflow.id, workflow.status, workflow.runner_task_id, claim.task_id)
+                 workflow.id, workflow.status, workflow.runner_task_id, claim.task_id,
+                 extra={"workflow_id": workflow.id})
         if _publish_run(workflow.id, claim.task_id):
             report.orphans_redispatched.append(workflow.id)
 
@@ -265,6 +266,6 @@ def _publish_run(workflow_id: str, task_id: str) -> bool:
         publish.publish_run(workflow_id, task_id)
     except publish.BROKER_ERRORS as exc:
         log.warning("could not re-dispatch %s (%s: %s); a later pass will",
-                    workflow_id, type(exc).__name__, exc)
+                    workflow_id, type(exc).__name__, exc, extra={"workflow_id": workflow_id})
         return False
     return True
