@@ -29,7 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comfy_cancel import bulk, manager, ops, publish, status
+from comfy_cancel import bulk, manager, metrics, ops, publish, status
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.context import Context
 from comfy_cancel.db import Database
@@ -76,6 +76,7 @@ from comfy_cancel.schemas import (
     json_too_deep,
     refuse_json_constant,
 )
+from comfy_cancel.scrape import LiveState
 
 log = logging.getLogger(__name__)
 
@@ -538,6 +539,16 @@ def readyz(request: Request, db: DB) -> JSONResponse:
     return JSONResponse({"status": 503, "message": message, **checks}, status_code=503)
 
 
+@health.get("/metrics", include_in_schema=False)
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus metrics, without a token (COMFY_CANCEL_API_METRICS): what this API's
+    processes counted, and the state read now (open cancels, queue depths)."""
+    shown = request.app.state.metrics
+    if shown is None:
+        raise StarletteHTTPException(404)
+    return Response(metrics.exposition(shown), media_type=metrics.CONTENT_TYPE)
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
@@ -665,6 +676,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Neither connects until first used; short timeouts keep /readyz fast when Redis is down.
     app.state.redis = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=2, socket_timeout=2
+    )
+    app.state.metrics = (
+        metrics.registry(LiveState(app.state.db, app.state.redis)) if settings.api_metrics
+        else None
     )
     app.include_router(v1)
     app.include_router(admin)

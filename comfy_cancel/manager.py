@@ -569,6 +569,16 @@ def _past_deadline(grace_seconds: float) -> list[Any]:
     ]
 
 
+def open_cancel_requests(session: Session) -> tuple[int, datetime | None]:
+    """How many cancel requests have no outcome yet, and when the oldest was made: read
+    through the partial index of open intents (its cost follows what is open)."""
+    count, oldest = session.execute(
+        select(func.count(), func.min(Workflow.cancel_requested_at))
+        .where(Workflow.cancel_requested_at.is_not(None), Workflow.cancel_outcome.is_(None))
+    ).one()
+    return int(count), oldest
+
+
 def overdue_cancel_ids(session: Session, grace_seconds: float, limit: int) -> list[str]:
     """Open cancel requests whose deadline passed (:func:`_past_deadline`), oldest first."""
     return list(session.execute(

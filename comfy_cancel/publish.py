@@ -122,9 +122,12 @@ def hand_on(workflow_ids: Sequence[str], by: Actor, chunk_size: int = CHUNK_SIZE
     try:
         publish_cancels(workflow_ids, by, chunk_size)
     except BROKER_ERRORS as exc:
+        fields: dict[str, object] = {"cancel_source": by.source, "workflows": len(workflow_ids)}
+        if len(workflow_ids) == 1:
+            fields["workflow_id"] = workflow_ids[0]
         log.warning("%d cancels (%s) recorded, not handed to the %s queue: %s: %s; the "
                     "re-drive pass will", len(workflow_ids), by.source, queue_of(by),
-                    type(exc).__name__, exc)
+                    type(exc).__name__, exc, extra=fields)
         return False
     return True
 

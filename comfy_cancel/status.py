@@ -16,6 +16,8 @@ The functions take a session inside a transaction (``Database.transaction()``)
 so a caller can make a status change part of a larger unit of work; the one
 exception, :func:`request_cancel_as_caller`, is the API's whole unit of work in one
 statement and takes the database.
+
+What the cancel verbs did is counted (:mod:`metrics`) once their transaction commits.
 """
 
 from __future__ import annotations
@@ -26,11 +28,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, case, func, insert, literal, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    bindparam,
+    case,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import TextClause
 
-from comfy_cancel import manager
+from comfy_cancel import manager, metrics
 from comfy_cancel.db import Database
 from comfy_cancel.models import (
     CANCELLABLE,
@@ -127,7 +140,7 @@ def transition(
         update(Workflow)
         .where(Workflow.id == workflow_id, Workflow.status.in_([f.value for f in froms]))
         .values(status=to.value, updated_at=now, **values)
-        .returning(Workflow.id)
+        .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_requested_at)
     ).first()
     if changed is None:
         return Change(workflow_id, changed=False, status=_status_of(session, workflow_id))
@@ -145,6 +158,9 @@ def transition(
             detail=dict(detail) if detail else None,
         )
     )
+    if outcome is not None and to is S.CANCELLED:
+        _count_closed(session, [(changed.cancel_source, outcome, changed.cancel_requested_at)],
+                      now)
     if to in (S.COMPLETED, S.FAILED):
         # A cancel request still open when the workflow ended another way lost the race.
         record_outcome(session, workflow_id, CancelOutcome.TOO_LATE, by, only_if_requested=True)
@@ -353,14 +369,18 @@ def cancel_queued_many(
         .where(Workflow.id.in_(list(workflow_ids)), Workflow.status == S.QUEUED.value)
         .values(status=S.CANCELLED.value, updated_at=now,
                 **_cancel_values(requesters, outcome, now))
-        .returning(Workflow.id, Workflow.runner_task_id, Workflow.runner_id, Workflow.prompt_id)
+        .returning(Workflow.id, Workflow.runner_task_id, Workflow.runner_id, Workflow.prompt_id,
+                   Workflow.cancel_source, Workflow.cancel_requested_at)
         .execution_options(synchronize_session=False)
     ).all()
     _audit_many(
         session, {row.id: requesters[row.id] for row in rows}, EventKind.TRANSITION, now,
         from_status=S.QUEUED.value, to_status=S.CANCELLED.value, outcome=outcome.value,
     )
-    return [CancelledQueued(*row) for row in rows]
+    _count_closed(session, [(row.cancel_source, outcome.value, row.cancel_requested_at)
+                            for row in rows], now)
+    return [CancelledQueued(row.id, row.runner_task_id, row.runner_id, row.prompt_id)
+            for row in rows]
 
 
 @dataclass(frozen=True)
@@ -382,15 +402,19 @@ def cancel_running_many(session: Session, escalations: Sequence[Escalation]) -> 
     by_outcome: dict[CancelOutcome, dict[str, Actor]] = defaultdict(dict)
     for escalation in escalations:
         by_outcome[escalation.outcome][escalation.workflow_id] = escalation.by
+    closed: list[tuple[str | None, str, datetime | None]] = []
     for outcome, requesters in by_outcome.items():
-        changed.update(session.execute(
+        for row in session.execute(
             update(Workflow)
             .where(Workflow.id.in_(list(requesters)), Workflow.status == S.RUNNING.value)
             .values(status=S.CANCELLED.value, updated_at=now,
                     **_cancel_values(requesters, outcome, now))
-            .returning(Workflow.id)
+            .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_requested_at)
             .execution_options(synchronize_session=False)
-        ).scalars())
+        ):
+            changed.add(row.id)
+            closed.append((row.cancel_source, outcome.value, row.cancel_requested_at))
+    _count_closed(session, closed, now)
     rows = [
         {"workflow_id": e.workflow_id, "at": now, "kind": EventKind.TRANSITION.value,
          "from_status": S.RUNNING.value, "to_status": S.CANCELLED.value,
@@ -465,6 +489,9 @@ def request_cancel_many(
         .execution_options(synchronize_session=False)
     ).scalars().all()
     _audit_many(session, dict.fromkeys(recorded, by), EventKind.CANCEL_REQUESTED, now)
+    if recorded:
+        metrics.after_commit(session.info, lambda: metrics.cancels_requested(by.source,
+                                                                              len(recorded)))
     return list(recorded)
 
 
@@ -523,12 +550,15 @@ def request_cancel_as_caller(
               "reason": by.reason}
     if db.engine.dialect.name == "postgresql":
         with db.autocommit() as connection:
-            return connection.execute(_REQUEST_AND_AUDIT, params).first() is not None
-    with db.engine.begin() as connection:
-        if connection.execute(_REQUEST, params).first() is None:
-            return False
-        connection.execute(_AUDIT, params)
-        return True
+            recorded = connection.execute(_REQUEST_AND_AUDIT, params).first() is not None
+    else:
+        with db.engine.begin() as connection:
+            recorded = connection.execute(_REQUEST, params).first() is not None
+            if recorded:
+                connection.execute(_AUDIT, params)
+    if recorded:  # committed: the statement's own, or the block's
+        metrics.cancels_requested(by.source)
+    return recorded
 
 
 def record_outcome(
@@ -552,10 +582,14 @@ def record_outcome(
     if only_if_requested:
         query = query.where(Workflow.cancel_requested_at.is_not(None))
     changed = session.execute(
-        query.values(cancel_outcome=outcome.value, cancel_finished_at=now).returning(Workflow.id)
+        query.values(cancel_outcome=outcome.value, cancel_finished_at=now)
+        .returning(Workflow.cancel_source, Workflow.cancel_requested_at)
     ).first()
     if changed is None and only_if_requested:
         return False
+    if changed is not None:
+        _count_closed(session, [(changed.cancel_source, outcome.value,
+                                 changed.cancel_requested_at)], now)
     # A later request's outcome is audited too, marked as not the one the workflow keeps.
     audited = dict(detail or {}) if changed is not None else {**(detail or {}), "recorded": False}
     _audit(session, workflow_id, EventKind.CANCEL_OUTCOME, by, outcome.value, now, audited)
@@ -643,6 +677,24 @@ def _since(requested_at: datetime | None, now: datetime) -> dict[str, float] | N
     if requested_at is None:
         return None
     return {"seconds_since_request": round((now - requested_at).total_seconds(), 4)}
+
+
+def _count_closed(
+    session: Session, rows: list[tuple[str | None, str, datetime | None]], now: datetime
+) -> None:
+    """Count these outcomes (:func:`metrics.cancels_closed`) once the transaction commits."""
+    if rows:
+        metrics.after_commit(session.info, lambda: metrics.cancels_closed(rows, now))
+
+
+@event.listens_for(Session, "after_commit")
+def _count_committed(session: Session) -> None:
+    metrics.committed(session.info)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    metrics.rolled_back(session.info)
 
 
 def _audit(

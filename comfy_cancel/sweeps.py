@@ -43,7 +43,7 @@ from datetime import datetime, timedelta
 import redis
 from sqlalchemy.orm import Session
 
-from comfy_cancel import cancel, manager, publish, status
+from comfy_cancel import cancel, manager, metrics, publish, status
 from comfy_cancel.context import Context
 from comfy_cancel.models import CancelOutcome, CancelSource, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor
@@ -75,7 +75,7 @@ class SweepReport:
 
 def sweep(ctx: Context, *, dry_run: bool = False) -> SweepReport:
     report = _full_pass(ctx, SweepReport(dry_run=dry_run))
-    _log(report, "sweep")
+    _report(report, "sweep")
     return report
 
 
@@ -118,14 +118,19 @@ def redrive(ctx: Context, *, dry_run: bool = False) -> SweepReport:
     """The frequent, cheap pass: open cancels and orphaned runner work handed on again."""
     report = SweepReport(dry_run=dry_run)
     _redrive(ctx, report)
-    _log(report, "re-drive")
+    _report(report, "redrive")
     return report
 
 
-def _log(report: SweepReport, name: str) -> None:
-    if any(report.counts().values()):
-        log.info("%s%s: %s", name, " (dry run)" if report.dry_run else "",
-                 {kind: n for kind, n in report.counts().items() if n})
+def _report(report: SweepReport, name: str) -> None:
+    """Log what a pass found, and count it (a dry run changes nothing and counts nothing)."""
+    counts = report.counts()
+    if not report.dry_run:
+        metrics.sweep_pass(name, counts)
+    if any(counts.values()):
+        found = {kind: n for kind, n in counts.items() if n}
+        log.info("%s%s: %s", name, " (dry run)" if report.dry_run else "", found,
+                 extra={"sweep": name, "findings": found})
 
 
 def _redrive(ctx: Context, report: SweepReport) -> None:
@@ -183,7 +188,8 @@ def _redispatch_orphans(ctx: Context, report: SweepReport) -> None:
             report.orphans_failed.append(workflow.id)
             continue
         log.info("workflow %s (%s) lost its runner task %s; re-dispatched as %s",
-                 workflow.id, workflow.status, workflow.runner_task_id, claim.task_id)
+                 workflow.id, workflow.status, workflow.runner_task_id, claim.task_id,
+                 extra={"workflow_id": workflow.id})
         if _publish_run(workflow.id, claim.task_id):
             report.orphans_redispatched.append(workflow.id)
 
@@ -298,7 +304,7 @@ def _publish_run(workflow_id: str, task_id: str) -> bool:
         publish.publish_run(workflow_id, task_id)
     except publish.BROKER_ERRORS as exc:
         log.warning("could not re-dispatch %s (%s: %s); a later pass will",
-                    workflow_id, type(exc).__name__, exc)
+                    workflow_id, type(exc).__name__, exc, extra={"workflow_id": workflow_id})
         return False
     return True
 
