@@ -55,3 +55,6 @@ _.get_short_help_str
 _.command_class
 _.group_class
 _.list_commands
+# kombu's ConsumerMixin reads these of a Celery event receiver (the Flower test).
+_.on_consume_ready
+_.should_stop

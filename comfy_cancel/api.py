@@ -32,7 +32,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comfy_cancel import bulk, live, manager, ops, publish, status, streams
+from comfy_cancel import bulk, live, manager, metrics, ops, publish, status, streams
 from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.context import Context
 from comfy_cancel.db import Database
@@ -62,6 +62,7 @@ from comfy_cancel.models import (
 )
 from comfy_cancel.ratelimit import RateLimiter
 from comfy_cancel.schemas import (
+    MAX_TIMEOUT_SECONDS,
     BulkCancelRequest,
     CancelRequest,
     ErrorBody,
@@ -78,6 +79,7 @@ from comfy_cancel.schemas import (
     json_too_deep,
     refuse_json_constant,
 )
+from comfy_cancel.scrape import LiveState
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,8 @@ async def read_submission(request: Request) -> WorkflowSubmission:
         tags = [t for t in form.getlist("tags") if isinstance(t, str)]
         if tags:
             fields["tags"] = tags
+        if "timeout_seconds" in form:
+            fields["timeout_seconds"] = form["timeout_seconds"]
         upload = form.get("workflow_json")
         if isinstance(upload, UploadFile):
             if upload.size is not None and upload.size > limit:
@@ -279,6 +283,13 @@ SUBMIT_BODY: dict[str, Any] = {
                             "type": "string",
                             "description": "Comma-separated, or repeat the field; at most 10.",
                         },
+                        "timeout_seconds": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_TIMEOUT_SECONDS,
+                            "description": "Optional: cancelled (cancel source 'deadline') "
+                            "if still queued or running this long after submission.",
+                        },
                     },
                 }
             },
@@ -307,6 +318,7 @@ def submit_workflow(
             name=submission.name,
             workflow_json=submission.workflow_json,
             tags=submission.tags,
+            timeout_seconds=submission.timeout_seconds,
         )
     assert workflow.runner_task_id is not None  # create_accepted always assigns one
     try:
@@ -484,6 +496,33 @@ def _runner_refusals() -> Iterator[None]:
         raise ApiError(400, str(exc)) from None
 
 
+@v1.post(
+    "/runner/{runner_id}/interrupt",
+    response_class=Response,
+    responses={200: {"description": "What ran on the runner is being cancelled (or nothing "
+                     "ran); the body is empty."}},
+)
+def interrupt_runner(
+    runner_id: str, principal: Caller, db: DB, body: CancelRequest | None = None
+) -> Response:
+    """Stop what runs on this runner now: each of the caller's workflows ``running`` on it
+    is cancelled through the same path as ``POST /v1/workflow/{id}/cancel`` (cancel source
+    ``runner_interrupt``). Work queued on the runner is left alone and the runner stays in
+    service (a disabled one can be interrupted too); 200 also when nothing runs."""
+    with db.transaction() as session:
+        runner = _own_runner(session, runner_id, principal)
+        running = manager.running_on_runner(session, runner.id, principal.account_id)
+    by = status.Actor(CancelSource.RUNNER_INTERRUPT.value, principal.actor,
+                      body.reason if body else None)
+    if not publish.request_cancels(db, running, by).published:
+        raise ApiError(
+            500,
+            "the interrupt is recorded but could not be handed to the cancel queue; "
+            "retrying is safe",
+        )
+    return Response(status_code=200)
+
+
 @v1.post("/runner", response_model=RunnerView)
 def add_runner(request: Request, principal: Caller, db: DB, body: RunnerCreate) -> RunnerView:
     """Register a ComfyUI server. Its URL must lead to a public address (or a network the
@@ -559,6 +598,16 @@ def readyz(request: Request, db: DB) -> JSONResponse:
         return JSONResponse(checks)
     message = f"not ready: {' and '.join(failed)} unreachable; see the server log"
     return JSONResponse({"status": 503, "message": message, **checks}, status_code=503)
+
+
+@health.get("/metrics", include_in_schema=False)
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus metrics, without a token (COMFY_CANCEL_API_METRICS): what this API's
+    processes counted, and the state read now (open cancels, queue depths)."""
+    shown = request.app.state.metrics
+    if shown is None:
+        raise StarletteHTTPException(404)
+    return Response(metrics.exposition(shown), media_type=metrics.CONTENT_TYPE)
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -699,6 +748,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The process's one subscription to live updates, shared by all its streams.
     app.state.hub = live.Hub(redis.asyncio.Redis.from_url(
         settings.redis_url, socket_connect_timeout=2, client_name=live.HUB_CLIENT_NAME))
+    app.state.metrics = (
+        metrics.registry(LiveState(app.state.db, app.state.redis)) if settings.api_metrics
+        else None
+    )
     app.include_router(v1)
     app.include_router(admin)
     app.include_router(health)

@@ -19,9 +19,11 @@ worker handles a task's messages) decides:
 - messages with an ETA or an expiry, retries, and messages with callbacks run as Celery
   runs any task, one at a time.
 
-Celery's bookkeeping of single tasks (``inspect active``, task events) does not see the
-batches. :func:`every` runs a function on the pool of the workers that consume given
-queues, periodically and never twice at once.
+Celery's bookkeeping of single tasks (``inspect active``) does not see the batches; task
+events do: with ``worker_send_task_events`` each message of a batch is reported received,
+started and succeeded (or retried, or rejected) as Celery reports a single task, so Flower
+lists every cancel message. :func:`every` runs a function on the pool of the workers that
+consume given queues, periodically and never twice at once.
 
 Why not the ``celery-batches`` package: its 0.11 requires Celery < 5.7, it acknowledges a
 batch that raised (its tracer logs the error, then acks: the requests would wait for the
@@ -32,8 +34,9 @@ lone message waits for that interval.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 
 # What a batch's run tells the consumer to do with its messages.
 ACK = "ack"
+RETRIED = "retried"  # the batch failed; each message was published again as a retry: ack
 REQUEUE = "requeue"
 
 # Headers of a message Celery must run on its own: delayed, expiring, or a retry.
@@ -94,7 +98,7 @@ class BatchTask(Task):
             call = _batchable(message)
             if call is None:
                 return single(message, body, ack, reject, callbacks, **kw)
-            batcher.add(_Waiting(call, ack, reject))
+            batcher.add(_Waiting(call, ack, reject, message.headers or {}))
             return None
 
         return on_message
@@ -121,6 +125,8 @@ class _Waiting:
     call: Call
     ack: Any  # Celery's promises: ack(logger, errors), reject(logger, errors, requeue)
     reject: Any
+    # The message's: its task id and arguments, for task events.
+    headers: Mapping[str, Any] = field(default_factory=dict)
 
 
 class _Batcher:
@@ -140,19 +146,37 @@ class _Batcher:
         self._slots = max(1, task.batches_in_flight())
         self._waiting: list[_Waiting] = []
         self._running = 0
+        eventer = getattr(consumer, "event_dispatcher", None)
+        self._send_event: Callable[..., Any] | None = None
+        if eventer is not None and eventer.enabled and task.send_events:
+            self._send_event = eventer.send
 
     def add(self, waiting: _Waiting) -> None:
+        self._event("task-received", [waiting], name=self._task.name,
+                    args=waiting.headers.get("argsrepr"),
+                    kwargs=waiting.headers.get("kwargsrepr"),
+                    root_id=waiting.headers.get("root_id"),
+                    parent_id=waiting.headers.get("parent_id"), retries=0)
         self._waiting.append(waiting)
         self._start()
+
+    def _event(self, kind: str, batch: Sequence[_Waiting], **fields: Any) -> None:
+        """Report ``kind`` for each message of ``batch``, as Celery reports single tasks
+        (its worker buffers them and sends them in groups)."""
+        if self._send_event is None:
+            return
+        for waiting in batch:
+            self._send_event(kind, uuid=waiting.headers.get("id"), **fields)
 
     def _start(self) -> None:
         while self._waiting and self._running < self._slots:
             batch = self._take()
             self._running += 1
+            self._event("task-started", batch)
             self._pool.apply_async(
                 _run_batch, (self._task, [w.call for w in batch]),
-                callback=partial(self._ended, batch),
-                error_callback=partial(self._ended, batch, REQUEUE),
+                callback=partial(self._ended, batch, time.monotonic()),
+                error_callback=partial(self._ended, batch, time.monotonic(), REQUEUE),
             )
 
     def _take(self) -> list[_Waiting]:
@@ -165,14 +189,21 @@ class _Batcher:
         batch, self._waiting = self._waiting[:count], self._waiting[count:]
         return batch
 
-    def _ended(self, batch: list[_Waiting], outcome: Any, *_: Any) -> None:
+    def _ended(self, batch: list[_Waiting], started: float, outcome: Any, *_: Any) -> None:
         # ``outcome`` is _run_batch's, or REQUEUE when the pool lost the batch (a prefork
         # child that died): its messages go back on their queues now.
         for waiting in batch:
-            if outcome == ACK:
+            if outcome in (ACK, RETRIED):
                 waiting.ack(log, self._errors)
             else:
                 waiting.reject(log, self._errors, True)
+        if outcome == ACK:
+            self._event("task-succeeded", batch, result="None",
+                        runtime=time.monotonic() - started)
+        elif outcome == RETRIED:
+            self._event("task-retried", batch, exception="the batch failed; retried on its own")
+        else:
+            self._event("task-rejected", batch, requeue=True)
         self._call_soon(self._next)
 
     def _next(self) -> None:
@@ -206,7 +237,7 @@ def _run_batch(task: BatchTask, calls: list[Call]) -> str:
         log.warning("could not publish the retries of %d %s messages (%s); they go back on "
                     "their queues", len(calls), task.name, type(exc).__name__)
         return REQUEUE
-    return ACK
+    return RETRIED
 
 
 def _route(call: Call) -> dict[str, str]:

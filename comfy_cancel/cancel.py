@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from comfy_cancel import manager, publish, signals, status
+from comfy_cancel import manager, metrics, publish, signals, status
 from comfy_cancel.comfyui import ComfyUIClient, ComfyUIError
 from comfy_cancel.context import Context
 from comfy_cancel.encryption import SecretKeyError
@@ -83,17 +83,69 @@ def handle_batch(ctx: Context, requests: Sequence[tuple[Sequence[str], Actor]]) 
             if workflow.status == S.RUNNING.value:
                 running.append(workflow)
             elif workflow.status not in TERMINAL:
-                log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status)
+                log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status,
+                         extra={"workflow_id": workflow.id,
+                                "cancel_source": by[workflow.id].source})
     _after_queued_cancelled(ctx, cancelled)
     signalled = signal_running(ctx, running, by)
     outcomes.update(signalled)
     # Only now "taken": a stamp written before the signal went out would start a deadline
     # that no runner was told about.
     live = [wid for wid, outcome in signalled.items() if outcome is None]
+    # The first signal of each request (one handed on again was taken already), counted now:
+    # its runner may well have acknowledged before the stamp below.
+    metrics.runners_signalled([(w.cancel_source, w.cancel_requested_at) for w in running
+                               if w.id in signalled and signalled[w.id] is None
+                               and w.cancel_taken_at is None], utcnow())
     if live:
         with ctx.db.transaction() as session:
             status.mark_cancel_taken(session, live)
+    _log_batch(by, outcomes, set(live))
     return outcomes
+
+
+def _log_batch(by: Mapping[str, Actor], outcomes: Outcomes, signalled: set[str]) -> None:
+    """One line per batch: how many, from which sources, what became of them (a running
+    one's outcome comes from its runner later: ``signalled``). A batch of one names its
+    workflow; a bigger one only counts (a line per workflow would cost the hot path)."""
+    def result(workflow_id: str) -> str:
+        outcome = outcomes.get(workflow_id)
+        if outcome is not None:
+            return outcome.value
+        return "signalled" if workflow_id in signalled else "not_cancellable"
+
+    results = Counter(result(wid) for wid in by)
+    sources = Counter(actor.source for actor in by.values())
+    said = ", ".join(f"{name} {n}" for name, n in sorted(results.items()))
+    fields: dict[str, object] = {"workflows": len(by), "results": dict(results),
+                                 "sources": dict(sources)}
+    if len(by) == 1:
+        ((workflow_id, requester),) = by.items()
+        fields.update(workflow_id=workflow_id, cancel_source=requester.source,
+                      outcome=result(workflow_id))
+        log.info("cancel of workflow %s (%s): %s", workflow_id, requester.source, said,
+                 extra=fields)
+    else:
+        log.info("cancel batch of %d workflows (%s): %s", len(by),
+                 ", ".join(f"{name} {n}" for name, n in sorted(sources.items())), said,
+                 extra=fields)
+
+
+def _log_escalated(outcomes: Outcomes) -> None:
+    """The running cancels ended without their runners, counted by outcome; one alone by
+    its id."""
+    ended = {wid: o for wid, o in outcomes.items()
+             if o in (CancelOutcome.FORCED, CancelOutcome.RUNNER_LOST)}
+    if not ended:
+        return
+    counts = Counter(o.value for o in ended.values())
+    fields: dict[str, object] = {"workflows": len(ended), "results": dict(counts)}
+    if len(ended) == 1:
+        ((workflow_id, outcome),) = ended.items()
+        fields.update(workflow_id=workflow_id, outcome=outcome.value)
+    log.info("ended %d running workflows without their runners' acknowledgement: %s",
+             len(ended), ", ".join(f"{name} {n}" for name, n in sorted(counts.items())),
+             extra=fields)
 
 
 def handle_many(ctx: Context, workflow_ids: Sequence[str], by: Actor) -> Outcomes:
@@ -157,6 +209,7 @@ def enforce_deadlines(ctx: Context) -> Outcomes:
         # The pass runs every second and never twice at once: it must not wait on a ComfyUI
         # that does not answer, or every other deadline waits with it.
         _after_escalation(ctx, ended, direct=_DIRECT_CANCELS.submit)
+        _log_escalated(found)
         outcomes.update(found)
         if len(due) < limit or not ended:  # all done, or the rest is for the next turn
             return outcomes
@@ -218,6 +271,7 @@ def escalate(
     with ctx.db.transaction() as session:
         ended, outcomes = _end_running(session, ctx, workflows, requesters, outcome)
     _after_escalation(ctx, ended)
+    _log_escalated(outcomes)
     return outcomes
 
 
@@ -302,7 +356,7 @@ def cancel_prompts(
         if runner is None:
             continue
         try:
-            client = ctx.comfyui(runner.endpoint_url, runner.headers, timeout)
+            client = ctx.comfyui(runner.endpoint_url, runner.headers, timeout, runner_id)
             client.cancel_many(prompt_ids)
         except (ComfyUIError, SecretKeyError) as exc:
             log.warning("could not cancel %d prompts on runner %s: %s", len(prompt_ids),

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from celery import Celery
 
 PROG = "comfy-cancel"
+# prometheus_client's multiprocess directory (comfy_cancel.metrics), named here so that
+# setting it imports nothing.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 INT32_MAX = 2**31 - 1  # the database's integer columns
 
 
@@ -324,29 +327,53 @@ def cmd_api(host: str | None, port: int | None, workers: int | None) -> None:
     import uvicorn
 
     settings = _settings()
+    processes = workers or settings.api_workers
+    if processes > 1 and settings.api_metrics:
+        _multiprocess_metrics()
     # Each process builds the app from the environment's settings, the ones checked above.
     uvicorn.run(
         "comfy_cancel.api:create_app",
         factory=True,
-        workers=workers or settings.api_workers,
+        workers=processes,
         host=host or settings.api_host,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
-        log_config=_api_log_config(settings.log_level.upper()),
+        log_config=_api_log_config(settings.log_level.upper(), settings.log_format),
     )
 
 
-def _api_log_config(level: str) -> dict[str, Any]:
+def _multiprocess_metrics() -> None:
+    """Several API processes: each keeps its metrics in files of one directory, and any of
+    them answers /metrics with the sum (prometheus_client's multiprocess mode). The
+    operator's PROMETHEUS_MULTIPROC_DIR, emptied, or a new temporary one, removed at exit.
+    Set before any API process imports prometheus_client (it chooses its store then)."""
+    import atexit
+    import shutil
+
+    path = os.environ.get(MULTIPROCESS_ENV)
+    if not path:
+        path = os.environ[MULTIPROCESS_ENV] = tempfile.mkdtemp(prefix=f"{PROG}-metrics-")
+        atexit.register(shutil.rmtree, path, True)
+    from comfy_cancel.metrics import clear_multiprocess_dir  # with the variable set
+
+    os.makedirs(path, exist_ok=True)
+    clear_multiprocess_dir(path)
+
+
+def _api_log_config(level: str, log_format: str = "text") -> dict[str, Any]:
     """uvicorn's logging, and the API's own warnings beside it, in every API process
-    (uvicorn applies this in each process it starts)."""
+    (uvicorn applies this in each process it starts); JSON lines for every logger with
+    ``log_format`` json."""
     from uvicorn.config import LOGGING_CONFIG
+
+    from comfy_cancel.logs import json_log_config
 
     config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
     config["formatters"]["app"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
     config["handlers"]["app"] = {"class": "logging.StreamHandler", "formatter": "app",
                                  "stream": "ext://sys.stderr"}
     config["root"] = {"handlers": ["app"], "level": level}
-    return config
+    return json_log_config(config) if log_format == "json" else config
 
 
 def _celery_app() -> Celery:
@@ -368,7 +395,16 @@ CANCEL_QUEUES = "cancel,cancel.bulk,cancel.sweep"
 @click.option("--concurrency", type=POSITIVE, metavar="N",
               help="threads (default: COMFY_CANCEL_RUNNER_CONCURRENCY)")
 @click.option("--loglevel", help="default: COMFY_CANCEL_LOG_LEVEL")
-def cmd_worker(queues: str, concurrency: int | None, loglevel: str | None) -> None:
+@click.option("--metrics-port", type=PORT, metavar="PORT",
+              help="serve Prometheus metrics on http://COMFY_CANCEL_METRICS_HOST:PORT/metrics "
+              "(default: COMFY_CANCEL_METRICS_PORT; unset: none)")
+def cmd_worker(
+    queues: str, concurrency: int | None, loglevel: str | None, metrics_port: int | None
+) -> None:
+    if metrics_port is not None:
+        # The worker reads its settings when it starts (comfy_cancel.worker.on_worker_init).
+        os.environ[f"{ENV_PREFIX}METRICS_PORT"] = str(metrics_port)
+        get_settings.cache_clear()
     app = _celery_app()
     from comfy_cancel.worker import ALL_QUEUES
 

@@ -27,20 +27,24 @@ the address connected to is the address checked (a customer's URL must not lead 
 to Redis or the cloud's metadata service). A failure to connect, for whatever reason
 (refused, timed out, reset, blocked), reads the same to the customer, so that a runner URL
 cannot be used to scan the operator's network; the detail goes to the worker's log.
+
+A call that fails is counted by runner id and call (:func:`metrics.comfyui_error`): once,
+by the outermost call (a cancel that reads ``/queue`` and fails there is one failed cancel).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpcore
@@ -48,6 +52,7 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
+from comfy_cancel import metrics
 from comfy_cancel.config import get_settings
 from comfy_cancel.egress import EgressDenied, EgressPolicy
 from comfy_cancel.redact import redact_url
@@ -64,6 +69,35 @@ _FATAL_WS_STATUSES = frozenset({400, 401, 403, 404})
 _WS_LEGACY: dict[str, Any] = (
     {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
+_counting = threading.local()
+
+
+def _counted(call: str) -> Callable[[F], F]:
+    """Count a :class:`ComfyUIError` out of this method as a failed ``call`` of the
+    object's runner, unless an outer counted call of this thread counts it. A prompt that
+    ComfyUI rejected is an answer, not a failed call."""
+
+    def wrap(method: F) -> F:
+        @functools.wraps(method)
+        def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(_counting, "active", False):
+                return method(self, *args, **kwargs)
+            _counting.active = True
+            try:
+                return method(self, *args, **kwargs)
+            except PromptRejected:
+                raise
+            except ComfyUIError:
+                metrics.comfyui_error(self.runner_id, call)
+                raise
+            finally:
+                _counting.active = False
+
+        return cast(F, counted)
+
+    return wrap
 
 
 class ComfyUIError(Exception):
@@ -214,8 +248,10 @@ class ComfyUIClient(_ClosedOnExit):
         headers: Mapping[str, str] | None = None,
         timeout: float = 10.0,
         egress: EgressPolicy | None = None,
+        runner_id: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.runner_id = runner_id  # the label of its failed calls
         self.shown_url = redact_url(self.base_url)  # for messages and logs
         self.timeout = timeout
         self.egress = egress if egress is not None else EgressPolicy.of(get_settings())
@@ -235,10 +271,12 @@ class ComfyUIClient(_ClosedOnExit):
 
     # ------------------------------------------------------------------ calls
 
+    @_counted("system_stats")
     def system_stats(self) -> dict[str, Any]:
         """A cheap health check: the server's versions and devices."""
         return _expect_dict(self._call("GET", "/system_stats"))
 
+    @_counted("submit")
     def submit(
         self, prompt: dict[str, Any], client_id: str, prompt_id: str | None = None
     ) -> Submitted:
@@ -263,6 +301,7 @@ class ComfyUIClient(_ClosedOnExit):
         except (KeyError, TypeError, ValueError):
             raise _unexpected(response, "no prompt_id and number in the answer") from None
 
+    @_counted("queue")
     def queue(self) -> QueueState:
         answer = _expect_dict(self._call("GET", "/queue"))
         return QueueState(
@@ -270,17 +309,20 @@ class ComfyUIClient(_ClosedOnExit):
             pending=[item[1] for item in _queue_items(answer.get("queue_pending"))],
         )
 
+    @_counted("delete_pending")
     def delete_pending(self, prompt_ids: Sequence[str]) -> None:
         """Remove these prompts from the pending queue; never touches the running one."""
         if prompt_ids:
             self._call("POST", "/queue", {"delete": list(prompt_ids)})
 
+    @_counted("interrupt")
     def interrupt(self, prompt_id: str) -> None:
         """Interrupt ``prompt_id`` if, and only if, it is the prompt running."""
         # An empty id would make ComfyUI interrupt whatever runs.
         _require_id(prompt_id)
         self._call("POST", "/interrupt", {"prompt_id": prompt_id})
 
+    @_counted("cancel")
     def cancel(self, prompt_id: str) -> None:
         """Cancel ``prompt_id`` wherever it is: removed if pending, interrupted if
         running, nothing if it already finished. Idempotent."""
@@ -293,6 +335,7 @@ class ComfyUIClient(_ClosedOnExit):
                 return
         self._cancel_by_queue([prompt_id])
 
+    @_counted("cancel_many")
     def cancel_many(self, prompt_ids: Sequence[str]) -> None:
         """:meth:`cancel` for several prompts, in as few calls as the server allows."""
         ids = list(prompt_ids)
@@ -319,6 +362,7 @@ class ComfyUIClient(_ClosedOnExit):
             if prompt_id in ids:
                 self.interrupt(prompt_id)
 
+    @_counted("history")
     def history(self, prompt_id: str) -> dict[str, Any] | None:
         """The history entry of ``prompt_id``, or None while ComfyUI has none (queued,
         running, or unknown). Read it after ``executing`` with ``node: null``."""
@@ -358,6 +402,7 @@ class ComfyUIClient(_ClosedOnExit):
             time.sleep(wait)
             wait = min(wait * 2, RELEASE_MAX_WAIT_SECONDS)
 
+    @_counted("watch")
     def watch(self, client_id: str, *, reconnect_timeout: float = 30.0) -> EventStream:
         """Open the event stream of ``client_id`` (submit with the same id).
         Raises :class:`ComfyUIError` if the WebSocket cannot be opened."""
@@ -367,7 +412,7 @@ class ComfyUIClient(_ClosedOnExit):
         url = urlunsplit((scheme, parts.netloc, path, f"clientId={quote(client_id)}", ""))
         return EventStream(
             url, self._headers, open_timeout=self.timeout, reconnect_timeout=reconnect_timeout,
-            egress=self.egress,
+            egress=self.egress, runner_id=self.runner_id,
         )
 
     def close(self) -> None:
@@ -423,8 +468,10 @@ class EventStream(_ClosedOnExit):
         open_timeout: float = 10.0,
         reconnect_timeout: float = 30.0,
         egress: EgressPolicy | None = None,
+        runner_id: str | None = None,
     ) -> None:
         self.url = url
+        self.runner_id = runner_id
         self.shown_url = redact_url(url)  # for messages and logs
         self.egress = egress if egress is not None else EgressPolicy.of(get_settings())
         self.reconnect_timeout = reconnect_timeout
@@ -438,6 +485,7 @@ class EventStream(_ClosedOnExit):
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    @_counted("events")
     def next_event(self, timeout: float) -> Event | None:
         """Wait up to ``timeout`` seconds for an event. A reconnect can take longer,
         up to ``reconnect_timeout``."""

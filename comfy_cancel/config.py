@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         "batch at once while fewer are running (a lone cancel never waits); otherwise it "
         "joins the next one, which starts when a running one ends.",
     )
+    timeout_check_interval_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How often each cancel worker looks for queued or running workflows past "
+        "their own deadline (timeout_seconds at submission) and requests their cancel (source "
+        "deadline): a timeout is honoured within about this long.",
+    )
     deadline_check_interval_seconds: float = Field(
         1.0,
         gt=0,
@@ -267,6 +274,34 @@ class Settings(BaseSettings):
         10, ge=1, description="Length of the rate-limit window, in seconds."
     )
     log_level: str = Field("INFO", description="Log level of the API and the workers.")
+    log_format: str = Field(
+        "text",
+        pattern="^(text|json)$",
+        description="'text' (lines for a terminal) or 'json' (one JSON object per line, for "
+        "a log collector; cancel-path lines carry workflow_id, cancel_source and outcome).",
+    )
+    api_metrics: bool = Field(
+        True,
+        description="Whether the API serves Prometheus metrics on /metrics, without a token "
+        "(they hold counts, latencies, queue depths and runner ids, nothing secret); keep the "
+        "path off the public internet at the proxy, or turn it off here.",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port on which a worker process serves its Prometheus metrics "
+        "(http://HOST:PORT/metrics); unset: none. Each worker process on a machine needs its "
+        "own (`comfy-cancel worker --metrics-port`).",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address a worker's metrics port binds to (0.0.0.0: all)."
+    )
+    task_events: bool = Field(
+        True,
+        description="Celery task events (worker_send_task_events and task_send_sent_event), "
+        "which Flower shows; off saves a Redis publish per cancel on the API.",
+    )
 
     @field_validator("runner_allowed_networks")
     @classmethod

@@ -14,7 +14,7 @@ from comfy_cancel.config import Settings, get_settings
 from comfy_cancel.db import Database
 from comfy_cancel.egress import EgressPolicy
 
-_ClientKey = tuple[str, tuple[tuple[str, str], ...], float]
+_ClientKey = tuple[str, tuple[tuple[str, str], ...], float, str | None]
 
 
 @dataclass
@@ -36,19 +36,26 @@ class Context:
         return redis.Redis.from_url(self.settings.redis_url, health_check_interval=30)
 
     def comfyui(
-        self, endpoint_url: str, headers: Mapping[str, str] | None, timeout: float | None = None
+        self,
+        endpoint_url: str,
+        headers: Mapping[str, str] | None,
+        timeout: float | None = None,
+        runner_id: str | None = None,
     ) -> ComfyUIClient:
         """The process's client for one ComfyUI server (and headers and timeout), shared by
         its threads and never closed: building one costs about 25 ms (httpx loads the CA
         bundle), and a shared one keeps its connections and what it learned about the
-        server. A runner whose endpoint or headers change gets a new one."""
+        server. A runner whose endpoint or headers change gets a new one. ``runner_id``
+        labels its failed calls in the metrics."""
         key = (endpoint_url, tuple(sorted((headers or {}).items())),
-               timeout if timeout is not None else self.settings.comfyui_timeout_seconds)
+               timeout if timeout is not None else self.settings.comfyui_timeout_seconds,
+               runner_id)
         with self._clients_lock:
             client = self._clients.get(key)
             if client is None:
                 client = self._clients[key] = ComfyUIClient(
-                    endpoint_url, headers, timeout=key[2], egress=self.egress
+                    endpoint_url, headers, timeout=key[2], egress=self.egress,
+                    runner_id=runner_id,
                 )
             return client
 

@@ -323,6 +323,18 @@ def list_workflows(
     return list(rows), int(session.execute(count).scalar_one())
 
 
+def running_on_runner(session: Session, runner_id: str, account_id: int) -> list[str]:
+    """The account's workflows running on this runner now (what its interrupt stops),
+    through the (runner, status) index."""
+    return list(session.execute(
+        select(Workflow.id).where(
+            Workflow.runner_id == runner_id,
+            Workflow.status == S.RUNNING.value,
+            Workflow.account_id == account_id,
+        )
+    ).scalars())
+
+
 def events_of(session: Session, workflow_id: str, after_id: int = 0) -> list[WorkflowEvent]:
     """The workflow's audit rows in order, those numbered above ``after_id``."""
     return list(
@@ -566,6 +578,16 @@ def _past_deadline(grace_seconds: float) -> list[Any]:
     ]
 
 
+def open_cancel_requests(session: Session) -> tuple[int, datetime | None]:
+    """How many cancel requests have no outcome yet, and when the oldest was made: read
+    through the partial index of open intents (its cost follows what is open)."""
+    count, oldest = session.execute(
+        select(func.count(), func.min(Workflow.cancel_requested_at))
+        .where(Workflow.cancel_requested_at.is_not(None), Workflow.cancel_outcome.is_(None))
+    ).one()
+    return int(count), oldest
+
+
 def overdue_cancel_ids(session: Session, grace_seconds: float, limit: int) -> list[str]:
     """Open cancel requests whose deadline passed (:func:`_past_deadline`), oldest first."""
     return list(session.execute(
@@ -589,6 +611,28 @@ def lock_overdue_cancels(
         .with_for_update(skip_locked=True)
     )
     return list(session.execute(query).scalars())
+
+
+def timed_out_ids(session: Session, limit: int) -> list[str]:
+    """Queued or running workflows past their deadline (``timeout_seconds`` after
+    submission) that nobody asked to cancel yet, the earliest deadline first.
+
+    Read through the partial index of open deadlines (``ix_workflows_open_deadline``):
+    a cancel request takes a workflow out of it, and so does its end (the status writer
+    clears ``deadline_at`` on ``completed`` and ``failed``). Accepted and uploaded ones wait
+    until they are queued: the lifecycle cannot cancel them before.
+    """
+    return list(session.execute(
+        select(Workflow.id)
+        .where(
+            Workflow.deadline_at.is_not(None),
+            Workflow.cancel_requested_at.is_(None),
+            Workflow.deadline_at <= utcnow(),
+            Workflow.status.in_(sorted(CANCELLABLE)),
+        )
+        .order_by(Workflow.deadline_at)
+        .limit(limit)
+    ).scalars())
 
 
 def _oldest_first(

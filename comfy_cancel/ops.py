@@ -55,6 +55,7 @@ STUCK_KINDS = {
     "redispatched": "queued too long, never submitted: re-dispatched",
     "orphans_redispatched": "runner task lost: re-dispatched (an accepted one only once "
                             "the runner queue is empty: it may be waiting in a backlog)",
+    "timed_out": "queued or running past its own timeout_seconds: cancel requested",
 }
 
 router = APIRouter(prefix="/ops", include_in_schema=False)

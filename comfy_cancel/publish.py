@@ -47,6 +47,10 @@ QUEUE_OF_SOURCE: dict[str, str] = {
     CancelSource.API: CANCEL_QUEUE,
     CancelSource.BULK: BULK_QUEUE,
     CancelSource.SWEEP: SWEEP_QUEUE,
+    # A runner interrupt is a customer's own action, and a timeout the customer's own
+    # limit: both ride with the customers' cancels.
+    CancelSource.RUNNER_INTERRUPT: CANCEL_QUEUE,
+    CancelSource.DEADLINE: CANCEL_QUEUE,
 }
 
 # Cancel requests per message, unless the caller says otherwise.
@@ -118,9 +122,12 @@ def hand_on(workflow_ids: Sequence[str], by: Actor, chunk_size: int = CHUNK_SIZE
     try:
         publish_cancels(workflow_ids, by, chunk_size)
     except BROKER_ERRORS as exc:
+        fields: dict[str, object] = {"cancel_source": by.source, "workflows": len(workflow_ids)}
+        if len(workflow_ids) == 1:
+            fields["workflow_id"] = workflow_ids[0]
         log.warning("%d cancels (%s) recorded, not handed to the %s queue: %s: %s; the "
                     "re-drive pass will", len(workflow_ids), by.source, queue_of(by),
-                    type(exc).__name__, exc)
+                    type(exc).__name__, exc, extra=fields)
         return False
     return True
 
@@ -140,22 +147,25 @@ def request_cancels(
     by: Actor,
     *,
     only_new: bool = False,
+    skip_locked: bool = False,
     chunk_size: int = CHUNK_SIZE,
 ) -> Handed:
     """Record cancel requests on the cancellable ones of ``workflow_ids``, commit, then
-    publish them: how bulk cancels and the sweeps hand cancels on (the API's one cancel
-    has its own statement, :func:`status.request_cancel_as_caller`, then :func:`hand_on`).
+    publish them: how bulk cancels, the sweeps, runner interrupts and timeouts hand cancels
+    on (the API's one cancel has its own statement, :func:`status.request_cancel_as_caller`,
+    then :func:`hand_on`).
 
     The request is committed before it is published, so a lost message loses no cancel.
     It is stamped as published with the request (``cancel_published_at``): the re-drive
     pass hands on an open request ``redrive_after_seconds`` after that stamp, whether the
-    publish then worked or not, so a failed publish costs no extra write. ``only_new`` as
-    in :func:`status.request_cancel_many`.
+    publish then worked or not, so a failed publish costs no extra write. ``only_new`` and
+    ``skip_locked`` as in :func:`status.request_cancel_many`.
     """
     if not workflow_ids:
         return Handed([], published=True)
     with db.transaction() as session:
         recorded = status.request_cancel_many(
-            session, workflow_ids, by, only_new=only_new, publishing=True
+            session, workflow_ids, by, only_new=only_new, skip_locked=skip_locked,
+            publishing=True,
         )
     return Handed(recorded, published=hand_on(recorded, by, chunk_size))

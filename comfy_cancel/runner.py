@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
-from comfy_cancel import live, manager, retries, status
+from comfy_cancel import live, logs, manager, retries, status
 from comfy_cancel.comfyui import (
     ComfyUIClient,
     ComfyUIError,
@@ -92,8 +92,9 @@ class Run:
     def _deliver(self, kind: SignalKind) -> None:
         with self._lock:
             prompt_id = self.prompt_id
-        if prompt_id is not None:
-            self.cancel_prompt(prompt_id)
+        with logs.bound(workflow_id=self.workflow_id):  # a thread starts with no context
+            if prompt_id is not None:
+                self.cancel_prompt(prompt_id)
         if kind is not SignalKind.CANCEL and self.stream is not None:
             # The database already says cancelled: nothing more will come that matters.
             self.stream.close()
@@ -140,13 +141,20 @@ class _Start:
 
 
 def run(ctx: Context, workflow_id: str, task_id: str | None = None) -> str | None:
-    """Drive a workflow to a terminal status; returns the status it ended in, if it ran."""
+    """Drive a workflow to a terminal status; returns the status it ended in, if it ran.
+    Every line logged meanwhile (the ComfyUI client's too) carries its ``workflow_id``."""
+    with logs.bound(workflow_id=workflow_id):
+        return _run(ctx, workflow_id, task_id)
+
+
+def _run(ctx: Context, workflow_id: str, task_id: str | None) -> str | None:
     start = _db(ctx, f"claim of {workflow_id}", lambda s: _start(s, workflow_id, task_id))
     if not isinstance(start, _Start):
         return start
 
     try:
-        client = ctx.comfyui(start.runner.endpoint_url, start.runner.headers)
+        client = ctx.comfyui(start.runner.endpoint_url, start.runner.headers,
+                             runner_id=start.runner.id)
     except SecretKeyError as exc:
         # An operator's misconfiguration: the detail (which setting) is for the log; the
         # workflow ends with a message that a customer can act on, instead of hanging queued.
@@ -425,8 +433,11 @@ def _interrupted(ctx: Context, handle: Run) -> str | None:
     """ComfyUI acknowledged an interrupt: write the cancel, or a failure if nobody asked."""
     workflow_id = handle.workflow_id
     asked = handle.cancel_requested.is_set()
+    cancelled_by: str | None = None  # the source of the cancel this wrote, if it wrote one
 
     def write(session: Session) -> str | None:
+        nonlocal cancelled_by
+        cancelled_by = None
         workflow = manager.get_workflow(session, workflow_id)
         if workflow is None:
             return None
@@ -447,9 +458,15 @@ def _interrupted(ctx: Context, handle: Run) -> str | None:
             session, workflow_id, by, CancelOutcome.CANCELLED, workflow.cancel_timing(),
             partial_outputs=handle.outputs,
         )
+        if change.changed:
+            cancelled_by = by.source
         return change.status
 
-    return _db(ctx, f"cancel acknowledgement of {workflow_id}", write)
+    ended = _db(ctx, f"cancel acknowledgement of {workflow_id}", write)
+    if cancelled_by is not None:
+        log.info("workflow %s cancelled: ComfyUI stopped its prompt", workflow_id,
+                 extra={"cancel_source": cancelled_by, "outcome": CancelOutcome.CANCELLED.value})
+    return ended
 
 
 def _finish_from_history(ctx: Context, handle: Run) -> str | None:

@@ -11,7 +11,7 @@ import itertools
 import json
 import operator
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -239,6 +239,33 @@ def check_prompt(value: Any) -> Any:
 Prompt = Annotated[dict[str, Any], BeforeValidator(check_prompt)]
 
 
+# The longest timeout a workflow may ask for: a week, far past any sane run (the sweep's
+# max_run_seconds still ends a run that goes on longer).
+MAX_TIMEOUT_SECONDS = 7 * 86400
+
+
+def check_timeout(value: Any) -> Any:
+    """A timeout: whole seconds from 1 to :data:`MAX_TIMEOUT_SECONDS`, an integer in JSON or
+    its digits in a form field; no fractions, booleans (pydantic would take ``true`` as 1)
+    or other strings. One message for every refusal, saying what is accepted."""
+    if value is None:
+        return None
+    digits = value.strip() if isinstance(value, str) else ""
+    if digits.isascii() and digits.isdigit() and len(digits) <= 12:
+        value = int(digits)
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+            1 <= value <= MAX_TIMEOUT_SECONDS):
+        raise ValueError(f"must be a whole number of seconds from 1 to {MAX_TIMEOUT_SECONDS} "
+                         "(7 days), or left out for no timeout")
+    return value
+
+
+# The bounds are checked by the validator; Field puts them in the OpenAPI document.
+TimeoutSeconds = Annotated[
+    int, Field(ge=1, le=MAX_TIMEOUT_SECONDS), BeforeValidator(check_timeout)
+]
+
+
 # --- requests -----------------------------------------------------------------------------
 
 
@@ -249,6 +276,12 @@ class WorkflowSubmission(RequestBody):
     workflow_json: Prompt = Field(description="The ComfyUI API-format prompt.")
     tags: Tags = Field(
         default_factory=list, description="At most 10; a list, or one comma-separated string."
+    )
+    timeout_seconds: TimeoutSeconds | None = Field(
+        None,
+        description="Optional: cancel the workflow (cancel source 'deadline') if it is still "
+        f"queued or running this many seconds after submission; 1 to {MAX_TIMEOUT_SECONDS} "
+        "(7 days).",
     )
 
 
@@ -358,6 +391,11 @@ class WorkflowSummary(BaseModel):
     updated_at: UtcDatetime
     started_at: UtcDatetime | None
     completed_at: UtcDatetime | None
+    timeout_seconds: int | None = Field(description="The timeout given at submission, or null.")
+    deadline_at: UtcDatetime | None = Field(
+        description="Submission + timeout_seconds: still queued or running then, it is "
+        "cancelled (cancel source 'deadline'); null without a timeout."
+    )
     cancel: CancelView | None = Field(description="The cancel request, null when none was made.")
     unreadable: str | None = Field(
         None,
@@ -403,6 +441,11 @@ class WorkflowSummary(BaseModel):
             "updated_at": wf.updated_at,
             "started_at": wf.started_at,
             "completed_at": wf.completed_at,
+            "timeout_seconds": wf.timeout_seconds,
+            # From created_at, not the column: the status writer clears that once the
+            # workflow ends (it is the timeout pass's index), the deadline stays the same.
+            "deadline_at": None if wf.timeout_seconds is None
+            else wf.created_at + timedelta(seconds=wf.timeout_seconds),
             "cancel": cancel,
         }
 

@@ -17,6 +17,8 @@ The functions take a session inside a transaction (``Database.transaction()``)
 so a caller can make a status change part of a larger unit of work; the one
 exception, :func:`request_cancel_as_caller`, is the API's whole unit of work in one
 statement and takes the database.
+
+What the cancel verbs did is counted (:mod:`metrics`) once their transaction commits.
 """
 
 from __future__ import annotations
@@ -24,14 +26,25 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, case, func, insert, literal, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    bindparam,
+    case,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import TextClause
 
-from comfy_cancel import live, manager
+from comfy_cancel import live, manager, metrics
 from comfy_cancel.db import Database
 from comfy_cancel.models import (
     CANCELLABLE,
@@ -107,6 +120,12 @@ def transition(
     if not froms or not froms <= allowed_from:
         raise InvalidTransition(f"{sorted(froms)} -> {to} is not a transition of the lifecycle")
     now = utcnow()
+    values = dict(values or {})
+    if to in (S.COMPLETED, S.FAILED):
+        # A workflow that ended has no deadline left to enforce: it leaves the timeout
+        # pass's index (a cancelled one left it with its request). GET still shows the
+        # deadline, from created_at + timeout_seconds.
+        values["deadline_at"] = None
     if len(froms) == 1:
         (old,) = froms
     else:
@@ -121,13 +140,16 @@ def transition(
     changed = session.execute(
         update(Workflow)
         .where(Workflow.id == workflow_id, Workflow.status.in_([f.value for f in froms]))
-        .values(status=to.value, updated_at=now, **dict(values or {}))
-        .returning(Workflow.id)
+        .values(status=to.value, updated_at=now, **values)
+        .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_requested_at)
     ).first()
     if changed is None:
         return Change(workflow_id, changed=False, status=_status_of(session, workflow_id))
     _audit(session, workflow_id, EventKind.TRANSITION, by, outcome, now, detail,
            from_status=old.value, to_status=to.value)
+    if outcome is not None and to is S.CANCELLED:
+        _count_closed(session, [(changed.cancel_source, outcome, changed.cancel_requested_at)],
+                      now)
     if to in (S.COMPLETED, S.FAILED):
         # A cancel request still open when the workflow ended another way lost the race.
         record_outcome(session, workflow_id, CancelOutcome.TOO_LATE, by, only_if_requested=True)
@@ -147,10 +169,12 @@ def create_accepted(
     name: str,
     workflow_json: Mapping[str, Any],
     tags: Sequence[str] = (),
+    timeout_seconds: int | None = None,
     by: Actor = SUBMITTER,
 ) -> Workflow:
     """A new workflow at its first status, ``accepted``, with its tags and the audit row
-    of that first transition, in the caller's transaction."""
+    of that first transition, in the caller's transaction. With ``timeout_seconds`` its
+    deadline is that long after now (the timeout pass cancels it past that)."""
     now = utcnow()
     workflow = Workflow(
         id=new_id(),
@@ -160,6 +184,8 @@ def create_accepted(
         tags=list(tags),
         workflow_json=dict(workflow_json),
         runner_task_id=new_id(),  # known before publishing, so a cancel can always revoke it
+        timeout_seconds=timeout_seconds,
+        deadline_at=None if timeout_seconds is None else now + timedelta(seconds=timeout_seconds),
         created_at=now,
         updated_at=now,
     )
@@ -332,14 +358,18 @@ def cancel_queued_many(
         .where(Workflow.id.in_(list(workflow_ids)), Workflow.status == S.QUEUED.value)
         .values(status=S.CANCELLED.value, updated_at=now,
                 **_cancel_values(requesters, outcome, now))
-        .returning(Workflow.id, Workflow.runner_task_id, Workflow.runner_id, Workflow.prompt_id)
+        .returning(Workflow.id, Workflow.runner_task_id, Workflow.runner_id, Workflow.prompt_id,
+                   Workflow.cancel_source, Workflow.cancel_requested_at)
         .execution_options(synchronize_session=False)
     ).all()
     _audit_many(
         session, {row.id: requesters[row.id] for row in rows}, EventKind.TRANSITION, now,
         from_status=S.QUEUED.value, to_status=S.CANCELLED.value, outcome=outcome.value,
     )
-    return [CancelledQueued(*row) for row in rows]
+    _count_closed(session, [(row.cancel_source, outcome.value, row.cancel_requested_at)
+                            for row in rows], now)
+    return [CancelledQueued(row.id, row.runner_task_id, row.runner_id, row.prompt_id)
+            for row in rows]
 
 
 @dataclass(frozen=True)
@@ -361,15 +391,19 @@ def cancel_running_many(session: Session, escalations: Sequence[Escalation]) -> 
     by_outcome: dict[CancelOutcome, dict[str, Actor]] = defaultdict(dict)
     for escalation in escalations:
         by_outcome[escalation.outcome][escalation.workflow_id] = escalation.by
+    closed: list[tuple[str | None, str, datetime | None]] = []
     for outcome, requesters in by_outcome.items():
-        changed.update(session.execute(
+        for row in session.execute(
             update(Workflow)
             .where(Workflow.id.in_(list(requesters)), Workflow.status == S.RUNNING.value)
             .values(status=S.CANCELLED.value, updated_at=now,
                     **_cancel_values(requesters, outcome, now))
-            .returning(Workflow.id)
+            .returning(Workflow.id, Workflow.cancel_source, Workflow.cancel_requested_at)
             .execution_options(synchronize_session=False)
-        ).scalars())
+        ):
+            changed.add(row.id)
+            closed.append((row.cancel_source, outcome.value, row.cancel_requested_at))
+    _count_closed(session, closed, now)
     rows: list[dict[str, Any]] = [
         {"workflow_id": e.workflow_id, "at": now, "kind": EventKind.TRANSITION.value,
          "from_status": S.RUNNING.value, "to_status": S.CANCELLED.value,
@@ -404,12 +438,16 @@ def request_cancel_many(
     by: Actor,
     *,
     only_new: bool = False,
+    skip_locked: bool = False,
     publishing: bool = False,
 ) -> list[str]:
     """Record cancel requests on many cancellable workflows in one statement.
 
     Returns the ids it recorded. With ``only_new`` only workflows without an earlier
     request are touched, which lets two sweeps racing on the same rows claim each once.
+    With ``skip_locked`` rows another transaction holds are left out (``FOR UPDATE SKIP
+    LOCKED`` on PostgreSQL; SQLite, one writer at a time, ignores it): two periodic
+    passes split the work instead of waiting for each other.
     """
     if not workflow_ids:
         return []
@@ -420,6 +458,10 @@ def request_cancel_many(
     )
     if only_new:
         query = query.where(Workflow.cancel_requested_at.is_(None))
+    if skip_locked:
+        free = (select(Workflow.id).where(Workflow.id.in_(list(workflow_ids)))
+                .with_for_update(skip_locked=True))
+        query = query.where(Workflow.id.in_(free.scalar_subquery()))
     values: dict[str, Any] = {
         "cancel_requested_at": func.coalesce(Workflow.cancel_requested_at, now),
         "cancel_source": func.coalesce(Workflow.cancel_source, by.source),
@@ -435,6 +477,9 @@ def request_cancel_many(
         .execution_options(synchronize_session=False)
     ).scalars().all()
     _audit_many(session, dict.fromkeys(recorded, by), EventKind.CANCEL_REQUESTED, now)
+    if recorded:
+        metrics.after_commit(session.info, lambda: metrics.cancels_requested(by.source,
+                                                                              len(recorded)))
     return list(recorded)
 
 
@@ -503,6 +548,7 @@ def request_cancel_as_caller(
             event_id = connection.execute(_AUDIT, params).scalar()
     if event_id is None:
         return False
+    metrics.cancels_requested(by.source)
     live.publish([live.audit_update(
         event_id, workflow_id, EventKind.CANCEL_REQUESTED.value, now,
         source=by.source, actor=by.actor, reason=by.reason)])
@@ -530,7 +576,8 @@ def record_outcome(
     if only_if_requested:
         query = query.where(Workflow.cancel_requested_at.is_not(None))
     changed = session.execute(
-        query.values(cancel_outcome=outcome.value, cancel_finished_at=now).returning(Workflow.id)
+        query.values(cancel_outcome=outcome.value, cancel_finished_at=now)
+        .returning(Workflow.cancel_source, Workflow.cancel_requested_at)
     ).first()
     if changed is None and only_if_requested:
         return False
@@ -540,6 +587,9 @@ def record_outcome(
         session.execute(
             select(Workflow.id).where(Workflow.id == workflow_id).with_for_update()
         )
+    else:
+        _count_closed(session, [(changed.cancel_source, outcome.value,
+                                 changed.cancel_requested_at)], now)
     # A later request's outcome is audited too, marked as not the one the workflow keeps.
     audited = dict(detail or {}) if changed is not None else {**(detail or {}), "recorded": False}
     _audit(session, workflow_id, EventKind.CANCEL_OUTCOME, by, outcome.value, now, audited)
@@ -643,6 +693,24 @@ def _since(requested_at: datetime | None, now: datetime) -> dict[str, float] | N
     if requested_at is None:
         return None
     return {"seconds_since_request": round((now - requested_at).total_seconds(), 4)}
+
+
+def _count_closed(
+    session: Session, rows: list[tuple[str | None, str, datetime | None]], now: datetime
+) -> None:
+    """Count these outcomes (:func:`metrics.cancels_closed`) once the transaction commits."""
+    if rows:
+        metrics.after_commit(session.info, lambda: metrics.cancels_closed(rows, now))
+
+
+@event.listens_for(Session, "after_commit")
+def _count_committed(session: Session) -> None:
+    metrics.committed(session.info)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    metrics.rolled_back(session.info)
 
 
 def _audit(

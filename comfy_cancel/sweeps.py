@@ -20,7 +20,11 @@ and these:
 - ``running`` longer than ``max_run_seconds``: a cancel request from the sweep,
   handled like any other (the runner is alive and interrupts its prompt);
 - ``queued`` longer than ``queued_timeout_seconds``: cancelled, or re-dispatched
-  when its prompt was never submitted, as ``queued_timeout_policy`` says.
+  when its prompt was never submitted, as ``queued_timeout_policy`` says;
+- ``queued`` or ``running`` past its own deadline (the customer's ``timeout_seconds``): a
+  cancel request with source ``deadline``. Each cancel worker also runs this kind on its
+  own every ``timeout_check_interval_seconds`` (:func:`cancel_timed_out`, tasks.py), so a
+  timeout is honoured within about that long, beat or no beat.
 
 Each kind finds its rows through an index (its cost follows what it finds, not the
 table) and claims them with a conditional write before acting, so two schedulers
@@ -39,7 +43,7 @@ from datetime import datetime, timedelta
 import redis
 from sqlalchemy.orm import Session
 
-from comfy_cancel import cancel, manager, publish, status
+from comfy_cancel import cancel, manager, metrics, publish, status
 from comfy_cancel.context import Context
 from comfy_cancel.models import CancelOutcome, CancelSource, Workflow, WorkflowStatus, utcnow
 from comfy_cancel.status import Actor
@@ -63,6 +67,7 @@ class SweepReport:
     redispatched: list[str] = field(default_factory=list)
     orphans_redispatched: list[str] = field(default_factory=list)
     orphans_failed: list[str] = field(default_factory=list)
+    timed_out: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {name: len(ids) for name, ids in asdict(self).items() if isinstance(ids, list)}
@@ -70,7 +75,7 @@ class SweepReport:
 
 def sweep(ctx: Context, *, dry_run: bool = False) -> SweepReport:
     report = _full_pass(ctx, SweepReport(dry_run=dry_run))
-    _log(report, "sweep")
+    _report(report, "sweep")
     return report
 
 
@@ -85,6 +90,7 @@ def _full_pass(ctx: Context, report: SweepReport) -> SweepReport:
     _cancel_lost_runners(ctx, report)
     _cancel_overdue(ctx, report)
     _handle_stale_queued(ctx, report)
+    _cancel_timed_out(ctx, report)
     return report
 
 
@@ -95,6 +101,8 @@ def stuck_since(kind: str, workflow: Workflow) -> datetime | None:
         return workflow.cancel_published_at or workflow.cancel_requested_at
     if kind == "overdue":
         return workflow.started_at
+    if kind == "timed_out":
+        return workflow.deadline_at
     if kind == "runner_lost" or (kind.startswith("orphans_")
                                  and workflow.status == S.QUEUED.value):
         return workflow.heartbeat_at
@@ -110,14 +118,19 @@ def redrive(ctx: Context, *, dry_run: bool = False) -> SweepReport:
     """The frequent, cheap pass: open cancels and orphaned runner work handed on again."""
     report = SweepReport(dry_run=dry_run)
     _redrive(ctx, report)
-    _log(report, "re-drive")
+    _report(report, "redrive")
     return report
 
 
-def _log(report: SweepReport, name: str) -> None:
-    if any(report.counts().values()):
-        log.info("%s%s: %s", name, " (dry run)" if report.dry_run else "",
-                 {kind: n for kind, n in report.counts().items() if n})
+def _report(report: SweepReport, name: str) -> None:
+    """Log what a pass found, and count it (a dry run changes nothing and counts nothing)."""
+    counts = report.counts()
+    if not report.dry_run:
+        metrics.sweep_pass(name, counts)
+    if any(counts.values()):
+        found = {kind: n for kind, n in counts.items() if n}
+        log.info("%s%s: %s", name, " (dry run)" if report.dry_run else "", found,
+                 extra={"sweep": name, "findings": found})
 
 
 def _redrive(ctx: Context, report: SweepReport) -> None:
@@ -175,7 +188,8 @@ def _redispatch_orphans(ctx: Context, report: SweepReport) -> None:
             report.orphans_failed.append(workflow.id)
             continue
         log.info("workflow %s (%s) lost its runner task %s; re-dispatched as %s",
-                 workflow.id, workflow.status, workflow.runner_task_id, claim.task_id)
+                 workflow.id, workflow.status, workflow.runner_task_id, claim.task_id,
+                 extra={"workflow_id": workflow.id})
         if _publish_run(workflow.id, claim.task_id):
             report.orphans_redispatched.append(workflow.id)
 
@@ -290,6 +304,41 @@ def _publish_run(workflow_id: str, task_id: str) -> bool:
         publish.publish_run(workflow_id, task_id)
     except publish.BROKER_ERRORS as exc:
         log.warning("could not re-dispatch %s (%s: %s); a later pass will",
-                    workflow_id, type(exc).__name__, exc)
+                    workflow_id, type(exc).__name__, exc, extra={"workflow_id": workflow_id})
         return False
     return True
+
+
+# Who cancels a workflow past its deadline, for its cancel view and audit rows.
+TIMEOUT = Actor(CancelSource.DEADLINE.value, "deadline", "its timeout_seconds ran out")
+
+
+def cancel_timed_out(ctx: Context) -> list[str]:
+    """Request the cancel of every queued or running workflow past its deadline, as the
+    customer's own cancel would (recorded, committed, then published on the customers'
+    cancel queue; the outcome follows as usual), in batches of ``sweep_batch_size`` until
+    none is left; returns the ids it requested.
+
+    The look is a read that takes no lock (most passes find nothing); the request is one
+    set-based statement that skips rows another pass holds and claims only workflows
+    nobody asked to cancel yet, so passes running at once request each cancel once.
+    """
+    limit = ctx.settings.sweep_batch_size
+    requested: list[str] = []
+    while True:
+        with ctx.db.reading() as session:
+            due = manager.timed_out_ids(session, limit)
+        if not due:
+            return requested
+        handed = publish.request_cancels(ctx.db, due, TIMEOUT, only_new=True, skip_locked=True)
+        requested.extend(handed.recorded)
+        if len(due) < limit or not handed.recorded:  # all done, or the rest is another's
+            return requested
+
+
+def _cancel_timed_out(ctx: Context, report: SweepReport) -> None:
+    if report.dry_run:
+        with ctx.db.reading() as session:
+            report.timed_out = manager.timed_out_ids(session, ctx.settings.sweep_batch_size)
+        return
+    report.timed_out = cancel_timed_out(ctx)

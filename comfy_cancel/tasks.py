@@ -4,7 +4,8 @@ domain module imports this one.
 
 A cancel worker runs the cancel messages that arrive together as one batch
 (:class:`CancelRequests`, batching.py), and enforces the deadlines of running cancels every
-``deadline_check_interval_seconds`` (:func:`cancel.enforce_deadlines`).
+``deadline_check_interval_seconds`` (:func:`cancel.enforce_deadlines`) and the workflows'
+own timeouts every ``timeout_check_interval_seconds`` (:func:`sweeps.cancel_timed_out`).
 """
 
 from __future__ import annotations
@@ -105,5 +106,11 @@ def _enforce_deadlines() -> None:
     cancel.enforce_deadlines(context.current())
 
 
+def _cancel_timed_out() -> None:
+    sweeps.cancel_timed_out(context.current())
+
+
 batching.every(app, get_settings().deadline_check_interval_seconds, _enforce_deadlines,
+               CANCEL_QUEUES)
+batching.every(app, get_settings().timeout_check_interval_seconds, _cancel_timed_out,
                CANCEL_QUEUES)

@@ -29,11 +29,11 @@ from enum import StrEnum
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_init
+from celery.signals import after_setup_logger, after_setup_task_logger, celeryd_init
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Exchange, Queue
 
-from comfy_cancel import broker
+from comfy_cancel import broker, logs, metrics
 from comfy_cancel.config import Settings, get_settings
 
 CANCEL_QUEUE = "cancel"
@@ -143,6 +143,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.runner_concurrency,
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
+        # Task events for Flower (and `celery events`): the worker's are buffered and sent
+        # in groups; a sent event is one more publish per message.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
         "timezone": "UTC",
         "imports": ["comfy_cancel.tasks"],
         "beat_schedule": {
@@ -197,8 +201,16 @@ _revoke_filter = RevokeWithoutBackendFilter()
 
 @celeryd_init.connect
 def on_worker_init(conf: Any, options: dict[str, Any], **_: Any) -> None:
-    """Before the worker connects: the transport options of its kind, and no revoke noise."""
+    """Before the worker connects: the transport options of its kind, no revoke noise, and
+    its metrics port (the threads pool does all of its work in this process)."""
     settings = get_settings()
+    if settings.metrics_port is not None:
+        try:
+            metrics.serve(settings.metrics_port, settings.metrics_host)
+        except OSError as exc:  # cancels matter more than their metrics: run on, and say so
+            logging.getLogger(__name__).error(
+                "no metrics: cannot serve them on %s:%d (%s); set another "
+                "COMFY_CANCEL_METRICS_PORT", settings.metrics_host, settings.metrics_port, exc)
     queues = options.get("queues")
     if isinstance(queues, str):
         queues = [q.strip() for q in queues.split(",") if q.strip()]
@@ -206,6 +218,14 @@ def on_worker_init(conf: Any, options: dict[str, Any], **_: Any) -> None:
     conf.broker_transport_options = transport_options(settings, kind)
     if conf.result_backend is None:
         logging.getLogger(REVOKE_LOGGER).addFilter(_revoke_filter)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def on_logging_set_up(logger: logging.Logger, **_: Any) -> None:
+    """Celery set up the logging of a worker or beat: JSON lines if so configured."""
+    if get_settings().log_format == "json":
+        logs.use_json(logger)
 
 
 # kombu's Redis transport with our repairs, for every redis:// URL of this process.

@@ -48,6 +48,8 @@ class Stack:
     log_dir: Path
     workers: list[CeleryWorker] = field(default_factory=list)
     api_pid: int = field(default_factory=os.getpid)  # this process unless api_process
+    # Each worker's Prometheus metrics URL, by the stem of its log ("worker-cancel").
+    worker_metrics: dict[str, str] = field(default_factory=dict)
 
     def client(self, token: str | None = None) -> httpx.Client:
         return httpx.Client(
@@ -104,11 +106,16 @@ class Stack:
 
 
 def start_worker(
-    settings: Settings, queues: Sequence[str], log_path: Path, concurrency: int = 50
+    settings: Settings, queues: Sequence[str], log_path: Path, concurrency: int = 50,
+    metrics_port: int | None = None,
 ) -> CeleryWorker:
-    """A worker process on ``queues``, threads pool; its node name follows the log's."""
+    """A worker process on ``queues``, threads pool; its node name follows the log's; its
+    Prometheus metrics on ``metrics_port``, if given."""
+    env = child_environment(settings)
+    if metrics_port is not None:
+        env[f"{ENV_PREFIX}METRICS_PORT"] = str(metrics_port)
     return CeleryWorker(
-        log_path.stem, queues, log_path, env=child_environment(settings),
+        log_path.stem, queues, log_path, env=env,
         options=["-P", "threads", "-c", str(concurrency)],
     ).start()
 
@@ -154,11 +161,13 @@ def api_server(settings: Settings) -> Iterator[str]:
 
 
 @contextmanager
-def api_process(settings: Settings, log_path: Path) -> Iterator[tuple[str, int]]:
+def api_process(
+    settings: Settings, log_path: Path, log_level: str = "WARNING"
+) -> Iterator[tuple[str, int]]:
     """``comfy-cancel api`` in a process of its own, as a deployment runs it: (url, pid)."""
     port = processes.free_port()
     env = child_environment(settings) | {f"{ENV_PREFIX}API_PORT": str(port),
-                                         f"{ENV_PREFIX}LOG_LEVEL": "WARNING"}
+                                         f"{ENV_PREFIX}LOG_LEVEL": log_level}
     api = Child("API process", [sys.executable, "-m", "comfy_cancel.cli", "api"], log_path,
                 env=env)
     url = f"http://127.0.0.1:{port}"
@@ -181,10 +190,12 @@ def running_stack(
     separate_runner: bool = True,
     cancel_concurrency: int = 50,
     separate_api: bool = False,
+    api_log_level: str = "WARNING",
     **overrides: Any,
 ) -> Iterator[Stack]:
     """Start everything; tear it all down afterwards, workers included. The API runs on a
-    thread of this process, or with ``separate_api`` in a process of its own."""
+    thread of this process, or with ``separate_api`` in a process of its own (logging at
+    ``api_log_level``)."""
     settings = Settings(
         database_url=database_url,
         redis_url=redis_url,
@@ -197,7 +208,8 @@ def running_stack(
     with configured(settings):
         yield from _stack(settings, database_url, log_dir, time_scale=time_scale,
                           jobs_api=jobs_api, separate_runner=separate_runner,
-                          cancel_concurrency=cancel_concurrency, separate_api=separate_api)
+                          cancel_concurrency=cancel_concurrency, separate_api=separate_api,
+                          api_log_level=api_log_level)
 
 
 def _stack(
@@ -210,6 +222,7 @@ def _stack(
     separate_runner: bool,
     cancel_concurrency: int,
     separate_api: bool,
+    api_log_level: str,
 ) -> Iterator[Stack]:
     db = migrated(database_url)
     sim = start_in_thread(time_scale=time_scale, jobs_api=jobs_api)
@@ -222,24 +235,29 @@ def _stack(
         runner = manager.add_runner(session, account.id, name="sim", endpoint_url=sim.url)
         account_id, runner_id = account.id, runner.id
     workers: list[CeleryWorker] = []
+    metrics: dict[str, str] = {}
+
+    def start(queues: Sequence[str], name: str, concurrency: int) -> None:
+        port = processes.free_port()
+        workers.append(start_worker(settings, queues, log_dir / f"{name}.log", concurrency,
+                                    metrics_port=port))
+        metrics[name] = f"http://127.0.0.1:{port}/metrics"
+
     try:
         if separate_runner:
-            workers.append(start_worker(settings, worker.CANCEL_QUEUES,
-                                        log_dir / "worker-cancel.log", cancel_concurrency))
-            workers.append(start_worker(settings, [worker.RUNNER_QUEUE],
-                                        log_dir / "worker-runner.log", concurrency=100))
+            start(worker.CANCEL_QUEUES, "worker-cancel", cancel_concurrency)
+            start([worker.RUNNER_QUEUE], "worker-runner", 100)
         else:
-            workers.append(start_worker(settings, worker.ALL_QUEUES,
-                                        log_dir / "worker-all.log", concurrency=100))
+            start(worker.ALL_QUEUES, "worker-all", 100)
         wait_workers_ready(settings, workers)
         if separate_api:
-            with api_process(settings, log_dir / "api.log") as (api_url, api_pid):
+            with api_process(settings, log_dir / "api.log", api_log_level) as (api_url, pid):
                 yield Stack(settings, db, sim, api_url, token, operator_token, account_id,
-                            runner_id, log_dir, workers, api_pid)
+                            runner_id, log_dir, workers, pid, metrics)
         else:
             with api_server(settings) as api_url:
                 yield Stack(settings, db, sim, api_url, token, operator_token, account_id,
-                            runner_id, log_dir, workers)
+                            runner_id, log_dir, workers, worker_metrics=metrics)
     finally:
         processes.stop_all(workers)
         sim.stop()

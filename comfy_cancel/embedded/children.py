@@ -17,7 +17,7 @@ from pathlib import Path
 
 import comfy_cancel
 from comfy_cancel import worker
-from comfy_cancel.config import Settings, child_environment
+from comfy_cancel.config import ENV_PREFIX, Settings, child_environment
 from comfy_cancel.embedded import processes
 from comfy_cancel.embedded.celery_workers import CeleryWorker, Pinger
 from comfy_cancel.embedded.data_dir import DataDir
@@ -71,9 +71,16 @@ class Children:
             return Child(name, argv, data_dir.log_path(name), env=env, cwd=data_dir.path,
                          death_signal=death_signal)
 
+        # Each worker process serves its Prometheus metrics on a port of its own.
+        self.metrics_ports = {CANCEL_WORKER: processes.free_port(),
+                              RUNNER_WORKER: processes.free_port()}
+
         def celery_worker(name: str, queues: tuple[str, ...]) -> CeleryWorker:
-            return CeleryWorker(name, queues, data_dir.log_path(name), env=env,
-                                loglevel=settings.log_level, cwd=data_dir.path)
+            return CeleryWorker(
+                name, queues, data_dir.log_path(name),
+                env=env | {f"{ENV_PREFIX}METRICS_PORT": str(self.metrics_ports[name])},
+                loglevel=settings.log_level, cwd=data_dir.path,
+            )
 
         self._pinger = Pinger(settings)
         self._echo = echo

@@ -13,6 +13,7 @@ import shlex
 import signal
 from collections.abc import Iterator
 from types import FrameType
+from urllib.parse import urlsplit
 
 from comfy_cancel.config import ENV_PREFIX, Settings
 from comfy_cancel.embedded.database import SIM_RUNNER
@@ -42,6 +43,12 @@ def banner(stack: EmbeddedStack, heading: str) -> str:
         f"  database     {redact_url(stack.database_url)}",
         f"  secret key   {key_source} (seals runner headers)",
         f"  logs         {stack.log_dir}/",
+        f"  metrics      {stack.api_url}/metrics (API), "
+        + ", ".join(f"{url} ({name})" for name, url in stack.worker_metrics_urls.items()),
+        "",
+        "Flower (Celery's monitor; pip install flower), against this stack's Redis:",
+        "",
+        f"  {flower_command(stack)}",
         "",
         "Try it (WORKFLOW_ID is the id the first call prints):",
         "",
@@ -52,6 +59,19 @@ def banner(stack: EmbeddedStack, heading: str) -> str:
         f"  curl -s -X POST {auth} $API/v1/workflow/WORKFLOW_ID/cancel",
         "",
     ])
+
+
+def flower_command(stack: EmbeddedStack) -> str:
+    """The command line that starts Flower on this stack's broker (the Celery app reads
+    COMFY_CANCEL_REDIS_URL): the embedded Redis's password is read from its file, so the
+    line shows no secret."""
+    flower = "celery -A comfy_cancel.worker flower --port=5555"
+    if not stack.embedded_redis:
+        return f"{flower}   # on {ENV_PREFIX}REDIS_URL"
+    parts = urlsplit(stack.redis_url)
+    where = f"{parts.hostname}:{parts.port}{parts.path}"
+    password = shlex.quote(str(stack.redis_password_path))
+    return f'{ENV_PREFIX}REDIS_URL="redis://:$(cat {password})@{where}" {flower}'
 
 
 def _raise_keyboard_interrupt(_signum: int, _frame: FrameType | None) -> None:

@@ -201,6 +201,14 @@ class EmbeddedStack:
         return self.settings.database_url
 
     @property
+    def worker_metrics_urls(self) -> dict[str, str]:
+        """Each worker process's Prometheus metrics, by child name."""
+        children = self._require(self._children, "the worker metrics")
+        host = self.settings.metrics_host
+        return {name: f"http://{_url_host(host)}:{port}/metrics"
+                for name, port in children.metrics_ports.items()}
+
+    @property
     def embedded_redis(self) -> bool:
         return self._redis is not None
 

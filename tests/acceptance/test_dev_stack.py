@@ -207,6 +207,16 @@ def test_dev_serves_the_api_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
                 time.sleep(0.5)
             assert wf["status"] == "cancelled" and wf["cancel"]["outcome"] == "cancelled"
 
+        # Watching it: the banner's metrics URLs (API and each worker) and Flower's command.
+        metrics_urls = re.findall(r"(http://127\.0\.0\.1:\d+/metrics)", text)
+        assert metrics_urls[0] == f"{api_url}/metrics" and len(metrics_urls) == 3, text
+        pages = [httpx.get(url, timeout=10).text for url in metrics_urls]
+        assert 'comfy_cancel_cancel_requests_total{source="api"} 1.0' in pages[0]
+        assert any('comfy_cancel_cancel_outcomes_total{outcome="cancelled",source="api"} 1.0'
+                   in page for page in pages[1:])
+        assert re.search(r'COMFY_CANCEL_REDIS_URL="redis://:\$\(cat \S+\)@127\.0\.0\.1:\d+/\d+" '
+                         r'celery -A comfy_cancel\.worker flower', text), text
+
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
         text = (tmp_path / "dev.out").read_text()

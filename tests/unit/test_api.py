@@ -215,7 +215,7 @@ def test_get_shows_the_whole_workflow(env: Env) -> None:
         "id", "user_id", "name", "status", "runner_id", "tags", "workflow_json", "prompt_id",
         "queue_number", "outputs", "partial_outputs", "progress", "error_node",
         "exception_type", "exception_message", "created_at", "updated_at", "started_at",
-        "completed_at", "cancel", "unreadable",
+        "completed_at", "timeout_seconds", "deadline_at", "cancel", "unreadable",
     }
     assert body["unreadable"] is None
     assert body["status"] == "running"

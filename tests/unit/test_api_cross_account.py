@@ -19,6 +19,7 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/workflow/{workflow_id}/cancel"): {"reason": "mine now"},
     ("post", "/v1/runner"): {"name": "r", "endpoint_url": "http://127.0.0.1:1"},
     ("put", "/v1/runner/{runner_id}"): {"name": "taken over"},
+    ("post", "/v1/runner/{runner_id}/interrupt"): {"reason": "mine now"},
     ("post", "/v1/admin/workflow/cancel"): {"dry_run": True},
 }
 

@@ -210,6 +210,7 @@ def _bad_calls(env: Env) -> list[tuple[str, str, dict[str, Any], str]]:
         ("POST", "/v1/workflow", {**wf, "name": NUL}, "name"),
         ("POST", "/v1/workflow", {**wf, "tags": ["ok", NUL]}, "tags[1]"),
         ("POST", f"/v1/workflow/{workflow}/cancel", {"reason": NUL}, "reason"),
+        ("POST", f"/v1/runner/{runner}/interrupt", {"reason": NUL}, "reason"),
         ("POST", "/v1/runner", {**runner_body, "name": NUL}, "name"),
         ("POST", "/v1/runner", {**runner_body, "tags": [NUL]}, "tags[0]"),
         ("POST", "/v1/runner", {**runner_body, "headers": {"X-Key": NUL}}, "headers.X-Key"),
@@ -318,6 +319,7 @@ HUGE = [MIB] * 60
 
 
 @pytest.mark.parametrize("path", ["/v1/runner", f"/v1/workflow/{UUID}/cancel",
+                                  f"/v1/runner/{UUID}/interrupt",
                                   "/v1/admin/workflow/cancel", "/v1/workflow"])
 def test_a_huge_body_without_a_valid_token_is_401_unread(refusals_env: Env, path: str) -> None:
     env = refusals_env
@@ -337,6 +339,7 @@ def test_an_operator_route_refuses_a_customer_before_the_body(env: Env) -> None:
 @pytest.mark.parametrize(("path", "setting"), [
     ("/v1/runner", "COMFY_CANCEL_MAX_BODY_BYTES"),
     (f"/v1/workflow/{UUID}/cancel", "COMFY_CANCEL_MAX_BODY_BYTES"),
+    (f"/v1/runner/{UUID}/interrupt", "COMFY_CANCEL_MAX_BODY_BYTES"),
     ("/v1/admin/workflow/cancel", "COMFY_CANCEL_MAX_ADMIN_BODY_BYTES"),
     ("/v1/workflow", "COMFY_CANCEL_MAX_WORKFLOW_BYTES"),
 ])

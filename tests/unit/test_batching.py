@@ -12,7 +12,16 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from comfy_cancel import batching, cancel, tasks
-from comfy_cancel.batching import ACK, REQUEUE, Call, _batchable, _Batcher, _run_batch, _Waiting
+from comfy_cancel.batching import (
+    ACK,
+    REQUEUE,
+    RETRIED,
+    Call,
+    _batchable,
+    _Batcher,
+    _run_batch,
+    _Waiting,
+)
 from comfy_cancel.worker import CANCEL_WORKFLOWS_TASK, SWEEP_TASK
 from tests.apitest import take_all, worker_app
 
@@ -165,7 +174,8 @@ def test_a_failed_batch_is_retried_message_by_message_on_their_own_queues(
              _batchable(sent((["w2", "w3"], "bulk", "ops", "maintenance"), "cancel.bulk"))]
     assert None not in calls
 
-    assert _run_batch(tasks.cancel_workflows, calls) == ACK  # type: ignore[arg-type]
+    # Acknowledged: each message goes on as its retry.
+    assert _run_batch(tasks.cancel_workflows, calls) == RETRIED  # type: ignore[arg-type]
 
     assert len(asked) == 1 and len(asked[0]) == 2  # one batch for both
     for queue, call in (("cancel", calls[0]), ("cancel.bulk", calls[1])):
@@ -190,3 +200,59 @@ def test_the_cancel_task_weighs_a_message_by_its_workflow_ids() -> None:
     assert task.weight(Call((["a", "b", "c"], "bulk", "ops", None), {}, "", "")) == 3
     assert task.weight(Call((), {"workflow_ids": ["a"], "source": "api"}, "", "")) == 1
     assert task.weight(Call(("not", "the", "right", "shape", "at all"), {}, "", "")) == 1
+
+
+@dataclass
+class Events:
+    """Celery's event dispatcher, recording what it is asked to send."""
+
+    enabled: bool = True
+    sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def send(self, kind: str, **fields: Any) -> None:
+        self.sent.append((kind, fields))
+
+
+@dataclass
+class EventConsumer(Consumer):
+    event_dispatcher: Events = field(default_factory=Events)
+
+
+def sent_message(task_id: str) -> _Waiting:
+    call = Call((1,), {}, "cancel", "cancel")
+    return _Waiting(call, lambda *_: None, lambda *_: None,
+                    {"id": task_id, "argsrepr": "(['w1'], 'api')", "kwargsrepr": "{}"})
+
+
+def test_each_message_of_a_batch_is_reported_to_task_events_as_a_single_task_is() -> None:
+    """What Flower shows: received, started, then succeeded, retried or rejected."""
+    consumer = EventConsumer()
+    batches = _Batcher(Weighted(), consumer)
+    events = consumer.event_dispatcher
+
+    for task_id in ("t1", "t2", "t3"):
+        batches.add(sent_message(task_id))
+    first, second = consumer.pool.started[0], consumer.pool.started[1]
+    first.callback(ACK)
+    second.callback(RETRIED)
+    third = consumer.pool.started[2]
+    third.error_callback(RuntimeError("the pool lost it"))
+
+    kinds = [(kind, fields["uuid"]) for kind, fields in events.sent]
+    assert kinds == [
+        ("task-received", "t1"), ("task-started", "t1"), ("task-received", "t2"),
+        ("task-started", "t2"), ("task-received", "t3"),  # waits: two batches in flight
+        ("task-succeeded", "t1"), ("task-started", "t3"), ("task-retried", "t2"),
+        ("task-rejected", "t3"),
+    ]
+    received = events.sent[0][1]
+    assert received["name"] == Weighted.name and received["args"] == "(['w1'], 'api')"
+    assert events.sent[5][1]["runtime"] >= 0
+
+
+def test_no_task_events_unless_the_worker_sends_them() -> None:
+    consumer = EventConsumer(event_dispatcher=Events(enabled=False))
+    batches = _Batcher(Weighted(), consumer)
+    batches.add(sent_message("t1"))
+    consumer.pool.started[0].callback(ACK)
+    assert consumer.event_dispatcher.sent == []

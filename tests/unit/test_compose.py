@@ -66,7 +66,27 @@ def comfy_cancel_commands(services: dict[str, dict[str, Any]]) -> list[tuple[str
 
 
 def test_the_deployment_has_every_part_of_the_system(services: dict[str, Any]) -> None:
-    assert set(services) == LONG_RUNNING | {"migrate"}
+    started = {name for name, service in services.items() if not service.get("profiles")}
+    assert started == LONG_RUNNING | {"migrate"}
+
+
+def test_flower_is_opt_in_on_the_compose_redis_and_on_loopback_only(
+    services: dict[str, Any],
+) -> None:
+    flower = services["flower"]
+    assert flower["profiles"] == ["flower"]
+    broker = environment(flower)["CELERY_BROKER_URL"]
+    assert broker.startswith("redis://:${REDIS_PASSWORD:?") and broker.endswith("@redis:6379/0")
+    assert all(str(p).startswith("127.0.0.1:") for p in flower["ports"])
+
+
+def test_each_worker_serves_its_metrics_to_the_compose_network(
+    services: dict[str, Any],
+) -> None:
+    for name in ("worker", "runner"):
+        env = environment(services[name])
+        assert env[f"{ENV_PREFIX}METRICS_HOST"] == "0.0.0.0", name
+        assert [str(p) for p in services[name]["expose"]] == [env[f"{ENV_PREFIX}METRICS_PORT"]]
 
 
 def parse(command: list[str]) -> tuple[click.Command, dict[str, Any]]:
