@@ -88,7 +88,8 @@ def test_quick_mode_runs_and_writes_valid_results(tmp_path: Path) -> None:
         # The seeded tables hold no orphaned runner work.
         assert entry["found"] == {"republished": 25, "runner_lost": 25, "overdue": 25,
                                   "queued_cancelled": 25, "redispatched": 0,
-                                  "orphans_redispatched": 0, "orphans_failed": 0}
+                                  "orphans_redispatched": 0, "orphans_failed": 0,
+                                  "timed_out": 0}
     load = figures["endpoint_load"]
     assert _number(load["cancel"]["ok_per_second"]) and _number(load["healthz"]["ok_per_second"])
 
