@@ -527,6 +527,12 @@ class Scenario:
                 on[workflow_id] = sim
         self.workflows += queued
         self.wait_statuses(queued, {"queued"}, "the rest to be queued")
+        # Status `queued` comes before the prompt reaches ComfyUI: wait for the submission
+        # too, so a fault that follows finds them pending on their servers (a workflow
+        # cancelled before its submission is rightly never submitted).
+        self.h.wait_for(
+            lambda: all(w.queue_number is not None for w in self.h.rows(queued).values()),
+            60.0, "the rest to be pending on their ComfyUI servers")
         return Fleet(sims, running, queued, on)
 
     def add(self, workflow_ids: Iterable[str]) -> None:
