@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from comfy_cancel import manager
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT, blur_chain
 from testbed.stack import Stack, running_stack
 from tests.acceptance.test_interrupt_and_timeouts import (
@@ -44,10 +45,10 @@ pytestmark = [
         f"no real ComfyUI to test against: set {URL_ENV}=http://127.0.0.1:8188 "
         "(a ComfyUI started with --cpu runs these no-model workflows)")),
 ]
-# A 768x768 ImageBlur at radius 31 takes about 0.8 s on a 2-core CPU (more with the stack
+# A 768x768 ImageBlur at radius 31 takes 0.8 to 2 s on a 2-core CPU (more with the stack
 # beside it): each long chain runs for a minute or more, long enough that every cancel
-# lands while it runs, and each step is a node boundary where ComfyUI can stop.
-LONG_BLURS = 80
+# lands while it runs, and each blur's end is a node boundary where ComfyUI can stop.
+LONG_BLURS = 40
 # Waits on a real server: a node stops at its end, on a loaded CPU after a few seconds.
 WAIT = 120.0
 
@@ -78,7 +79,23 @@ def stack(comfyui: str, redis_db_url: str, tmp_path: Path) -> Iterator[Stack]:
     # so a cancel is acknowledged by ComfyUI (outcome cancelled), not forced.
     with running_stack(f"sqlite:///{tmp_path / 'stack.db'}", redis_db_url, tmp_path,
                        comfyui_url=comfyui, cancel_grace_seconds=30.0) as s:
-        yield s
+        try:
+            yield s
+        finally:
+            _stop_our_prompts(s, comfyui)
+
+
+def _stop_our_prompts(stack: Stack, url: str) -> None:
+    """After a failed check a long prompt of ours may still run or wait on the server: stop
+    it (only ours, by id), or it would hold up the next test's."""
+    with stack.db.reading() as session:
+        rows, _ = manager.list_workflows(session, stack.account_id, per_page=100)
+        ids = [w.prompt_id for w in rows if w.prompt_id]
+    held = queue_ids(url) & set(ids)
+    if held:
+        httpx.post(f"{url}/queue", json={"delete": sorted(held)}, timeout=10)
+        for prompt_id in held:  # targeted: ComfyUI stops it only if it is the one running
+            httpx.post(f"{url}/interrupt", json={"prompt_id": prompt_id}, timeout=10)
 
 
 def queue_ids(url: str) -> set[str]:
