@@ -1,5 +1,6 @@
 """The whole system for acceptance tests: real Redis, real Celery worker processes, the
-simulated ComfyUI server, the HTTP API on a real socket, and SQLite or PostgreSQL."""
+simulated ComfyUI server (or a real one: ``comfyui_url``), the HTTP API on a real socket,
+and SQLite or PostgreSQL."""
 
 from __future__ import annotations
 
@@ -191,11 +192,13 @@ def running_stack(
     cancel_concurrency: int = 50,
     separate_api: bool = False,
     api_log_level: str = "WARNING",
+    comfyui_url: str | None = None,
     **overrides: Any,
 ) -> Iterator[Stack]:
     """Start everything; tear it all down afterwards, workers included. The API runs on a
     thread of this process, or with ``separate_api`` in a process of its own (logging at
-    ``api_log_level``)."""
+    ``api_log_level``). The account's runner is the simulated ComfyUI, or the ComfyUI
+    server at ``comfyui_url`` (the simulated one is started all the same: idle)."""
     settings = Settings(
         database_url=database_url,
         redis_url=redis_url,
@@ -209,7 +212,7 @@ def running_stack(
         yield from _stack(settings, database_url, log_dir, time_scale=time_scale,
                           jobs_api=jobs_api, separate_runner=separate_runner,
                           cancel_concurrency=cancel_concurrency, separate_api=separate_api,
-                          api_log_level=api_log_level)
+                          api_log_level=api_log_level, comfyui_url=comfyui_url)
 
 
 def _stack(
@@ -223,6 +226,7 @@ def _stack(
     cancel_concurrency: int,
     separate_api: bool,
     api_log_level: str,
+    comfyui_url: str | None,
 ) -> Iterator[Stack]:
     db = migrated(database_url)
     sim = start_in_thread(time_scale=time_scale, jobs_api=jobs_api)
@@ -232,7 +236,8 @@ def _stack(
         token = manager.create_token(session, account, rate_limit=0)
         operator = manager.get_or_create_account(session, "ops")
         operator_token = manager.create_token(session, operator, operator=True, rate_limit=0)
-        runner = manager.add_runner(session, account.id, name="sim", endpoint_url=sim.url)
+        runner = manager.add_runner(session, account.id, name="comfyui" if comfyui_url else "sim",
+                                    endpoint_url=comfyui_url or sim.url)
         account_id, runner_id = account.id, runner.id
     workers: list[CeleryWorker] = []
     metrics: dict[str, str] = {}

@@ -83,30 +83,42 @@ def test_interrupt_stops_what_runs_leaves_the_queued_and_the_runner_serves_on(
     any_comfyui: Stack,
 ) -> None:
     stack = any_comfyui
-    running = submit(stack, LONG, "running")
-    assert stack.wait_status(running, {"running"} | TERMINAL)["status"] == "running"
-    queued = submit(stack, blur_chain(4), "queued behind it")
-    stack.wait_for(lambda: pending_in_comfyui(stack, queued),
+    wf, after = interrupt_one_running_one_pending(stack, LONG, blur_chain(4), TINY_PROMPT)
+    assert_only_targeted_calls(stack, wf["prompt_id"], after["prompt_id"])
+
+
+def interrupt_one_running_one_pending(
+    stack: Stack, long: dict[str, Any], short: dict[str, Any], tiny: dict[str, Any],
+    timeout: float = 60,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``long`` runs, ``short`` waits behind it in ComfyUI's queue; the runner interrupt
+    stops the first only, the second completes, and the runner serves on (``tiny`` runs
+    after). Returns the interrupted workflow and the one that waited, as they ended. (Also
+    run against a real ComfyUI: tests/acceptance/test_real_comfyui.py.)"""
+    running = submit(stack, long, "running")
+    assert stack.wait_status(running, {"running"} | TERMINAL, timeout)["status"] == "running"
+    queued = submit(stack, short, "queued behind it")
+    stack.wait_for(lambda: pending_in_comfyui(stack, queued), timeout,
                    what="the second prompt pending in ComfyUI's queue")
 
     response = interrupt(stack, stack.runner_id, reason="GPU needed")
 
     assert (response.status_code, response.content) == (200, b"")
-    wf = stack.wait_status(running, TERMINAL, timeout=30)
+    wf = stack.wait_status(running, TERMINAL, timeout)
     assert wf["status"] == "cancelled"
     cancel = wf["cancel"]
     assert (cancel["source"], cancel["outcome"], cancel["reason"]) == (
         "runner_interrupt", "cancelled", "GPU needed")
     assert cancel["actor"].startswith("acme#token")
     # The queued one was left alone: it runs next on the same ComfyUI and completes.
-    after = stack.wait_status(queued, TERMINAL, timeout=60)
+    after = stack.wait_status(queued, TERMINAL, timeout)
     assert (after["status"], after["cancel"]) == ("completed", None)
-    assert_only_targeted_calls(stack, wf["prompt_id"], after["prompt_id"])
     # The runner stays in service, and interrupting it with nothing running is a no-op.
     assert interrupt(stack, stack.runner_id).status_code == 200
-    fresh = submit(stack, TINY_PROMPT, "after the interrupt")
-    assert stack.wait_status(fresh, TERMINAL, timeout=60)["status"] == "completed"
+    fresh = submit(stack, tiny, "after the interrupt")
+    assert stack.wait_status(fresh, TERMINAL, timeout)["status"] == "completed"
     assert stack.workflow(fresh)["cancel"] is None
+    return wf, after
 
 
 def test_refusals_are_the_usual_error_bodies(stack: Stack) -> None:
@@ -148,14 +160,26 @@ def test_timeouts_cancel_a_running_and_a_queued_workflow_and_spare_one_that_fini
     any_comfyui: Stack,
 ) -> None:
     stack = any_comfyui
-    # Deadlines are seconds away: the long one runs for about 30 s, so it is running at its
-    # deadline, and the short one is pending behind it at its own.
-    running = submit(stack, LONG, "running past its deadline", timeout_seconds=8)
-    assert stack.wait_status(running, {"running"} | TERMINAL)["status"] == "running"
-    queued = submit(stack, TINY_PROMPT, "queued past its deadline", timeout_seconds=2)
+    running = timeouts_cancel_running_and_queued_spare_finished(
+        stack, LONG, TINY_PROMPT, TINY_PROMPT)
+    assert_only_targeted_calls(stack, running["prompt_id"], "no other prompt")
 
-    first = stack.wait_status(queued, TERMINAL, timeout=60)
-    second = stack.wait_status(running, TERMINAL, timeout=60)
+
+def timeouts_cancel_running_and_queued_spare_finished(
+    stack: Stack, long: dict[str, Any], tiny: dict[str, Any], another_tiny: dict[str, Any],
+    timeout: float = 60,
+) -> dict[str, Any]:
+    """``long`` (running for far longer than 8 s) is cancelled at its 8 s deadline, ``tiny``
+    at its 2 s one while pending behind it, ``another_tiny`` completes within its 600 s.
+    Returns the running one as it ended. (Also run against a real ComfyUI.)"""
+    # Deadlines are seconds away: the long one is running at its deadline, and the short
+    # one is pending behind it at its own.
+    running = submit(stack, long, "running past its deadline", timeout_seconds=8)
+    assert stack.wait_status(running, {"running"} | TERMINAL, timeout)["status"] == "running"
+    queued = submit(stack, tiny, "queued past its deadline", timeout_seconds=2)
+
+    first = stack.wait_status(queued, TERMINAL, timeout)
+    second = stack.wait_status(running, TERMINAL, timeout)
 
     for wf, left in ((first, "queued"), (second, "running")):
         assert wf["status"] == "cancelled", wf
@@ -165,10 +189,10 @@ def test_timeouts_cancel_a_running_and_a_queued_workflow_and_spare_one_that_fini
     assert second["timeout_seconds"] == 8 and second["deadline_at"].endswith("Z")
     # Its deadline had passed when the request was made.
     assert _when(second["cancel"]["requested_at"]) >= _when(second["deadline_at"])
-    assert_only_targeted_calls(stack, second["prompt_id"], "no other prompt")
 
-    done = submit(stack, TINY_PROMPT, "done in time", timeout_seconds=600)
-    wf = stack.wait_status(done, TERMINAL, timeout=60)
+    done = submit(stack, another_tiny, "done in time", timeout_seconds=600)
+    wf = stack.wait_status(done, TERMINAL, timeout)
     assert (wf["status"], wf["cancel"], wf["timeout_seconds"]) == ("completed", None, 600)
     assert wf["deadline_at"] is not None
+    return second
 

@@ -49,31 +49,49 @@ def freed(stack: Stack, workflow_id: str) -> dict[str, Any]:
 
 
 def test_a_cancel_keeps_what_comfyui_saved_and_confirms_the_gpu_freed(stack: Stack) -> None:
-    running = stack.submit(EARLY_SAVE, name="early-save")
+    wf, removed = cancel_pending_then_running(stack, EARLY_SAVE, TINY_PROMPT)
 
-    def past_the_early_save() -> bool:
-        wf = stack.workflow(running)
-        node = (wf["progress"] or {}).get("node")
-        # Blur "2" feeds the early SaveImage, which ComfyUI runs right after it: progress
-        # on a later blur means the image is saved.
-        return wf["status"] in TERMINAL or (str(node).isdigit() and int(str(node)) >= 3)
+    # ComfyUI holds neither: its queue is empty; and it was never asked to stop anything else.
+    queue = httpx.get(f"{stack.sim.url}/queue", timeout=10).json()
+    assert queue == {"queue_running": [], "queue_pending": []}
+    asked = {call["prompt_id"] for call in sim_calls(stack)}
+    assert None not in asked and asked <= {wf["prompt_id"], removed["prompt_id"]}
 
-    stack.wait_for(past_the_early_save, what="the early SaveImage to have saved its image")
+
+def past_the_early_save(stack: Stack, workflow_id: str) -> bool:
+    """A ``blur_chain(..., early_save=1)`` workflow has saved its early image (or ended)."""
+    wf = stack.workflow(workflow_id)
+    node = (wf["progress"] or {}).get("node")
+    # Blur "2" feeds the early SaveImage, which ComfyUI runs right after it: progress
+    # on a later blur means the image is saved.
+    return wf["status"] in TERMINAL or (str(node).isdigit() and int(str(node)) >= 3)
+
+
+def cancel_pending_then_running(
+    stack: Stack, early_save: dict[str, Any], tiny: dict[str, Any], timeout: float = 30
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``early_save`` (a ``blur_chain(..., early_save=1)``) runs past its early SaveImage,
+    ``tiny`` waits behind it in ComfyUI's queue; both are cancelled, the pending one first.
+    Returns the running one and the removed one, each once its GPU freed is recorded.
+    (Also run against a real ComfyUI: tests/acceptance/test_real_comfyui.py.)"""
+    running = stack.submit(early_save, name="early-save")
+    stack.wait_for(lambda: past_the_early_save(stack, running), timeout,
+                   what="the early SaveImage to have saved its image")
     assert stack.workflow(running)["status"] == "running"
-    pending = stack.submit(TINY_PROMPT, name="pending")
-    stack.wait_for(lambda: stack.workflow(pending)["queue_number"] is not None,
+    pending = stack.submit(tiny, name="pending")
+    stack.wait_for(lambda: stack.workflow(pending)["queue_number"] is not None, timeout,
                    what="the second prompt pending in ComfyUI's queue")
 
     # The pending one first: removed from ComfyUI's queue, nothing saved, GPU never held.
     assert cancel(stack, pending).status_code == 200
-    assert stack.wait_status(pending, TERMINAL)["status"] == "cancelled"
+    assert stack.wait_status(pending, TERMINAL, timeout)["status"] == "cancelled"
     removed = freed(stack, pending)
     assert removed["partial_outputs"] is None and removed["outputs"] is None
     assert at(removed["cancel"]["freed_at"]) >= at(removed["cancel"]["requested_at"])
 
     # Then the running one: interrupted after its early image was saved.
     assert cancel(stack, running).status_code == 200
-    wf = stack.wait_status(running, TERMINAL, timeout=30)
+    wf = stack.wait_status(running, TERMINAL, timeout)
     assert (wf["status"], wf["cancel"]["outcome"]) == ("cancelled", "cancelled")
     wf = freed(stack, running)
     assert at(wf["cancel"]["freed_at"]) >= at(wf["cancel"]["requested_at"])
@@ -82,9 +100,4 @@ def test_a_cancel_keeps_what_comfyui_saved_and_confirms_the_gpu_freed(stack: Sta
     assert set(wf["partial_outputs"]) == {"early"}  # the final SaveImage never ran
     [image] = wf["partial_outputs"]["early"]["images"]
     assert image["type"] == "output" and image["filename"].startswith("out-early_")
-
-    # ComfyUI holds neither: its queue is empty; and it was never asked to stop anything else.
-    queue = httpx.get(f"{stack.sim.url}/queue", timeout=10).json()
-    assert queue == {"queue_running": [], "queue_pending": []}
-    asked = {call["prompt_id"] for call in sim_calls(stack)}
-    assert None not in asked and asked <= {wf["prompt_id"], removed["prompt_id"]}
+    return wf, removed

@@ -72,18 +72,21 @@ class Subscriber:
 def test_a_subscriber_sees_each_step_of_a_cancel_in_order_then_the_stream_closes(
     stack: Stack,
 ) -> None:
-    _watch_a_cancel(stack)
+    watch_a_cancel(stack)
 
 
 def test_the_same_on_an_older_comfyui_without_the_jobs_api(
     stack_factory: Callable[..., Any],
 ) -> None:
     with stack_factory(jobs_api=False) as made:  # the targeted /interrupt path
-        _watch_a_cancel(cast(Stack, made))
+        watch_a_cancel(cast(Stack, made))
 
 
-def _watch_a_cancel(stack: Stack) -> None:
-    workflow_id = stack.submit(LONG, name="watched")
+def watch_a_cancel(stack: Stack, prompt: dict[str, Any] = LONG) -> None:
+    """A subscriber watches ``prompt`` (long enough to be cancelled while it runs) from
+    running to cancelled, then resumes after the request. (Also run against a real
+    ComfyUI: tests/acceptance/test_real_comfyui.py.)"""
+    workflow_id = stack.submit(prompt, name="watched")
     assert stack.wait_status(workflow_id, {"running"} | TERMINAL)["status"] == "running"
     watcher = Subscriber(stack, workflow_id).start()
     assert watcher.events[0].event == "state"
