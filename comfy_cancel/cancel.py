@@ -29,7 +29,7 @@ import logging
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
@@ -208,7 +208,7 @@ def enforce_deadlines(ctx: Context) -> Outcomes:
                                         {w.id: _requester(w) for w in overdue})
         # The pass runs every second and never twice at once: it must not wait on a ComfyUI
         # that does not answer, or every other deadline waits with it.
-        _after_escalation(ctx, ended, direct=_DIRECT_CANCELS.submit)
+        _after_escalation(ctx, ended, direct=_beside)
         _log_escalated(found)
         outcomes.update(found)
         if len(due) < limit or not ended:  # all done, or the rest is for the next turn
@@ -332,6 +332,16 @@ def _call(function: Callable[..., object], *args: object) -> None:
 
 # Direct cancels of the deadline pass, beside it (a few at once: one per hung server).
 _DIRECT_CANCELS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="direct-cancel")
+
+
+def _beside(function: Callable[..., object], *args: object) -> None:
+    """Run ``function`` on the pool of direct cancels; nobody waits for its result, so what
+    it raises is logged here instead of lost with the future."""
+    def logged(future: Future[object]) -> None:
+        if future.exception() is not None:
+            log.error("a direct cancel to ComfyUI failed", exc_info=future.exception())
+
+    _DIRECT_CANCELS.submit(function, *args).add_done_callback(logged)
 # Who confirmed the release, in the audit row of a GPU freed seen by the cancel worker.
 CANCEL_WORKER = Actor(source="cancel_worker")
 

@@ -6,10 +6,12 @@ ComfyUI."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from sqlalchemy import event
 
 from comfy_cancel import cancel, manager, signals, status
@@ -412,3 +414,18 @@ def test_a_comfyui_that_does_not_answer_does_not_stop_an_escalation(
     assert cancel.enforce_deadlines(domain.ctx) == {stuck: O.FORCED}
     assert domain.row(stuck).status == S.CANCELLED.value
 
+
+
+def test_a_direct_cancel_beside_the_deadline_pass_that_raises_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Nobody waits for the deadline pass's direct cancels: an unexpected error in one (a
+    # database gone while it reads the runners, say) must reach the log, not vanish.
+    def broken() -> None:
+        raise RuntimeError("runners unreadable")
+
+    with caplog.at_level(logging.ERROR, logger="comfy_cancel.cancel"):
+        cancel._beside(broken)
+        wait_until(lambda: any("direct cancel" in r.getMessage() for r in caplog.records))
+    (record,) = [r for r in caplog.records if "direct cancel" in r.getMessage()]
+    assert record.exc_info is not None and "runners unreadable" in str(record.exc_info[1])
