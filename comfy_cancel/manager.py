@@ -582,8 +582,7 @@ def open_cancel_requests(session: Session) -> tuple[int, datetime | None]:
     """How many cancel requests have no outcome yet, and when the oldest was made: read
     through the partial index of open intents (its cost follows what is open)."""
     count, oldest = session.execute(
-        select(func.count(), func.min(Workflow.cancel_requested_at))
-        .where(Workflow.cancel_requested_at.is_not(None), Workflow.cancel_outcome.is_(None))
+        select(func.count(), func.min(Workflow.cancel_requested_at)).where(*_open_intent())
     ).one()
     return int(count), oldest
 
