@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from comfy_cancel import manager, status
+from comfy_cancel.context import Context
 from comfy_cancel.db import Database
 from comfy_cancel.embedded.comfyui_sim import TINY_PROMPT
 from comfy_cancel.models import WorkflowStatus
 from testbed.database import LOOPBACK_ALLOWED
 
 S = WorkflowStatus
+T = TypeVar("T")
 
 # Steps through the lifecycle from accepted to each status, via the status writer only.
 PATH_TO: dict[S, list[S]] = {
@@ -62,3 +66,22 @@ def advance(session: Any, workflow_id: str, to: S, runner_id: str) -> status.Cha
     if to is S.CANCELLED:
         return status.cancel_if_active(session, workflow_id, by)
     raise AssertionError(to)
+
+
+def twice_at_once(ctx: Context, work: Callable[[Context], T]) -> list[T]:
+    """Run ``work`` in two threads released together, each with a context of its own (its
+    own connections, as two workers or schedulers have): what both returned."""
+    barrier = threading.Barrier(2)
+    results: list[T] = []
+
+    def run() -> None:
+        other = Context(ctx.settings)
+        barrier.wait()
+        results.append(work(other))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results

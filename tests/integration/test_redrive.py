@@ -23,7 +23,7 @@ from comfy_cancel.context import Context
 from comfy_cancel.embedded.comfyui_sim import blur_chain, start_in_thread
 from comfy_cancel.models import EventKind, Workflow, WorkflowStatus, utcnow
 from testbed.database import LOOPBACK, migrated
-from tests.helpers import make_account_and_runner, seed_workflow
+from tests.helpers import make_account_and_runner, seed_workflow, twice_at_once
 from tests.integration.test_sweeps import backdate, queued_messages
 
 S = WorkflowStatus
@@ -103,19 +103,7 @@ def test_two_redrive_passes_at_once_publish_each_cancel_once(
     ctx: Context, redis_client: redis.Redis
 ) -> None:
     ids = [requested(ctx, S.RUNNING, published=5) for _ in range(20)]
-    barrier = threading.Barrier(2)
-    reports: list[sweeps.SweepReport] = []
-
-    def run() -> None:
-        other = Context(ctx.settings)
-        barrier.wait()
-        reports.append(sweeps.redrive(other))
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    reports = twice_at_once(ctx, sweeps.redrive)
     assert sorted(w for r in reports for w in r.republished) == sorted(ids)
     published = [w for _, chunk in queued_messages(redis_client, worker.CANCEL_QUEUE)
                  for w in chunk]
@@ -162,19 +150,7 @@ def test_two_deadline_passes_at_once_split_the_work_and_end_each_workflow_once(
     grace = ctx.settings.cancel_grace_seconds
     ids = [requested(ctx, S.RUNNING, published=grace + 5, taken=grace + 1) for _ in range(30)]
     ctx.settings.cancel_batch_size = 4  # several rounds each
-    barrier = threading.Barrier(2)
-    results: list[dict[str, Any]] = []
-
-    def run() -> None:
-        other = Context(ctx.settings)
-        barrier.wait()
-        results.append(cancel.enforce_deadlines(other))
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = twice_at_once(ctx, cancel.enforce_deadlines)
     ended = {wid: outcome for found in results for wid, outcome in found.items()
              if outcome is not None}
     assert ended == dict.fromkeys(ids, "forced")

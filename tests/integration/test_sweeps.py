@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,9 +17,9 @@ from comfy_cancel import manager, status, worker
 from comfy_cancel.config import Settings
 from comfy_cancel.context import Context
 from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
-from comfy_cancel.sweeps import SweepReport, sweep
+from comfy_cancel.sweeps import sweep
 from testbed.database import migrated
-from tests.helpers import make_account_and_runner, seed_workflow
+from tests.helpers import make_account_and_runner, seed_workflow, twice_at_once
 
 S = WorkflowStatus
 LONG_AGO = timedelta(hours=3)
@@ -145,19 +144,7 @@ def test_a_dry_run_changes_nothing(ctx: Context, redis_client: redis.Redis) -> N
 
 def test_two_sweeps_at_once_do_the_work_once(ctx: Context, redis_client: redis.Redis) -> None:
     sc = seed(ctx)
-    barrier = threading.Barrier(2)
-    reports: list[SweepReport] = []
-
-    def run() -> None:
-        other = Context(ctx.settings)  # another scheduler: its own connections
-        barrier.wait()
-        reports.append(sweep(other))
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    reports = twice_at_once(ctx, sweep)  # two schedulers
     for kind in ("runner_lost", "overdue", "queued_cancelled", "republished"):
         done = [wid for r in reports for wid in getattr(r, kind)]
         assert len(done) == 1, (kind, reports)

@@ -17,7 +17,7 @@ from comfy_cancel.config import Settings
 from comfy_cancel.context import Context
 from comfy_cancel.models import Workflow, WorkflowStatus, utcnow
 from testbed.database import migrated
-from tests.helpers import make_account_and_runner, seed_workflow
+from tests.helpers import make_account_and_runner, seed_workflow, twice_at_once
 from tests.integration.test_sweeps import queued_messages
 
 pytestmark = pytest.mark.postgres
@@ -68,19 +68,7 @@ def test_two_passes_at_once_request_each_cancel_once(
     ctx: Context, redis_client: redis.Redis
 ) -> None:
     due = past_deadline(ctx, 40)
-    barrier = threading.Barrier(2)
-    found: list[list[str]] = []
-
-    def run() -> None:
-        other = Context(ctx.settings)  # another cancel worker: its own connections
-        barrier.wait()
-        found.append(sweeps.cancel_timed_out(other))
-
-    passes = [threading.Thread(target=run) for _ in range(2)]
-    for thread in passes:
-        thread.start()
-    for thread in passes:
-        thread.join(60)
+    found = twice_at_once(ctx, sweeps.cancel_timed_out)  # two cancel workers
     requested = [w for ids in found for w in ids]
     assert sorted(requested) == sorted(due)  # each once, between them
     published = [w for _, ids in queued_messages(redis_client, worker.CANCEL_QUEUE) for w in ids]
