@@ -183,7 +183,10 @@ def _after_queued_cancelled(ctx: Context, cancelled: Sequence[CancelledQueued]) 
     for row in with_prompt:
         if row.runner_id and row.prompt_id:
             prompts[row.runner_id].append(row.prompt_id)
-    cancel_prompts(ctx, prompts)
+    if prompts:
+        # Beside the batch: a ComfyUI that never answers must not hold up the signals of
+        # the batch's running cancels (their grace period starts only once they are sent).
+        _beside(cancel_prompts, ctx, prompts)
 
 
 def enforce_deadlines(ctx: Context) -> Outcomes:
@@ -330,7 +333,8 @@ def _call(function: Callable[..., object], *args: object) -> None:
     function(*args)
 
 
-# Direct cancels of the deadline pass, beside it (a few at once: one per hung server).
+# Direct cancels to ComfyUI, beside the batch or deadline pass that asks for them (a few at
+# once: one per hung server).
 _DIRECT_CANCELS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="direct-cancel")
 
 
