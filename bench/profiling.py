@@ -132,7 +132,9 @@ def sampled(targets: dict[str, int], out_dir: Path, label: str) -> Iterator[list
         profiles.append(Profile(name, pid, raw))
         recorders.append(subprocess.Popen(
             ["py-spy", "record", "--pid", str(pid), "--rate", str(RATE_HZ), "--format", "raw",
-             "--nonblocking", "--gil", "--output", str(raw)],
+             # --subprocesses: the API's uvicorn parent only supervises; its worker
+             # processes, its children, do the work.
+             "--nonblocking", "--gil", "--subprocesses", "--output", str(raw)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         ))
     time.sleep(0.5)  # py-spy attaches
