@@ -51,6 +51,7 @@ from comfy_cancel.gate import (
     unknown_token,
     workflow_too_large,
 )
+from comfy_cancel.intake import Intake, Taken
 from comfy_cancel.manager import Principal, WorkflowFilter
 from comfy_cancel.models import (
     CANCELLABLE,
@@ -80,6 +81,7 @@ from comfy_cancel.schemas import (
     refuse_json_constant,
 )
 from comfy_cancel.scrape import LiveState
+from comfy_cancel.status import CallersCancel
 
 log = logging.getLogger(__name__)
 
@@ -444,25 +446,27 @@ def list_workflows(
     response_class=Response,
     responses={200: {"description": "Cancel accepted; the body is empty."}},
 )
-def cancel_workflow(
-    workflow_id: str, principal: Caller, db: DB, body: CancelRequest | None = None
+async def cancel_workflow(
+    request: Request, workflow_id: str, principal: Caller, body: CancelRequest | None = None
 ) -> Response:
     """Request the cancel of a queued or running workflow (DESIGN.md, "Flow of one cancel").
 
     The request is committed before it is published, so a lost message loses no cancel:
     the sweep re-publishes open requests. A repeat while it is in flight is accepted again.
 
-    The hot path: the gate admitted the token (usually from its cache), then one statement
-    checks the token again and records the request with its audit row, scoped to the
-    caller's account, then one publish. A second read only explains a refusal.
+    The hot path, on the event loop: the gate admitted the token (usually from its cache),
+    then the process's :class:`~comfy_cancel.intake.Intake` records the request with
+    those that arrived beside it (the token checked again, scoped to the caller's account,
+    audited) and publishes it; a second read only explains a refusal.
     """
     by = status.Actor(CancelSource.API.value, principal.actor, body.reason if body else None)
     canonical = _canonical_id("workflow", workflow_id)
-    while not status.request_cancel_as_caller(
-        db, canonical, account_id=principal.account_id, token_id=principal.token_id, by=by
-    ):
-        _explain_refusal(db, workflow_id, canonical, principal)
-    if not publish.hand_on([canonical], by):
+    intake: Intake = request.app.state.intake
+    cancel = CallersCancel(canonical, principal.account_id, principal.token_id, by)
+    while (taken := await intake.cancel(cancel)) is Taken.REFUSED:
+        await anyio.to_thread.run_sync(
+            _explain_refusal, intake.db, workflow_id, canonical, principal)
+    if taken is Taken.UNPUBLISHED:
         raise ApiError(
             500,
             "the cancel request is recorded but could not be handed to the cancel queue; "
@@ -741,6 +745,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.context = Context(settings)
     app.state.db = Database.from_url(settings.database_url)
+    app.state.intake = Intake(app.state.db)
     # Neither connects until first used; short timeouts keep /readyz fast when Redis is down.
     app.state.redis = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=2, socket_timeout=2

@@ -299,8 +299,9 @@ class Settings(BaseSettings):
     )
     task_events: bool = Field(
         True,
-        description="Celery task events (worker_send_task_events and task_send_sent_event), "
-        "which Flower shows; off saves a Redis publish per cancel on the API.",
+        description="Celery task events of the workers (worker_send_task_events), which "
+        "Flower shows; off saves the cancel worker their publishes. Producers never send "
+        "task-sent events (one more publish per API cancel).",
     )
 
     @field_validator("runner_allowed_networks")

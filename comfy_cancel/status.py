@@ -23,7 +23,7 @@ What the cancel verbs did is counted (:mod:`metrics`) once their transaction com
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -483,12 +483,12 @@ def request_cancel_many(
     return list(recorded)
 
 
-# The API's cancel, the hot path: one round trip on PostgreSQL, no ORM objects. The caller's
-# token is checked again in the statement (the API's cache of tokens lasts a few seconds);
-# the row changes only if it is the token's account's and cancellable; the request keeps an
-# earlier request's fields (a repeat is idempotent) but is stamped as published and audited
-# anew, as request_cancel_many(publishing=True) does.
-_RECORD_CALLERS_REQUEST = f"""
+# The API's cancels, the hot path: one round trip on PostgreSQL for a caller's requests, no
+# ORM objects. The caller's token is checked again in the statement (the API's cache of
+# tokens lasts a few seconds); a row changes only if it is the token's account's and
+# cancellable; the request keeps an earlier request's fields (a repeat is idempotent) but
+# is stamped as published and audited anew, as request_cancel_many(publishing=True) does.
+_RECORD_CALLERS_REQUESTS = f"""
     UPDATE workflows SET
         cancel_requested_at = COALESCE(cancel_requested_at, :now),
         cancel_source = COALESCE(cancel_source, :source),
@@ -496,7 +496,7 @@ _RECORD_CALLERS_REQUEST = f"""
         cancel_reason = COALESCE(cancel_reason, :reason),
         cancel_published_at = :now,
         updated_at = :now
-    WHERE id = :workflow_id AND account_id = :account_id
+    WHERE {{ids}} AND account_id = :account_id
         AND status IN ({", ".join(f"'{s.value}'" for s in sorted(CANCELLABLE))})
         AND EXISTS (SELECT 1 FROM api_tokens WHERE id = :token_id
                     AND account_id = :account_id AND (expires_at IS NULL OR expires_at > :now))
@@ -513,46 +513,80 @@ def _statement(sql: str) -> TextClause:
     return text(sql).bindparams(bindparam("now", type_=UTCDateTime()))
 
 
-# PostgreSQL: the compare-and-set and its audit row in one statement (a data-modifying CTE).
+# PostgreSQL: the compare-and-set and its audit rows in one statement (a data-modifying
+# CTE), the ids one array parameter, so the statement's text never changes.
 _REQUEST_AND_AUDIT = _statement(
-    f"WITH recorded AS ({_RECORD_CALLERS_REQUEST}) "
-    f"{_AUDIT_COLUMNS} SELECT id, {_AUDIT_VALUES} FROM recorded RETURNING id"
+    f"WITH recorded AS ({_RECORD_CALLERS_REQUESTS.format(ids='id = ANY(:workflow_ids)')}) "
+    f"{_AUDIT_COLUMNS} SELECT id, {_AUDIT_VALUES} FROM recorded RETURNING id, workflow_id"
 )
-# SQLite has no data-modifying CTE: the same UPDATE, then the audit row, in one transaction.
-_REQUEST = _statement(_RECORD_CALLERS_REQUEST)
-_AUDIT = _statement(f"{_AUDIT_COLUMNS} VALUES (:workflow_id, {_AUDIT_VALUES}) RETURNING id")
+# SQLite has no data-modifying CTE: the same UPDATE, then the audit rows, in one transaction.
+_REQUEST = _statement(
+    _RECORD_CALLERS_REQUESTS.format(ids="id IN :workflow_ids")
+).bindparams(bindparam("workflow_ids", expanding=True))
+_AUDIT = _statement(
+    f"{_AUDIT_COLUMNS} SELECT id, {_AUDIT_VALUES} FROM workflows WHERE id IN :workflow_ids "
+    "RETURNING id, workflow_id"
+).bindparams(bindparam("workflow_ids", expanding=True))
+
+
+@dataclass(frozen=True)
+class CallersCancel:
+    """One API caller's cancel request: the workflow, and who asks with which token."""
+
+    workflow_id: str
+    account_id: int
+    token_id: int
+    by: Actor
+
+
+def request_cancels_as_callers(db: Database, requests: Sequence[CallersCancel]) -> list[bool]:
+    """Record API callers' cancel requests, stamped as published, with their audit rows,
+    committed: for each request, whether it was recorded. Not recorded: the workflow is
+    not the account's, not cancellable, or the token is no longer valid (the caller asks
+    which, if it must say).
+
+    Requests of one caller (account, token and requester) are one statement; on PostgreSQL
+    a lone caller's statement runs outside an explicit transaction (a statement is atomic
+    on its own, which saves the BEGIN and COMMIT round trips), several callers' share one
+    transaction. Their live updates are published once they have committed.
+    """
+    now = utcnow()
+    by_caller: dict[tuple[int, int, Actor], list[str]] = defaultdict(list)
+    for request in requests:
+        by_caller[(request.account_id, request.token_id, request.by)].append(request.workflow_id)
+    recorded: set[tuple[int, int, Actor, str]] = set()
+    updates: list[live.Update] = []
+    postgresql = db.engine.dialect.name == "postgresql"
+    with (db.autocommit() if postgresql and len(by_caller) == 1
+          else db.engine.begin()) as connection:
+        for (account_id, token_id, by), workflow_ids in by_caller.items():
+            params = {"now": now, "workflow_ids": workflow_ids, "account_id": account_id,
+                      "token_id": token_id, "source": by.source, "actor": by.actor,
+                      "reason": by.reason}
+            if postgresql:
+                rows = connection.execute(_REQUEST_AND_AUDIT, params).all()
+            else:
+                changed = connection.execute(_REQUEST, params).scalars().all()
+                rows = (connection.execute(_AUDIT, {**params, "workflow_ids": changed}).all()
+                        if changed else [])
+            for event_id, workflow_id in rows:
+                recorded.add((account_id, token_id, by, workflow_id))
+                updates.append(live.audit_update(
+                    event_id, workflow_id, EventKind.CANCEL_REQUESTED.value, now,
+                    source=by.source, actor=by.actor, reason=by.reason))
+    for source, count in Counter(u["source"] for u in updates).items():
+        metrics.cancels_requested(source, count)
+    live.publish(updates)
+    return [(r.account_id, r.token_id, r.by, r.workflow_id) in recorded for r in requests]
 
 
 def request_cancel_as_caller(
     db: Database, workflow_id: str, *, account_id: int, token_id: int, by: Actor
 ) -> bool:
-    """Record an API caller's cancel request, stamped as published, and its audit row,
-    committed; True when recorded. False when the workflow is not the account's, not
-    cancellable, or the token is no longer valid (the caller asks which, if it must say).
-
-    One statement on PostgreSQL, run outside an explicit transaction (a statement is
-    atomic on its own, which saves the BEGIN and COMMIT round trips). Its live update is
-    published once it has committed.
-    """
-    now = utcnow()
-    params = {"now": now, "workflow_id": workflow_id, "account_id": account_id,
-              "token_id": token_id, "source": by.source, "actor": by.actor,
-              "reason": by.reason}
-    if db.engine.dialect.name == "postgresql":
-        with db.autocommit() as connection:
-            event_id = connection.execute(_REQUEST_AND_AUDIT, params).scalar()
-    else:
-        with db.engine.begin() as connection:
-            if connection.execute(_REQUEST, params).first() is None:
-                return False
-            event_id = connection.execute(_AUDIT, params).scalar()
-    if event_id is None:
-        return False
-    metrics.cancels_requested(by.source)
-    live.publish([live.audit_update(
-        event_id, workflow_id, EventKind.CANCEL_REQUESTED.value, now,
-        source=by.source, actor=by.actor, reason=by.reason)])
-    return True
+    """One API caller's cancel request (:func:`request_cancels_as_callers`); True when
+    recorded."""
+    return request_cancels_as_callers(
+        db, [CallersCancel(workflow_id, account_id, token_id, by)])[0]
 
 
 def record_outcome(

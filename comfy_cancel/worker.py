@@ -144,9 +144,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
         # Task events for Flower (and `celery events`): the worker's are buffered and sent
-        # in groups; a sent event is one more publish per message.
+        # in groups. No sent events: each would be one more publish per API cancel, and
+        # Flower lists a task from its received event on.
         "worker_send_task_events": settings.task_events,
-        "task_send_sent_event": settings.task_events,
+        "task_send_sent_event": False,
         "timezone": "UTC",
         "imports": ["comfy_cancel.tasks"],
         "beat_schedule": {
