@@ -26,6 +26,12 @@ from tests.unit.test_api import (  # noqa: F401  (collected here too)
 from tests.unit.test_api_cross_account import (  # noqa: F401
     test_every_route_hides_another_accounts_objects,
 )
+from tests.unit.test_intake import (  # noqa: F401
+    groups,
+    test_a_group_whose_publish_fails_answers_500_to_each_and_keeps_the_requests,
+    test_cancels_arriving_together_are_written_and_published_in_groups,
+    test_each_request_of_a_group_is_answered_for_its_own_caller,
+)
 
 
 @pytest.fixture

@@ -256,6 +256,35 @@ def test_a_repeated_callers_request_keeps_the_first_and_is_audited_and_stamped_a
     assert [e.reason for e in _requests_of(db, workflow_id)] == ["first", None]
 
 
+def test_a_group_of_callers_requests_records_each_as_its_caller_may(db: Database) -> None:
+    """The API's group (intake.py): several callers in one call, each request judged on its
+    own: its account's workflow, cancellable, its token valid; each audit row names its own
+    requester."""
+    acme_id, acme_runner = make_account_and_runner(db, "acme")
+    globex_id, globex_runner = make_account_and_runner(db, "globex")
+    acme_token, globex_token = _token_id(db, "acme"), _token_id(db, "globex")
+    acme_by = status.Actor("api", f"acme#token{acme_token}", "one")
+    globex_by = status.Actor("api", f"globex#token{globex_token}", None)
+    queued, running = (seed_workflow(db, acme_id, acme_runner, s) for s in (S.QUEUED, S.RUNNING))
+    done = seed_workflow(db, acme_id, acme_runner, S.COMPLETED)
+    theirs = seed_workflow(db, globex_id, globex_runner, S.QUEUED)
+    requests = [
+        status.CallersCancel(queued, acme_id, acme_token, acme_by),
+        status.CallersCancel(theirs, globex_id, globex_token, globex_by),
+        status.CallersCancel(running, acme_id, acme_token, acme_by),
+        status.CallersCancel(theirs, acme_id, acme_token, acme_by),  # not acme's
+        status.CallersCancel(done, acme_id, acme_token, acme_by),  # not cancellable
+        status.CallersCancel(queued, acme_id, acme_token, acme_by),  # twice in one group
+    ]
+    assert status.request_cancels_as_callers(db, requests) == [
+        True, True, True, False, False, True]
+    assert [(e.actor, e.reason) for e in _requests_of(db, queued)] == [(acme_by.actor, "one")]
+    assert [(e.actor, e.reason) for e in _requests_of(db, theirs)] == [(globex_by.actor, None)]
+    assert len(_requests_of(db, running)) == 1
+    assert _requests_of(db, done) == []
+    assert _row(db, theirs).cancel_actor == globex_by.actor
+
+
 @pytest.mark.parametrize("start", [s for s in S if s not in CANCELLABLE])
 def test_a_callers_request_on_a_workflow_that_cannot_be_cancelled_writes_nothing(
     db: Database, start: S
