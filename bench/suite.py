@@ -378,6 +378,7 @@ def _profile_bulk(system: System, out_dir: Path) -> dict[str, Any]:
     name = "profile-bulk"
     account_id, _ = system.new_account(name)
     seed.queued(system.db, account_id, system.stack.runner_id, 30_000)
+    out_dir.mkdir(parents=True, exist_ok=True)  # py-spy writes nothing into a missing one
     raw = out_dir / "bulk-command.txt"
     measure = out_dir / "bulk-command.json"
     subprocess.run(

@@ -818,8 +818,4 @@ def _audit_many(
         ).returning(WorkflowEvent.id, WorkflowEvent.workflow_id, WorkflowEvent.source,
                     WorkflowEvent.actor, WorkflowEvent.reason)
     ).all()
-    live.publish_after_commit(session, [
-        live.audit_update(row.id, row.workflow_id, kind.value, at, source=row.source,
-                          actor=row.actor, reason=row.reason, **columns)
-        for row in rows
-    ])
+    live.publish_after_commit(session, live.audit_updates(rows, kind.value, at, **columns))

@@ -197,10 +197,11 @@ async def _watch_many(stack: Stack, ids: list[str], opened: asyncio.Semaphore,
 def _while_all_open(stack: Stack, ids: list[str]) -> Callable[[], None]:
     def check_then_cancel() -> None:
         time.sleep(3 * PING_SECONDS)  # every stream quiet long enough for a heartbeat
-        # One pattern subscription on Redis for the API process, not one per stream.
+        # One subscription on Redis for the API process (the updates' channel and the
+        # resync one), not one per stream.
         clients = redis.Redis.from_url(stack.settings.redis_url).client_list()
         hub = [c for c in clients if c.get("name") == live.HUB_CLIENT_NAME]
-        assert len(hub) == 1 and hub[0]["psub"] == "1", hub
+        assert len(hub) == 1 and (hub[0]["sub"], hub[0]["psub"]) == ("2", "0"), hub
         # Idle streams hold no database session (the pool may keep a few idle ones).
         with stack.db.engine.connect() as connection:
             active = connection.execute(text(

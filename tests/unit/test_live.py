@@ -1,6 +1,6 @@
 """Live updates (comfy_cancel/live.py) on fakeredis: published after the commit only, one
-round trip per transaction, a Redis outage never fails a write, and the API's hub fans one
-subscription out to its streams."""
+message per transaction, a Redis outage never fails a write, and the API's hub splits each
+message by workflow and fans it out to its streams."""
 
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ def db(tmp_path: Path) -> Database:
     return migrated(f"sqlite:///{tmp_path / 'live.db'}")
 
 
-def listen(client: redis.Redis, *workflow_ids: str) -> Any:
+def listen(client: redis.Redis) -> Any:
     pubsub = client.pubsub()
-    pubsub.subscribe(*(live.channel_of(w) for w in workflow_ids), live.RESYNC_CHANNEL)
+    pubsub.subscribe(live.CHANNEL, live.RESYNC_CHANNEL)
     while pubsub.get_message(timeout=0.1) is not None:
         pass  # the confirmations
     return pubsub
@@ -83,7 +83,7 @@ def test_a_committed_status_change_is_published_with_its_audit_id(
 ) -> None:
     account_id, runner_id = make_account_and_runner(db)
     workflow_id = seed_workflow(db, account_id, runner_id, S.RUNNING)
-    pubsub = listen(fake, workflow_id)
+    pubsub = listen(fake)
 
     with db.transaction() as session:
         status.acknowledge_cancel(session, workflow_id, API)
@@ -91,7 +91,7 @@ def test_a_committed_status_change_is_published_with_its_audit_id(
         assert received(pubsub) == []  # nothing before the commit
 
     ((channel, updates),) = received(pubsub)  # one message for the transaction
-    assert channel == live.channel_of(workflow_id)
+    assert channel == live.CHANNEL
     assert [(u["kind"], u["to_status"]) for u in updates] == [
         (EventKind.CANCEL_ACKNOWLEDGED.value, None), (EventKind.TRANSITION.value, "cancelled")]
     with db.reading() as session:
@@ -103,7 +103,7 @@ def test_a_committed_status_change_is_published_with_its_audit_id(
 def test_a_rolled_back_transaction_publishes_nothing(fake: CountingRedis, db: Database) -> None:
     account_id, runner_id = make_account_and_runner(db)
     workflow_id = seed_workflow(db, account_id, runner_id, S.RUNNING)
-    pubsub = listen(fake, workflow_id)
+    pubsub = listen(fake)
 
     with pytest.raises(RuntimeError), db.transaction() as session:
         assert status.cancel_if_active(session, workflow_id, API).changed
@@ -115,14 +115,14 @@ def test_a_rolled_back_transaction_publishes_nothing(fake: CountingRedis, db: Da
     assert received(pubsub) == []
 
 
-def test_a_thousand_cancels_in_one_transaction_are_one_round_trip(
+def test_a_thousand_cancels_in_one_transaction_are_one_message(
     fake: CountingRedis, db: Database
 ) -> None:
     account_id, runner_id = make_account_and_runner(db)
     ids = [seed_workflow(db, account_id, runner_id, S.QUEUED) for _ in range(3)]
     # A thousand rows cost the same round trips as three: count them on three real rows
     # plus the same updates for 997 more workflows in the same publish.
-    pubsub = listen(fake, *ids)
+    pubsub = listen(fake)
     CountingRedis.round_trips = 0
     with db.transaction() as session:
         status.cancel_queued_many(session, ids, API)
@@ -130,9 +130,13 @@ def test_a_thousand_cancels_in_one_transaction_are_one_round_trip(
         live.publish_after_commit(session, extra)
 
     assert CountingRedis.round_trips == 1
-    got = received(pubsub)
-    assert sorted(channel for channel, _ in got) == sorted(live.channel_of(w) for w in ids)
-    assert all(u[0]["to_status"] == "cancelled" for _, u in got)
+    ((channel, updates),) = received(pubsub)
+    assert channel == live.CHANNEL
+    with db.reading() as session:  # live is what replay says, to the key order
+        rows = [live.update_of_row(manager.events_of(session, w)[-1]) for w in ids]
+    assert sorted(json.dumps(u) for u in updates[:3]) == sorted(json.dumps(u) for u in rows)
+    assert all(u["to_status"] == "cancelled" for u in updates[:3])
+    assert updates[3:] == extra
 
 
 def test_the_api_cancel_publishes_its_request_after_its_statement(
@@ -145,7 +149,7 @@ def test_the_api_cancel_publishes_its_request_after_its_statement(
         principal = manager.authenticate(session, manager.create_token(session, account))
         assert principal is not None
         token_id = principal.token_id
-    pubsub = listen(fake, workflow_id)
+    pubsub = listen(fake)
 
     assert status.request_cancel_as_caller(db, workflow_id, account_id=account_id,
                                            token_id=token_id, by=API)
@@ -175,10 +179,9 @@ def test_a_redis_outage_never_fails_a_write_and_subscribers_are_told_to_catch_up
     back = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     down.client = back
     down._paused_until = 0.0
-    pubsub = listen(back, "other")
+    pubsub = listen(back)
     down.publish([live.progress_update("other", "3", 1, 2)])
-    assert [channel for channel, _ in received(pubsub)] == [
-        live.channel_of("other"), live.RESYNC_CHANNEL]
+    assert [channel for channel, _ in received(pubsub)] == [live.CHANNEL, live.RESYNC_CHANNEL]
 
 
 # --- the hub ------------------------------------------------------------------------------
@@ -209,6 +212,27 @@ def test_the_hub_fans_one_subscription_out_by_workflow() -> None:
         publisher._missed = True  # as after an outage: every stream is told to catch up
         publisher.publish([live.progress_update("b", "5", 3, 4)])
         assert await asyncio.wait_for(a1.get(), 10) == live.RESYNC
+        await hub.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_hub_splits_one_message_by_workflow_in_the_order_published() -> None:
+    async def scenario() -> None:
+        server = fakeredis.FakeServer()
+        hub = live.Hub(fakeredis.aioredis.FakeRedis(server=server))
+        publisher = live.Publisher(fakeredis.FakeRedis(server=server))
+        a, b = hub.open("a"), hub.open("b")
+        await asyncio.wait_for(hub.connected.wait(), 10)
+        for sub in (a, b):
+            assert await asyncio.wait_for(sub.get(), 10) == live.RESYNC
+        publisher.client.publish(live.CHANNEL, b"not json")  # ignored; the hub goes on
+        publisher.client.publish(live.CHANNEL, b'[{"no": "workflow id"}]')
+        publisher.publish([live.progress_update(w, node, 1, 4) for w, node in
+                           [("a", "1"), ("unwatched", "9"), ("b", "2"), ("a", "3")]])
+        assert await nodes(a) == ["1", "3"]  # one delivery per message, in order
+        assert await nodes(b) == ["2"]
+        assert a.queue.empty() and b.queue.empty()
         await hub.close()
 
     asyncio.run(scenario())
