@@ -62,10 +62,12 @@ def handle_batch(ctx: Context, requests: Sequence[tuple[Sequence[str], Actor]]) 
     """Act on the cancel requests of a batch of messages, each some workflow ids and who
     asked; a workflow named twice is handled once, for the first to ask.
 
-    The queued ones are cancelled by one compare-and-set first (no read needed); only what
-    it did not change is read: terminal ones get their outcome, running ones (including
-    queued ones that just started) are signalled in one round trip and then stamped as
-    taken.
+    The queued ones are cancelled by one compare-and-set first (no read needed; committed
+    on its own, one statement on PostgreSQL); only what it did not change is read, in a
+    transaction of its own (what a read in the CAS's transaction would see on PostgreSQL
+    too: each statement reads what had committed when it began): terminal ones get their
+    outcome, running ones (including queued ones that just started) are signalled in one
+    round trip and then stamped as taken.
     """
     by: dict[str, Actor] = {}
     for workflow_ids, requester in requests:
@@ -73,19 +75,10 @@ def handle_batch(ctx: Context, requests: Sequence[tuple[Sequence[str], Actor]]) 
             by.setdefault(workflow_id, requester)
     if not by:
         return {}
-    running: list[Workflow] = []
-    with ctx.db.transaction() as session:  # one transaction: the CAS, then the read
-        cancelled = status.cancel_queued_many(session, list(by), by)
-        outcomes: Outcomes = {c.id: CancelOutcome.CANCELLED for c in cancelled}
-        rest = [wid for wid in by if wid not in outcomes]
-        for workflow in manager.workflows_by_ids(session, rest) if rest else []:
-            outcomes[workflow.id] = _terminal_outcome(session, workflow, by[workflow.id])
-            if workflow.status == S.RUNNING.value:
-                running.append(workflow)
-            elif workflow.status not in TERMINAL:
-                log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status,
-                         extra={"workflow_id": workflow.id,
-                                "cancel_source": by[workflow.id].source})
+    cancelled = status.cancel_queued_committed(ctx.db, list(by), by)
+    outcomes: Outcomes = {c.id: CancelOutcome.CANCELLED for c in cancelled}
+    rest = [wid for wid in by if wid not in outcomes]
+    running = _read_not_queued(ctx, rest, by, outcomes) if rest else []
     _after_queued_cancelled(ctx, cancelled)
     signalled = signal_running(ctx, running, by)
     outcomes.update(signalled)
@@ -102,6 +95,24 @@ def handle_batch(ctx: Context, requests: Sequence[tuple[Sequence[str], Actor]]) 
             status.mark_cancel_taken(session, live)
     _log_batch(by, outcomes, set(live))
     return outcomes
+
+
+def _read_not_queued(
+    ctx: Context, workflow_ids: Sequence[str], by: Mapping[str, Actor], outcomes: Outcomes
+) -> list[Workflow]:
+    """Read the workflows of a batch that the compare-and-set left alone: a terminal one's
+    outcome is recorded (and put in ``outcomes``); returns the running ones."""
+    running: list[Workflow] = []
+    with ctx.db.transaction() as session:
+        for workflow in manager.workflows_by_ids(session, workflow_ids):
+            outcomes[workflow.id] = _terminal_outcome(session, workflow, by[workflow.id])
+            if workflow.status == S.RUNNING.value:
+                running.append(workflow)
+            elif workflow.status not in TERMINAL:
+                log.info("workflow %s is %s: not cancellable yet", workflow.id, workflow.status,
+                         extra={"workflow_id": workflow.id,
+                                "cancel_source": by[workflow.id].source})
+    return running
 
 
 def _log_batch(by: Mapping[str, Actor], outcomes: Outcomes, signalled: set[str]) -> None:
@@ -163,10 +174,7 @@ def cancel_queued(ctx: Context, workflow_ids: Sequence[str], by: Actor) -> set[s
     a runner that submits after this finds the workflow cancelled when it records the
     submission, and removes its prompt itself.
     """
-    if not workflow_ids:
-        return set()
-    with ctx.db.transaction() as session:
-        cancelled = status.cancel_queued_many(session, workflow_ids, by)
+    cancelled = status.cancel_queued_committed(ctx.db, workflow_ids, by)
     _after_queued_cancelled(ctx, cancelled)
     return {c.id for c in cancelled}
 

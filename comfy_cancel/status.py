@@ -41,8 +41,10 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.elements import BindParameter, TextClause
+from sqlalchemy.sql.selectable import TextualSelect
 
 from comfy_cancel import live, manager, metrics
 from comfy_cancel.db import Database
@@ -260,6 +262,16 @@ def fail(
     )
 
 
+def _statement(
+    sql: str, *params: BindParameter[Any], **result_types: Any
+) -> TextClause | TextualSelect:
+    """Fixed SQL text, compiled once per process. Times are stored as naive UTC on both
+    databases: the column type converts :now, and the times a statement returns
+    (``result_types``, by column)."""
+    statement = text(sql).bindparams(bindparam("now", type_=UTCDateTime()), *params)
+    return statement.columns(**result_types) if result_types else statement
+
+
 # --- the cancel verbs --------------------------------------------------------------------
 
 
@@ -342,34 +354,164 @@ def cancel_queued_many(
     by: Actor | Mapping[str, Actor],
     outcome: CancelOutcome = CancelOutcome.CANCELLED,
 ) -> list[CancelledQueued]:
-    """Set-based ``queued -> cancelled`` for many rows: one statement, one audit insert.
+    """Set-based ``queued -> cancelled`` for many rows, in the caller's transaction: one
+    statement with its audit rows on PostgreSQL (see :func:`_cancel_queued`).
 
     ``by`` is one requester for all, or each workflow's by id (a batch of the cancel
-    worker): each audit row names its own. Returns exactly the rows it changed, so the
-    caller can revoke their runner tasks in one broadcast and remove their pending prompts
-    from ComfyUI.
+    worker): each audit row names its own. Returns exactly the rows it changed, in the
+    order asked, so the caller can revoke their runner tasks in one broadcast and remove
+    their pending prompts from ComfyUI.
     """
-    if not workflow_ids:
-        return []
-    requesters = by if isinstance(by, Mapping) else dict.fromkeys(workflow_ids, by)
     now = utcnow()
-    rows = session.execute(
-        update(Workflow)
-        .where(Workflow.id.in_(list(workflow_ids)), Workflow.status == S.QUEUED.value)
-        .values(status=S.CANCELLED.value, updated_at=now,
-                **_cancel_values(requesters, outcome, now))
-        .returning(Workflow.id, Workflow.runner_task_id, Workflow.runner_id, Workflow.prompt_id,
-                   Workflow.cancel_source, Workflow.cancel_requested_at)
-        .execution_options(synchronize_session=False)
-    ).all()
-    _audit_many(
-        session, {row.id: requesters[row.id] for row in rows}, EventKind.TRANSITION, now,
-        from_status=S.QUEUED.value, to_status=S.CANCELLED.value, outcome=outcome.value,
+    done = _cancel_queued(session.connection(), workflow_ids, by, outcome, now)
+    live.publish_after_commit(session, done.updates)
+    _count_closed(session, done.closed, now)
+    return done.cancelled
+
+
+def cancel_queued_committed(
+    db: Database,
+    workflow_ids: Sequence[str],
+    by: Actor | Mapping[str, Actor],
+    outcome: CancelOutcome = CancelOutcome.CANCELLED,
+) -> list[CancelledQueued]:
+    """:func:`cancel_queued_many` as its own unit of work, committed: the cancel worker's
+    hot path. One statement on PostgreSQL, run outside an explicit transaction (it is
+    atomic on its own; no BEGIN and COMMIT round trips, no ORM session); its live updates
+    are published and its outcomes counted once it has committed."""
+    now = utcnow()
+    if db.engine.dialect.name == "postgresql":
+        with db.autocommit() as connection:
+            done = _cancel_queued(connection, workflow_ids, by, outcome, now)
+    else:
+        with db.engine.begin() as connection:
+            done = _cancel_queued(connection, workflow_ids, by, outcome, now)
+    if done.closed:
+        metrics.cancels_closed(done.closed, now)
+    live.publish(done.updates)
+    return done.cancelled
+
+
+Closed = list[tuple[str | None, str, datetime | None]]  # (source, outcome, requested_at)
+
+
+@dataclass(frozen=True)
+class _QueuedCancelled:
+    cancelled: list[CancelledQueued]
+    updates: list[live.Update]  # of the audit rows, to publish after the commit
+    closed: Closed  # for metrics.cancels_closed, after the commit
+
+
+# The compare-and-set of queued cancels as fixed SQL text, compiled once per process: the
+# ids are one array (PostgreSQL) or an expanding IN (SQLite), and each workflow's requester
+# fills the request fields it lacks (a cancel written without an earlier request records
+# itself as the request; an earlier request keeps its own time, source, actor and reason).
+_SET_CANCELLED = f"""status = '{S.CANCELLED.value}', updated_at = :now, completed_at = :now,
+        cancel_requested_at = COALESCE(cancel_requested_at, :now),
+        cancel_outcome = :outcome, cancel_finished_at = :now"""
+_CANCELLED_COLUMNS = "id, runner_task_id, runner_id, prompt_id, cancel_requested_at"
+_CANCEL_AUDIT_COLUMNS = ("INSERT INTO workflow_events "
+                         "(workflow_id, at, kind, from_status, to_status, outcome, "
+                         "source, actor, reason)")
+# PostgreSQL: the compare-and-set and its audit rows in one statement (a data-modifying
+# CTE), each row joined to its own requester.
+_CANCEL_QUEUED_AND_AUDIT = _statement(f"""
+    WITH requested AS (
+        SELECT * FROM unnest(CAST(:ids AS VARCHAR[]), CAST(:sources AS VARCHAR[]),
+                             CAST(:actors AS VARCHAR[]), CAST(:reasons AS VARCHAR[]))
+            AS r (by_id, by_source, by_actor, by_reason)
+    ), cancelled AS (
+        UPDATE workflows SET {_SET_CANCELLED},
+            cancel_source = COALESCE(cancel_source, by_source),
+            cancel_actor = COALESCE(cancel_actor, by_actor),
+            cancel_reason = COALESCE(cancel_reason, by_reason)
+        FROM requested
+        WHERE id = ANY(:ids) AND id = by_id AND status = '{S.QUEUED.value}'
+        RETURNING {_CANCELLED_COLUMNS}, cancel_source, by_source, by_actor, by_reason
+    ), audited AS (
+        {_CANCEL_AUDIT_COLUMNS}
+        SELECT id, :now, '{EventKind.TRANSITION.value}', '{S.QUEUED.value}',
+            '{S.CANCELLED.value}', :outcome, by_source, by_actor, by_reason
+        FROM cancelled
+        RETURNING id AS event_id, workflow_id
     )
-    _count_closed(session, [(row.cancel_source, outcome.value, row.cancel_requested_at)
-                            for row in rows], now)
-    return [CancelledQueued(row.id, row.runner_task_id, row.runner_id, row.prompt_id)
-            for row in rows]
+    SELECT cancelled.*, audited.event_id
+    FROM cancelled JOIN audited ON audited.workflow_id = cancelled.id""",
+    cancel_requested_at=UTCDateTime())
+# SQLite has no data-modifying CTE nor arrays: the compare-and-set, then the request
+# fields a requester fills (rare: a worker's requests were recorded first), then the audit
+# rows, in one transaction.
+_CANCEL_QUEUED = _statement(
+    f"""UPDATE workflows SET {_SET_CANCELLED}
+    WHERE id IN :ids AND status = '{S.QUEUED.value}'
+    RETURNING {_CANCELLED_COLUMNS}, cancel_source, cancel_actor, cancel_reason""",
+    bindparam("ids", expanding=True), cancel_requested_at=UTCDateTime())
+# One multi-row INSERT: its rows come back in no set order, so each names its workflow
+# (once per batch).
+_AUDIT_CANCELLED = insert(WorkflowEvent).returning(WorkflowEvent.id, WorkflowEvent.workflow_id)
+_FILL_REQUESTER = text(
+    "UPDATE workflows SET cancel_source = COALESCE(cancel_source, :source), "
+    "cancel_actor = COALESCE(cancel_actor, :actor), "
+    "cancel_reason = COALESCE(cancel_reason, :reason) WHERE id = :workflow_id")
+
+
+def _cancel_queued(
+    connection: Connection,
+    workflow_ids: Sequence[str],
+    by: Actor | Mapping[str, Actor],
+    outcome: CancelOutcome,
+    now: datetime,
+) -> _QueuedCancelled:
+    """The statements of :func:`cancel_queued_many` on ``connection``, inside its
+    transaction; what to publish and count is left to the caller, for after the commit."""
+    ids = list(dict.fromkeys(workflow_ids))
+    if not ids:
+        return _QueuedCancelled([], [], [])
+    requesters = by if isinstance(by, Mapping) else dict.fromkeys(ids, by)
+    fixed: dict[str, Any] = {"from_status": S.QUEUED.value, "to_status": S.CANCELLED.value,
+                             "outcome": outcome.value}
+    found: dict[str, tuple[CancelledQueued, str | None, datetime | None]] = {}
+    updates: list[live.Update] = []
+    if connection.dialect.name == "postgresql":
+        actors = [requesters[wid] for wid in ids]
+        for row in connection.execute(_CANCEL_QUEUED_AND_AUDIT, {
+            "now": now, "outcome": outcome.value, "ids": ids,
+            "sources": [a.source for a in actors], "actors": [a.actor for a in actors],
+            "reasons": [a.reason for a in actors],
+        }):
+            found[row.id] = (CancelledQueued(row.id, row.runner_task_id, row.runner_id,
+                                             row.prompt_id),
+                             row.cancel_source, row.cancel_requested_at)
+            updates.append(live.audit_update(
+                row.event_id, row.id, EventKind.TRANSITION.value, now, source=row.by_source,
+                actor=row.by_actor, reason=row.by_reason, **fixed))
+    else:
+        rows = connection.execute(_CANCEL_QUEUED,
+                                  {"now": now, "outcome": outcome.value, "ids": ids}).all()
+        unfilled = []
+        for row in rows:
+            asked = requesters[row.id]
+            if any(getattr(row, f"cancel_{name}") is None and getattr(asked, name) is not None
+                   for name in ("source", "actor", "reason")):
+                unfilled.append({"workflow_id": row.id, "source": asked.source,
+                                 "actor": asked.actor, "reason": asked.reason})
+            found[row.id] = (CancelledQueued(row.id, row.runner_task_id, row.runner_id,
+                                             row.prompt_id),
+                             row.cancel_source or asked.source, row.cancel_requested_at)
+        if unfilled:
+            connection.execute(_FILL_REQUESTER, unfilled)
+        audit = {row.id: {"workflow_id": row.id, "at": now, "kind": EventKind.TRANSITION.value,
+                          "source": requesters[row.id].source,
+                          "actor": requesters[row.id].actor,
+                          "reason": requesters[row.id].reason, **fixed} for row in rows}
+        if audit:
+            updates = [live.audit_update(event_id, **audit[workflow_id])
+                       for event_id, workflow_id in connection.execute(_AUDIT_CANCELLED,
+                                                                       list(audit.values()))]
+    ordered = [found[wid] for wid in ids if wid in found]
+    return _QueuedCancelled([cancelled for cancelled, _, _ in ordered], updates,
+                            [(source, outcome.value, requested_at)
+                             for _, source, requested_at in ordered])
 
 
 @dataclass(frozen=True)
@@ -506,11 +648,6 @@ _AUDIT_VALUES = (
     f":now, '{EventKind.CANCEL_REQUESTED.value}', CAST(:source AS VARCHAR(16)), "
     "CAST(:actor AS VARCHAR(200)), CAST(:reason AS VARCHAR(1000))"
 )
-
-
-def _statement(sql: str) -> TextClause:
-    # Times are stored as naive UTC on both databases: the column type converts :now.
-    return text(sql).bindparams(bindparam("now", type_=UTCDateTime()))
 
 
 # PostgreSQL: the compare-and-set and its audit rows in one statement (a data-modifying

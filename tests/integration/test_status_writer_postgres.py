@@ -11,6 +11,7 @@ import pytest
 from comfy_cancel.db import Database
 from testbed.database import migrated
 from tests.unit.test_status_writer import (  # noqa: F401  (collected here too)
+    test_a_committed_queued_cancel_fills_a_missing_request_and_names_each_requester,
     test_a_callers_request_is_recorded_and_audited_as_request_cancel_many_does,
     test_a_callers_request_needs_the_account_and_a_valid_token_of_it,
     test_a_callers_request_on_a_workflow_that_cannot_be_cancelled_writes_nothing,

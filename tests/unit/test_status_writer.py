@@ -119,6 +119,38 @@ def test_cancel_queued_many_changes_only_queued_rows_and_audits_each(db: Databas
     }
 
 
+def test_a_committed_queued_cancel_fills_a_missing_request_and_names_each_requester(
+    db: Database,
+) -> None:
+    """Per workflow: a cancel without an earlier request records its requester as the
+    request, an earlier request keeps what it has (each field), and each audit row names
+    that workflow's requester, as the cancel worker's batches need."""
+    account_id, runner_id = make_account_and_runner(db)
+    asked, unasked, running = (seed_workflow(db, account_id, runner_id, s)
+                               for s in (S.QUEUED, S.QUEUED, S.RUNNING))
+    with db.transaction() as session:
+        status.request_cancel(session, asked, status.Actor("api", "alice"))
+    by = {unasked: status.Actor("sweep"), asked: status.Actor("bulk", "ops", "maintenance"),
+          running: status.Actor("api", "bob")}
+    changed = status.cancel_queued_committed(db, [unasked, running, asked, unasked], by)
+    assert [c.id for c in changed] == [unasked, asked]  # each once, in the order asked
+    with db.transaction() as session:
+        rows = {w: manager.get_workflow(session, w) for w in (asked, unasked, running)}
+        ends = {e.workflow_id: (e.source, e.actor, e.reason, e.outcome) for e in
+                session.execute(select(WorkflowEvent).where(
+                    WorkflowEvent.to_status == S.CANCELLED.value)).scalars()}
+    request = {w: (row.cancel_source, row.cancel_actor, row.cancel_reason, row.cancel_outcome)
+               for w, row in rows.items() if row is not None}
+    assert request == {asked: ("api", "alice", "maintenance", "cancelled"),
+                       unasked: ("sweep", None, None, "cancelled"),
+                       running: (None, None, None, None)}
+    assert ends == {asked: ("bulk", "ops", "maintenance", "cancelled"),
+                    unasked: ("sweep", None, None, "cancelled")}
+    unasked_row = rows[unasked]
+    assert unasked_row is not None and unasked_row.status == S.CANCELLED.value
+    assert unasked_row.cancel_requested_at == unasked_row.cancel_finished_at
+
+
 def test_request_cancel_many_records_open_requests_once_and_audits_each(db: Database) -> None:
     account_id, runner_id = make_account_and_runner(db)
     running = [seed_workflow(db, account_id, runner_id, S.RUNNING) for _ in range(4)]
