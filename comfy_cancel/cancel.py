@@ -185,6 +185,8 @@ def _after_queued_cancelled(ctx: Context, cancelled: Sequence[CancelledQueued]) 
         return
     publish.revoke_runner_tasks([c.runner_task_id for c in cancelled if c.runner_task_id])
     with_prompt = [c for c in cancelled if c.prompt_id]
+    if not with_prompt:  # their runner tasks have not submitted anything yet: revoked
+        return
     signals.send(ctx.redis, [c.id for c in with_prompt], signals.SignalKind.STOP,
                  ctx.settings.signal_ttl_seconds)
     prompts: dict[str, list[str]] = defaultdict(list)

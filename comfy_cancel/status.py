@@ -33,6 +33,7 @@ from sqlalchemy import (
     ColumnElement,
     bindparam,
     case,
+    column,
     event,
     func,
     insert,
@@ -263,13 +264,19 @@ def fail(
 
 
 def _statement(
-    sql: str, *params: BindParameter[Any], **result_types: Any
+    sql: str, *params: BindParameter[Any], returns: Sequence[str] = ()
 ) -> TextClause | TextualSelect:
     """Fixed SQL text, compiled once per process. Times are stored as naive UTC on both
-    databases: the column type converts :now, and the times a statement returns
-    (``result_types``, by column)."""
+    databases: the column type converts :now, and the columns of workflows the statement
+    returns. ``returns`` names what it returns, in order: matched by position, SQLAlchemy
+    keeps the result's layout with the compiled statement (by name, it works it out again
+    on every execution)."""
     statement = text(sql).bindparams(bindparam("now", type_=UTCDateTime()), *params)
-    return statement.columns(**result_types) if result_types else statement
+    if not returns:
+        return statement
+    table = Workflow.__table__.c
+    return statement.columns(*(column(name, table[name].type if name in table else None)
+                               for name in returns))
 
 
 # --- the cancel verbs --------------------------------------------------------------------
@@ -409,7 +416,9 @@ class _QueuedCancelled:
 _SET_CANCELLED = f"""status = '{S.CANCELLED.value}', updated_at = :now, completed_at = :now,
         cancel_requested_at = COALESCE(cancel_requested_at, :now),
         cancel_outcome = :outcome, cancel_finished_at = :now"""
-_CANCELLED_COLUMNS = "id, runner_task_id, runner_id, prompt_id, cancel_requested_at"
+_CANCELLED_COLUMNS = ("id", "runner_task_id", "runner_id", "prompt_id", "cancel_requested_at",
+                      "cancel_source")
+_REQUESTER_COLUMNS = ("by_source", "by_actor", "by_reason")
 _CANCEL_AUDIT_COLUMNS = ("INSERT INTO workflow_events "
                          "(workflow_id, at, kind, from_status, to_status, outcome, "
                          "source, actor, reason)")
@@ -427,7 +436,7 @@ _CANCEL_QUEUED_AND_AUDIT = _statement(f"""
             cancel_reason = COALESCE(cancel_reason, by_reason)
         FROM requested
         WHERE id = ANY(:ids) AND id = by_id AND status = '{S.QUEUED.value}'
-        RETURNING {_CANCELLED_COLUMNS}, cancel_source, by_source, by_actor, by_reason
+        RETURNING {", ".join(_CANCELLED_COLUMNS + _REQUESTER_COLUMNS)}
     ), audited AS (
         {_CANCEL_AUDIT_COLUMNS}
         SELECT id, :now, '{EventKind.TRANSITION.value}', '{S.QUEUED.value}',
@@ -435,17 +444,18 @@ _CANCEL_QUEUED_AND_AUDIT = _statement(f"""
         FROM cancelled
         RETURNING id AS event_id, workflow_id
     )
-    SELECT cancelled.*, audited.event_id
-    FROM cancelled JOIN audited ON audited.workflow_id = cancelled.id""",
-    cancel_requested_at=UTCDateTime())
+    SELECT {", ".join(_CANCELLED_COLUMNS + _REQUESTER_COLUMNS)}, event_id
+    FROM cancelled JOIN audited ON workflow_id = id""",
+    returns=(*_CANCELLED_COLUMNS, *_REQUESTER_COLUMNS, "event_id"))
 # SQLite has no data-modifying CTE nor arrays: the compare-and-set, then the request
 # fields a requester fills (rare: a worker's requests were recorded first), then the audit
 # rows, in one transaction.
+_SQLITE_RETURNS = (*_CANCELLED_COLUMNS, "cancel_actor", "cancel_reason")
 _CANCEL_QUEUED = _statement(
     f"""UPDATE workflows SET {_SET_CANCELLED}
     WHERE id IN :ids AND status = '{S.QUEUED.value}'
-    RETURNING {_CANCELLED_COLUMNS}, cancel_source, cancel_actor, cancel_reason""",
-    bindparam("ids", expanding=True), cancel_requested_at=UTCDateTime())
+    RETURNING {", ".join(_SQLITE_RETURNS)}""",
+    bindparam("ids", expanding=True), returns=_SQLITE_RETURNS)
 # One multi-row INSERT: its rows come back in no set order, so each names its workflow
 # (once per batch).
 _AUDIT_CANCELLED = insert(WorkflowEvent).returning(WorkflowEvent.id, WorkflowEvent.workflow_id)
