@@ -383,16 +383,19 @@ def cancel_queued_committed(
     outcome: CancelOutcome = CancelOutcome.CANCELLED,
 ) -> list[CancelledQueued]:
     """:func:`cancel_queued_many` as its own unit of work, committed: the cancel worker's
-    hot path. One statement on PostgreSQL, run outside an explicit transaction (it is
-    atomic on its own; no BEGIN and COMMIT round trips, no ORM session); its live updates
-    are published and its outcomes counted once it has committed."""
+    hot path, on a Core connection (no ORM session). Its live updates are published and
+    its outcomes counted once it has committed.
+
+    An explicit transaction even for PostgreSQL's one statement: in autocommit, a
+    statement waiting on a row lock still commits after its worker was killed (the server
+    notices the lost client only when it reads the next command), so the killed batch's
+    cancels would be written without their revokes and signals, which the redelivered
+    messages, finding them cancelled, no longer send. Here the server reads the COMMIT
+    that never comes, and rolls back.
+    """
     now = utcnow()
-    if db.engine.dialect.name == "postgresql":
-        with db.autocommit() as connection:
-            done = _cancel_queued(connection, workflow_ids, by, outcome, now)
-    else:
-        with db.engine.begin() as connection:
-            done = _cancel_queued(connection, workflow_ids, by, outcome, now)
+    with db.engine.begin() as connection:
+        done = _cancel_queued(connection, workflow_ids, by, outcome, now)
     if done.closed:
         metrics.cancels_closed(done.closed, now)
     live.publish(done.updates)
