@@ -46,8 +46,8 @@ def test_cancels_arriving_together_are_written_and_published_in_groups(
     ids = [env.workflow(S.QUEUED) for _ in range(30)]
     responses = asyncio.run(_burst(env, [(workflow_id, auth) for workflow_id in ids]))
     assert [r.status_code for r in responses] == [200] * 30
-    # The first requests start groups of their own at once (a lone request never waits);
-    # those that arrive while they are written join the next.
+    # The first request starts a group at once (it waits for no other); those that arrive
+    # while it is written join the next.
     assert sum(groups) == 30 and len(groups) < 30 and max(groups) > 1, groups
     messages = broker("cancel")
     assert len(messages) == len(groups)  # one message per group of one requester
