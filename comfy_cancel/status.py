@@ -426,7 +426,11 @@ _CANCEL_AUDIT_COLUMNS = ("INSERT INTO workflow_events "
                          "(workflow_id, at, kind, from_status, to_status, outcome, "
                          "source, actor, reason)")
 # PostgreSQL: the compare-and-set and its audit rows in one statement (a data-modifying
-# CTE), each row joined to its own requester.
+# CTE), each row joined to its own requester. The rows are found through the join alone:
+# psycopg prepares a statement run often, and PostgreSQL's generic plan of an extra
+# ``id = ANY(:ids)`` scanned the whole table per bulk chunk (100,000 queued cancels took
+# 10.7 s instead of 4.7 s); the join's plan, an index lookup per requested id, holds for
+# any number of ids.
 _CANCEL_QUEUED_AND_AUDIT = _statement(f"""
     WITH requested AS (
         SELECT * FROM unnest(CAST(:ids AS VARCHAR[]), CAST(:sources AS VARCHAR[]),
@@ -438,7 +442,7 @@ _CANCEL_QUEUED_AND_AUDIT = _statement(f"""
             cancel_actor = COALESCE(cancel_actor, by_actor),
             cancel_reason = COALESCE(cancel_reason, by_reason)
         FROM requested
-        WHERE id = ANY(:ids) AND id = by_id AND status = '{S.QUEUED.value}'
+        WHERE id = by_id AND status = '{S.QUEUED.value}'
         RETURNING {", ".join(_CANCELLED_COLUMNS + _REQUESTER_COLUMNS)}
     ), audited AS (
         {_CANCEL_AUDIT_COLUMNS}
