@@ -426,11 +426,12 @@ _CANCEL_AUDIT_COLUMNS = ("INSERT INTO workflow_events "
                          "(workflow_id, at, kind, from_status, to_status, outcome, "
                          "source, actor, reason)")
 # PostgreSQL: the compare-and-set and its audit rows in one statement (a data-modifying
-# CTE), each row joined to its own requester. The rows are found through the join alone:
-# psycopg prepares a statement run often, and PostgreSQL's generic plan of an extra
-# ``id = ANY(:ids)`` scanned the whole table per bulk chunk (100,000 queued cancels took
-# 10.7 s instead of 4.7 s); the join's plan, an index lookup per requested id, holds for
-# any number of ids.
+# CTE), each row joined to its own requester. The rows are found through that join alone:
+# psycopg prepares a statement run often, and PostgreSQL's generic plan (made for ten ids,
+# whatever the chunk holds) of an extra ``id = ANY(:ids)`` estimated one changed row and
+# joined the updated and the audited rows by a nested loop, every pair compared (100,000
+# queued cancels took 10.7 s in this statement instead of 4.7 s). Its plan is checked by
+# tests/integration/test_plans_postgres.py.
 _CANCEL_QUEUED_AND_AUDIT = _statement(f"""
     WITH requested AS (
         SELECT * FROM unnest(CAST(:ids AS VARCHAR[]), CAST(:sources AS VARCHAR[]),
