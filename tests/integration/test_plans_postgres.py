@@ -12,20 +12,20 @@ import re
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.elements import ClauseElement
 
 from comfy_cancel import status
 from comfy_cancel.db import Database
 from testbed.database import migrated
 from tests.helpers import make_account_and_runner
 
-HOT_STATEMENTS = {
+HOT_STATEMENTS: dict[str, ClauseElement] = {
     "the cancel worker's and bulk's queued cancels": status._CANCEL_QUEUED_AND_AUDIT,
     "the API's group of a caller's requests": status._REQUEST_AND_AUDIT,
 }
 
 
-def _generic_plan(db: Database, statement: TextClause) -> str:
+def _generic_plan(db: Database, statement: ClauseElement) -> str:
     sql = str(statement.compile(dialect=db.engine.dialect))
     names: list[str] = []
 
@@ -36,7 +36,7 @@ def _generic_plan(db: Database, statement: TextClause) -> str:
 
     numbered = re.sub(r"%\((\w+)\)s", placeholder, sql)
     with db.engine.connect() as connection:
-        if connection.dialect.server_version_info < (16,):
+        if (connection.dialect.server_version_info or (0,)) < (16,):
             pytest.skip("EXPLAIN (GENERIC_PLAN) needs PostgreSQL 16")
         rows = connection.exec_driver_sql(f"EXPLAIN (GENERIC_PLAN) {numbered}").all()
     return "\n".join(row[0] for row in rows)
