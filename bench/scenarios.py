@@ -508,7 +508,6 @@ def bulk(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
         # The bare SQL baseline's own account, seeded alike, in the same state.
         bare[size], _ = system.new_account(f"bulk-sql-{size}")
         seed.queued(system.db, bare[size], runner_id, size)
-    _vacuum_analyze(database_url)
 
     # One at a time through the API, on a sample, in this run.
     account_id, token = system.new_account("one-at-a-time")
@@ -537,7 +536,7 @@ def bulk(system: System, sizes: Sizes, log: Log) -> dict[str, Any]:
         sql = bare_sql_cancel(database_url, bare[size])
         # Its dead row versions cleaned up, as autovacuum would: the command then meets
         # the table in the state the SQL met it in.
-        _vacuum_analyze(database_url)
+        seed.vacuum_analyze(system.db)
         log(f"bulk {size}: bare SQL {sql['seconds']} s")
         started = time.time()
         with cpu.cpu_by_role(_known_pids(system)) as used:
@@ -606,12 +605,6 @@ def bare_sql_cancel(database_url: str, account_id: int) -> dict[str, Any]:
     return {"seconds": round(seconds, 3), "updated": updated, "audit_rows": audited}
 
 
-def _vacuum_analyze(database_url: str) -> None:
-    """What autovacuum would do after a bulk load: fresh statistics and visibility map."""
-    with psycopg.connect(db.libpq_url(database_url), autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE workflows")
-
-
 # --- 6. sweep cost ---------------------------------------------------------------------------
 
 
@@ -639,7 +632,7 @@ def _sweep_table(system: System, size: int, passes: int) -> dict[str, Any]:
         seeding = time.perf_counter()
         active_running = seed.history(db, account_id, runner_id, size - 1000 - 100)
         stuck = seed.stuck(db, account_id, runner_id)
-        _vacuum_analyze(url)
+        seed.vacuum_analyze(db)
         seed_seconds = time.perf_counter() - seeding
         with db.transaction() as session:
             rows = session.execute(text("SELECT count(*) FROM workflows")).scalar_one()

@@ -31,8 +31,17 @@ def account(db: Database, name: str, *, operator: bool = False) -> tuple[int, st
         return acc.id, manager.create_token(session, acc, operator=operator, rate_limit=0)
 
 
+def vacuum_analyze(db: Database) -> None:
+    """What autovacuum does after a bulk load (fresh statistics, the visibility map), done
+    now: otherwise it runs inside the next measured window and is counted against it."""
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("VACUUM ANALYZE workflows"))
+
+
 def queued(db: Database, account_id: int, runner_id: str, count: int) -> list[str]:
-    """``count`` workflows queued a minute ago whose runner task has not started yet."""
+    """``count`` workflows queued a minute ago whose runner task has not started yet,
+    vacuumed and analyzed as autovacuum would after such an insert (it once cost the
+    endpoint load 0.3-0.4 ms of PostgreSQL CPU per cancel, about half of its share)."""
     with db.transaction() as session:
         rows = session.execute(
             text(
@@ -46,6 +55,7 @@ def queued(db: Database, account_id: int, runner_id: str, count: int) -> list[st
             {"account_id": account_id, "runner_id": runner_id, "prompt": PROMPT,
              "count": count},
         ).scalars().all()
+    vacuum_analyze(db)
     return list(rows)
 
 
