@@ -57,6 +57,9 @@ class Intake:
     async def cancel(self, request: CallersCancel) -> Taken:
         """Record and hand on one request with whatever group it falls into."""
         future: asyncio.Future[Taken] = asyncio.get_running_loop().create_future()
+        # Its error is read here, or by nobody once the client hung up: mark it read, so
+        # asyncio does not log it as lost.
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._waiting.append((request, future))
         self._start()
         # A client that hangs up does not undo its request: the group goes on without it.

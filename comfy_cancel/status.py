@@ -489,7 +489,7 @@ def _cancel_queued(
     fixed: dict[str, Any] = {"from_status": S.QUEUED.value, "to_status": S.CANCELLED.value,
                              "outcome": outcome.value}
     found: dict[str, tuple[CancelledQueued, str | None, datetime | None]] = {}
-    updates: list[live.Update] = []
+    audited: list[tuple[int, str, str | None, str | None, str | None]] = []
     if connection.dialect.name == "postgresql":
         actors = [requesters[wid] for wid in ids]
         for row in connection.execute(_CANCEL_QUEUED_AND_AUDIT, {
@@ -500,9 +500,7 @@ def _cancel_queued(
             found[row.id] = (CancelledQueued(row.id, row.runner_task_id, row.runner_id,
                                              row.prompt_id),
                              row.cancel_source, row.cancel_requested_at)
-            updates.append(live.audit_update(
-                row.event_id, row.id, EventKind.TRANSITION.value, now, source=row.by_source,
-                actor=row.by_actor, reason=row.by_reason, **fixed))
+            audited.append((row.event_id, row.id, row.by_source, row.by_actor, row.by_reason))
     else:
         rows = connection.execute(_CANCEL_QUEUED,
                                   {"now": now, "outcome": outcome.value, "ids": ids}).all()
@@ -523,9 +521,11 @@ def _cancel_queued(
                           "actor": requesters[row.id].actor,
                           "reason": requesters[row.id].reason, **fixed} for row in rows}
         if audit:
-            updates = [live.audit_update(event_id, **audit[workflow_id])
+            audited = [(event_id, workflow_id, requesters[workflow_id].source,
+                        requesters[workflow_id].actor, requesters[workflow_id].reason)
                        for event_id, workflow_id in connection.execute(_AUDIT_CANCELLED,
                                                                        list(audit.values()))]
+    updates = live.audit_updates(audited, EventKind.TRANSITION.value, now, **fixed)
     ordered = [found[wid] for wid in ids if wid in found]
     return _QueuedCancelled([cancelled for cancelled, _, _ in ordered], updates,
                             [(source, outcome.value, requested_at)
@@ -710,7 +710,7 @@ def request_cancels_as_callers(db: Database, requests: Sequence[CallersCancel]) 
     for request in requests:
         by_caller[(request.account_id, request.token_id, request.by)].append(request.workflow_id)
     recorded: set[tuple[int, int, Actor, str]] = set()
-    updates: list[live.Update] = []
+    audited: list[tuple[int, str, str | None, str | None, str | None]] = []
     postgresql = db.engine.dialect.name == "postgresql"
     with (db.autocommit() if postgresql and len(by_caller) == 1
           else db.engine.begin()) as connection:
@@ -726,12 +726,10 @@ def request_cancels_as_callers(db: Database, requests: Sequence[CallersCancel]) 
                         if changed else [])
             for event_id, workflow_id in rows:
                 recorded.add((account_id, token_id, by, workflow_id))
-                updates.append(live.audit_update(
-                    event_id, workflow_id, EventKind.CANCEL_REQUESTED.value, now,
-                    source=by.source, actor=by.actor, reason=by.reason))
-    for source, count in Counter(u["source"] for u in updates).items():
+                audited.append((event_id, workflow_id, by.source, by.actor, by.reason))
+    for source, count in Counter(source for _, _, source, _, _ in audited).items():
         metrics.cancels_requested(source, count)
-    live.publish(updates)
+    live.publish(live.audit_updates(audited, EventKind.CANCEL_REQUESTED.value, now))
     return [(r.account_id, r.token_id, r.by, r.workflow_id) in recorded for r in requests]
 
 
